@@ -1,0 +1,86 @@
+import time
+
+import pytest
+import torch
+
+from labkit import models
+
+
+def test_tiny_is_small_seeded_and_uses_the_kit_tokenizer():
+    m1, tok = models.load_model("tiny", dtype="float32")
+    m2, _ = models.load_model("tiny", dtype="float32")
+    m3, _ = models.load_model("tiny", dtype="float32", seed=1)
+    n = models.count_parameters(m1)
+    assert 1_000_000 < n < 10_000_000  # a few MB
+    w1, w2, w3 = (m.model.layers[0].mlp.up_proj.weight for m in (m1, m2, m3))
+    assert torch.equal(w1, w2) and not torch.equal(w1, w3)
+    assert m1.config.vocab_size == len(tok)
+    assert tok.pad_token == "<|endoftext|>" and tok.pad_token_id != tok.eos_token_id
+    assert tok.padding_side == "left"
+    assert m1.config.pad_token_id == tok.pad_token_id
+
+
+def test_tiny_forward_shapes():
+    model, tok = models.load_model("tiny", dtype="float32")
+    enc = tok([models.format_prompt(tok, "hi"), models.format_prompt(tok, "a longer prompt here")],
+              return_tensors="pt", padding=True)
+    logits = model(**enc).logits  # (B, T, V)
+    assert logits.shape == (2, enc.input_ids.shape[1], len(tok))
+    assert enc.attention_mask[0, 0] == 0  # left padding: the short prompt is padded in front
+
+
+def test_format_prompt_uses_chat_template_and_ends_at_the_response():
+    _, tok = models.load_model("tiny")
+    text = models.format_prompt(tok, "Name a colour.")
+    assert "Name a colour." in text
+    assert text.endswith("<|im_start|>assistant\n")
+
+
+def test_format_prompt_without_template():
+    class NoTemplate:
+        chat_template = None
+    assert models.format_prompt(NoTemplate(), "Q") == "### Instruction:\nQ\n\n### Response:\n"
+
+
+def test_dtype_resolution(monkeypatch):
+    assert models.resolve_dtype("float32") == torch.float32
+    assert models.resolve_dtype(torch.bfloat16) == torch.bfloat16
+    with pytest.raises(ValueError, match="unknown dtype"):
+        models.resolve_dtype("float8")
+    models.cpu_has_fast_bf16.cache_clear()
+    monkeypatch.setattr(models, "cpu_has_fast_bf16", lambda: True)
+    assert models.resolve_dtype("auto", "cpu") == torch.bfloat16
+    monkeypatch.setattr(models, "cpu_has_fast_bf16", lambda: False)
+    assert models.resolve_dtype("auto", "cpu") == torch.float32
+    assert models.fast_dtype("meta") == torch.float32
+
+
+def test_unknown_model_lists_offline_names(tmp_path, monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    with pytest.raises(ValueError) as e:
+        models.load_model(str(tmp_path / "no-such-model"))
+    assert "smollm2-135m" in str(e.value) and "tiny" in str(e.value)
+
+
+@pytest.mark.slow
+def test_bundled_model_loads_fast_from_cache_and_answers():
+    models.load_model("smollm2-135m")  # converts once if the cache is cold
+    t0 = time.perf_counter()
+    model, tok = models.load_model("smollm2-135m")
+    assert time.perf_counter() - t0 < 3.0  # < 1 s on an idle machine
+    assert 130e6 < models.count_parameters(model) < 140e6
+    assert (models.bundled_model_dir() / "model.safetensors").exists()
+    enc = tok([models.format_prompt(tok, "What is the capital of France?")], return_tensors="pt")
+    out = model.generate(**enc, max_new_tokens=12, do_sample=False)
+    assert "Paris" in tok.decode(out[0, enc.input_ids.shape[1]:])
+
+
+@pytest.mark.slow
+def test_local_folder_round_trip(tmp_path):
+    model, tok = models.load_model("tiny", dtype="float32")
+    model.save_pretrained(tmp_path)
+    tok.save_pretrained(tmp_path)
+    again, tok2 = models.load_model(str(tmp_path), dtype="float32")
+    sd1, sd2 = model.state_dict(), again.state_dict()
+    assert all(torch.equal(sd1[k], sd2[k]) for k in sd1 if k in sd2)
+    assert tok2.pad_token_id == tok.pad_token_id and tok2.padding_side == "left"
