@@ -1,0 +1,645 @@
+"""Human (and simulated) feedback: a crash-safe SQLite store shared by several annotators.
+
+One store file per project or run holds what the recipe needs from people (Ouyang et al.
+2022, §3.4 and Appendix B): demonstrations for SFT, K-way rankings for the reward model
+(K = 2..9, ties allowed, with the labeling interface's metadata: an overall 1-7 score,
+flags such as "fails to follow the instruction", "hallucination", "inappropriate", and a
+comment), blind A/B comparisons for evaluation, and which items each annotator finished,
+so a session resumes where it stopped.
+
+Durability (BRIEF §5, "feedback is never lost"):
+
+- every submit is ONE transaction (``BEGIN IMMEDIATE ... COMMIT``), validated before
+  anything is written, so a ranking is either fully stored or not at all;
+- the file runs in WAL mode with ``synchronous=FULL``: a committed item survives a
+  killed kernel (and a power cut); readers never block the writer;
+- ``busy_timeout`` lets several kernels (several annotators) write to one file at once;
+- each process opens its own connection (a connection is never carried across ``fork``).
+
+>>> store = FeedbackStore("runs/demo/feedback.sqlite")
+>>> store.add_ranking("rm-0001", ["a", "b", "c", "d"], [[2], [0, 3], [1]], "alice",
+...                   prompt="Write a haiku.", score=6)
+>>> len(store.to_pairs())  # C(4,2) = 6 pairs minus the one tied pair (0, 3)
+5
+"""
+
+from __future__ import annotations
+
+import hashlib
+import itertools
+import json
+import math
+import os
+import sqlite3
+import threading
+import time
+from pathlib import Path
+from typing import Any, Iterable
+
+# Metadata of the InstructGPT labeling interface (Ouyang et al. 2022, Table 3 / Fig. 12):
+# each item gets an overall 1-7 Likert score and binary flags. These names are the columns
+# of the paper's metadata table, spelled as identifiers.
+FLAGS = (
+    "fails_to_follow_instruction",  # "Fails to follow the correct instruction / task"
+    "hallucination",  # "Makes up information" (closed-domain tasks)
+    "inappropriate",  # "Inappropriate for customer assistant"
+    "satisfies_constraints",  # "Satisfies constraint provided in the instruction"
+    "sexual_content",
+    "violent_content",
+    "harmful_advice",  # "Gives harmful advice"
+    "denigrates_protected_class",
+    "expresses_opinion",
+    "expresses_moral_judgment",
+)
+KINDS = ("demonstration", "ranking", "comparison")
+STATUSES = ("submitted", "skipped")
+MIN_K, MAX_K = 2, 9  # the paper ranks K = 4..9; K = 2 is a preference pair
+SCHEMA_VERSION = 1
+
+SCHEMA = """
+CREATE TABLE IF NOT EXISTS demonstrations (
+    id        INTEGER PRIMARY KEY AUTOINCREMENT,
+    item_id   TEXT NOT NULL,            -- what resume keys on (defaults to prompt_id)
+    prompt_id TEXT NOT NULL,
+    prompt    TEXT NOT NULL,
+    response  TEXT NOT NULL,            -- '' when skipped
+    annotator TEXT NOT NULL,
+    status    TEXT NOT NULL CHECK (status IN ('submitted', 'skipped')),
+    seconds   REAL,                     -- time spent on the item
+    comment   TEXT,
+    created   REAL NOT NULL             -- unix time of the commit
+);
+CREATE TABLE IF NOT EXISTS rankings (
+    id        INTEGER PRIMARY KEY AUTOINCREMENT,
+    item_id   TEXT NOT NULL,
+    prompt_id TEXT NOT NULL,
+    prompt    TEXT,
+    annotator TEXT NOT NULL,
+    status    TEXT NOT NULL CHECK (status IN ('submitted', 'skipped')),
+    tiers     TEXT NOT NULL,            -- JSON list of lists of response indices, best first
+    score     INTEGER CHECK (score IS NULL OR score BETWEEN 1 AND 7),
+    flags     TEXT NOT NULL,            -- JSON list of FLAGS names
+    comment   TEXT,
+    seconds   REAL,
+    created   REAL NOT NULL
+);
+CREATE TABLE IF NOT EXISTS responses (
+    ranking_id  INTEGER NOT NULL REFERENCES rankings(id) ON DELETE CASCADE,
+    idx         INTEGER NOT NULL,       -- position in the ranking's response list
+    response_id TEXT NOT NULL,
+    model       TEXT,                   -- which policy produced it
+    text        TEXT NOT NULL,
+    PRIMARY KEY (ranking_id, idx)
+);
+CREATE TABLE IF NOT EXISTS comparisons (
+    id          INTEGER PRIMARY KEY AUTOINCREMENT,
+    item_id     TEXT NOT NULL,
+    prompt_id   TEXT NOT NULL,
+    prompt      TEXT,
+    response_a  TEXT NOT NULL,
+    response_b  TEXT NOT NULL,
+    model_a     TEXT,                   -- true model names, hidden from the annotator
+    model_b     TEXT,
+    choice      TEXT CHECK (choice IS NULL OR choice IN ('a', 'b', 'tie')),
+    a_shown_first INTEGER,              -- 1 when response_a was the one displayed as "A"
+    annotator   TEXT NOT NULL,
+    status      TEXT NOT NULL CHECK (status IN ('submitted', 'skipped')),
+    seconds     REAL,
+    comment     TEXT,
+    created     REAL NOT NULL
+);
+CREATE TABLE IF NOT EXISTS progress (
+    annotator TEXT NOT NULL,
+    kind      TEXT NOT NULL,            -- demonstration | ranking | comparison
+    item_id   TEXT NOT NULL,
+    status    TEXT NOT NULL,            -- seen | submitted | skipped
+    updated   REAL NOT NULL,
+    PRIMARY KEY (annotator, kind, item_id)
+);
+CREATE INDEX IF NOT EXISTS rankings_by_prompt ON rankings(prompt_id);
+"""
+
+
+# ----------------------------------------------------------------------------- validation
+
+def _check_annotator(annotator: Any) -> str:
+    if not isinstance(annotator, str) or not annotator.strip():
+        raise ValueError("annotator must be a non-empty name, e.g. 'alice' or 'sim:alice'")
+    return annotator.strip()
+
+
+def _check_status(status: str) -> str:
+    if status not in STATUSES:
+        raise ValueError(f"status must be one of {STATUSES}, got {status!r}")
+    return status
+
+
+def normalize_tiers(tiers: Any, k: int, response_ids: list[str] | None = None) -> list[list[int]]:
+    """Tiers (best first, ties share a tier) as response indices; every index exactly once.
+
+    Entries may be indices (0..k-1) or, when ``response_ids`` is given, response ids.
+    Raises ``ValueError`` naming what is missing, duplicated or unknown.
+    """
+    if not isinstance(tiers, (list, tuple)) or not tiers:
+        raise ValueError(f"tiers must be a non-empty list of lists of response indices, got {tiers!r}")
+    by_id = {rid: i for i, rid in enumerate(response_ids or [])}
+    out, seen = [], set()
+    for t, tier in enumerate(tiers):
+        if isinstance(tier, (int, str)):  # a bare entry is a tier of one
+            tier = [tier]
+        if not isinstance(tier, (list, tuple)) or not tier:
+            raise ValueError(f"tier {t} is empty or not a list: {tier!r}")
+        row = []
+        for entry in tier:
+            if isinstance(entry, bool):
+                raise ValueError(f"tier {t}: {entry!r} is not a response index")
+            if isinstance(entry, int):
+                idx = entry
+            elif isinstance(entry, str) and entry in by_id:
+                idx = by_id[entry]
+            else:
+                known = f" or one of the ids {list(by_id)}" if by_id else ""
+                raise ValueError(f"tier {t}: unknown response {entry!r}; use an index 0..{k - 1}{known}")
+            if not 0 <= idx < k:
+                raise ValueError(f"tier {t}: response index {idx} is out of range 0..{k - 1}")
+            if idx in seen:
+                raise ValueError(f"tier {t}: response {entry!r} is ranked twice")
+            seen.add(idx)
+            row.append(idx)
+        out.append(row)
+    missing = sorted(set(range(k)) - seen)
+    if missing:
+        raise ValueError(f"tiers miss response(s) {missing}: every one of the {k} responses must be ranked")
+    return out
+
+
+def _check_responses(responses: Any) -> list[str]:
+    if not isinstance(responses, (list, tuple)):
+        raise ValueError(f"responses must be a list of strings, got {type(responses).__name__}")
+    if not MIN_K <= len(responses) <= MAX_K:
+        raise ValueError(f"a ranking needs K = {MIN_K}..{MAX_K} responses, got {len(responses)}")
+    for i, r in enumerate(responses):
+        if not isinstance(r, str) or not r.strip():
+            raise ValueError(f"response {i} is empty or not a string: {r!r}")
+    return list(responses)
+
+
+def _check_flags(flags: Any) -> list[str]:
+    if flags is None:
+        return []
+    if isinstance(flags, dict):  # {"hallucination": True, ...}
+        flags = [name for name, on in flags.items() if on]
+    if isinstance(flags, str):
+        flags = [flags]
+    unknown = [f for f in flags if f not in FLAGS]
+    if unknown:
+        raise ValueError(f"unknown flag(s) {unknown}; known flags: {list(FLAGS)}")
+    return sorted(set(flags), key=FLAGS.index)
+
+
+def _check_score(score: Any) -> int | None:
+    if score is None:
+        return None
+    if isinstance(score, bool) or not isinstance(score, int) or not 1 <= score <= 7:
+        raise ValueError(f"score must be an integer 1..7 (the paper's Likert scale) or None, got {score!r}")
+    return score
+
+
+def prompt_key(prompt: str) -> str:
+    """A stable id for a prompt that has none (imported pairs): ``p-`` + 10 hex digits."""
+    return "p-" + hashlib.sha1(prompt.encode("utf-8")).hexdigest()[:10]
+
+
+# ----------------------------------------------------------------------------- agreement math
+
+def _tier_of(tiers: list[list[int]]) -> dict[int, int]:
+    return {i: t for t, tier in enumerate(tiers) for i in tier}
+
+
+def pair_stats(tiers_a: list[list[int]], tiers_b: list[list[int]]) -> dict[str, float]:
+    """Agreement and Kendall's tau-b between two rankings of the same responses.
+
+    ``agreement``: over the pairs both rankings order strictly (ties excluded, as in the
+    ranking loss), the fraction ordered the same way; nan when there is no such pair.
+    ``kendall_tau``: tau-b = (C - D) / sqrt((P - Ta) (P - Tb)) over all P pairs, Ta/Tb the
+    pairs tied in a/b (Kendall 1945); nan when either ranking ties everything.
+    """
+    ta, tb = _tier_of(tiers_a), _tier_of(tiers_b)
+    if set(ta) != set(tb):
+        raise ValueError("the two rankings cover different responses")
+    concordant = discordant = ties_a = ties_b = strict = 0
+    pairs = list(itertools.combinations(sorted(ta), 2))
+    for i, j in pairs:
+        sa = (ta[i] > ta[j]) - (ta[i] < ta[j])
+        sb = (tb[i] > tb[j]) - (tb[i] < tb[j])
+        ties_a += sa == 0
+        ties_b += sb == 0
+        if sa and sb:
+            strict += 1
+            concordant += sa == sb
+            discordant += sa != sb
+    denom = math.sqrt((len(pairs) - ties_a) * (len(pairs) - ties_b))
+    return {
+        "agreement": concordant / strict if strict else math.nan,
+        "kendall_tau": (concordant - discordant) / denom if denom else math.nan,
+        "pairs": strict,
+    }
+
+
+def tiers_from_scores(scores: list[float]) -> list[list[int]]:
+    """Tiers best first from scalar scores; equal scores share a tier."""
+    groups: dict[float, list[int]] = {}
+    for i, s in enumerate(scores):
+        groups.setdefault(s, []).append(i)
+    return [groups[s] for s in sorted(groups, reverse=True)]
+
+
+# ----------------------------------------------------------------------------- the store
+
+class FeedbackStore:
+    """Demonstrations, K-way rankings and A/B comparisons in one SQLite file (see module doc)."""
+
+    def __init__(self, path: str | os.PathLike, timeout_s: float = 30.0):
+        self.path = Path(path)
+        self.timeout_s = timeout_s  # how long a writer waits for another kernel's transaction
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self._lock = threading.Lock()  # one connection per process, shared by its threads
+        self._conn: sqlite3.Connection | None = None
+        self._pid: int | None = None
+        with self._write() as db:
+            for stmt in SCHEMA.split(";"):
+                if stmt.strip():
+                    db.execute(stmt)
+            db.execute(f"PRAGMA user_version = {SCHEMA_VERSION}")
+
+    def __repr__(self) -> str:
+        return f"FeedbackStore({str(self.path)!r})"
+
+    # -- connections and transactions ------------------------------------------------------
+
+    def _connection(self) -> sqlite3.Connection:
+        # A connection must not cross fork(): a child process opens its own.
+        if self._conn is None or self._pid != os.getpid():
+            conn = sqlite3.connect(self.path, timeout=self.timeout_s, isolation_level=None,
+                                   check_same_thread=False)
+            conn.execute(f"PRAGMA busy_timeout = {int(self.timeout_s * 1000)}")
+            conn.execute("PRAGMA journal_mode = WAL")
+            conn.execute("PRAGMA synchronous = FULL")  # a commit is on disk when it returns
+            conn.execute("PRAGMA foreign_keys = ON")
+            conn.row_factory = sqlite3.Row
+            self._conn, self._pid = conn, os.getpid()
+        return self._conn
+
+    def close(self) -> None:
+        with self._lock:
+            if self._conn is not None and self._pid == os.getpid():
+                self._conn.close()
+            self._conn = None
+
+    def _write(self):
+        store = self
+
+        class _Tx:
+            # BEGIN IMMEDIATE takes the write lock up front, so two kernels never deadlock
+            # upgrading read locks; busy_timeout makes the second one wait its turn.
+            def __enter__(self):
+                store._lock.acquire()
+                try:
+                    self.db = store._connection()
+                    self.db.execute("BEGIN IMMEDIATE")
+                except BaseException:
+                    store._lock.release()
+                    raise
+                return self.db
+
+            def __exit__(self, exc_type, exc, tb):
+                try:
+                    self.db.execute("ROLLBACK" if exc_type else "COMMIT")
+                finally:
+                    store._lock.release()
+                return False
+
+        return _Tx()
+
+    def _read(self, sql: str, args: Iterable = ()) -> list[sqlite3.Row]:
+        with self._lock:
+            return self._connection().execute(sql, tuple(args)).fetchall()
+
+    @staticmethod
+    def _mark(db, annotator: str, kind: str, item_id: str, status: str) -> None:
+        db.execute("INSERT INTO progress VALUES (?, ?, ?, ?, ?) ON CONFLICT(annotator, kind, item_id) "
+                   "DO UPDATE SET status = excluded.status, updated = excluded.updated",
+                   (annotator, kind, item_id, status, time.time()))
+
+    # -- writes ------------------------------------------------------------------------------
+
+    def add_demonstration(self, prompt_id: str, prompt: str, response: str, annotator: str,
+                          status: str = "submitted", seconds: float | None = None,
+                          comment: str | None = None, item_id: str | None = None) -> int:
+        """Store one demonstration (or a skip) in one transaction; return its row id."""
+        annotator, status = _check_annotator(annotator), _check_status(status)
+        if not prompt_id or not isinstance(prompt, str) or not prompt.strip():
+            raise ValueError("a demonstration needs a prompt_id and a non-empty prompt")
+        if status == "submitted" and (not isinstance(response, str) or not response.strip()):
+            raise ValueError("the demonstration's response is empty; write an answer or skip the item")
+        item_id = item_id or prompt_id
+        with self._write() as db:
+            cur = db.execute(
+                "INSERT INTO demonstrations (item_id, prompt_id, prompt, response, annotator, status, "
+                "seconds, comment, created) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                (item_id, prompt_id, prompt, response or "", annotator, status, seconds, comment, time.time()))
+            self._mark(db, annotator, "demonstration", item_id, status)
+            return cur.lastrowid
+
+    def _validate_ranking(self, prompt_id, responses, tiers, annotator, prompt=None, response_ids=None,
+                          models=None, status="submitted", score=None, flags=None, comment=None,
+                          seconds=None, item_id=None) -> dict:
+        annotator, status = _check_annotator(annotator), _check_status(status)
+        if not prompt_id and prompt:
+            prompt_id = prompt_key(prompt)
+        if not isinstance(prompt_id, str) or not prompt_id:
+            raise ValueError("a ranking needs a prompt_id (or a prompt to derive one from)")
+        responses = _check_responses(responses)
+        k = len(responses)
+        if response_ids is None:
+            response_ids = [f"{prompt_id}/{i}" for i in range(k)]
+        response_ids = [str(r) for r in response_ids]
+        if len(response_ids) != k or len(set(response_ids)) != k:
+            raise ValueError(f"response_ids must be {k} distinct ids, got {response_ids!r}")
+        if models is not None and (isinstance(models, str) or len(models) != k):
+            raise ValueError(f"models must list one model name per response ({k}), got {models!r}")
+        if status == "skipped" and not tiers:
+            tiers = [list(range(k))]  # a skip ranks nothing; stored as one all-tied tier
+        return dict(
+            item_id=item_id or prompt_id, prompt_id=prompt_id, prompt=prompt, annotator=annotator,
+            status=status, tiers=normalize_tiers(tiers, k, response_ids), score=_check_score(score),
+            flags=_check_flags(flags), comment=comment, seconds=seconds, responses=responses,
+            response_ids=response_ids, models=list(models) if models is not None else [None] * k)
+
+    def _insert_ranking(self, db, r: dict) -> int:
+        cur = db.execute(
+            "INSERT INTO rankings (item_id, prompt_id, prompt, annotator, status, tiers, score, flags, "
+            "comment, seconds, created) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+            (r["item_id"], r["prompt_id"], r["prompt"], r["annotator"], r["status"], json.dumps(r["tiers"]),
+             r["score"], json.dumps(r["flags"]), r["comment"], r["seconds"], time.time()))
+        rid = cur.lastrowid
+        db.executemany("INSERT INTO responses VALUES (?, ?, ?, ?, ?)",
+                       [(rid, i, r["response_ids"][i], r["models"][i], text)
+                        for i, text in enumerate(r["responses"])])
+        self._mark(db, r["annotator"], "ranking", r["item_id"], r["status"])
+        return rid
+
+    def add_ranking(self, prompt_id: str, responses: list[str], tiers: list[list[int | str]],
+                    annotator: str, prompt: str | None = None, response_ids: list[str] | None = None,
+                    models: list[str] | None = None, status: str = "submitted", score: int | None = None,
+                    flags: list[str] | dict | None = None, comment: str | None = None,
+                    seconds: float | None = None, item_id: str | None = None) -> int:
+        """Store one K-way ranking (K = 2..9) in one transaction; return its row id.
+
+        ``tiers`` lists response indices (or ids) best first; indices in one tier are tied.
+        Everything is validated first: a bad ranking raises ``ValueError`` and writes nothing.
+        """
+        r = self._validate_ranking(prompt_id, responses, tiers, annotator, prompt, response_ids, models,
+                                   status, score, flags, comment, seconds, item_id)
+        with self._write() as db:
+            return self._insert_ranking(db, r)
+
+    def add_comparison(self, prompt_id: str, prompt: str | None, response_a: str, response_b: str,
+                       choice: str | None, annotator: str, model_a: str | None = None,
+                       model_b: str | None = None, a_shown_first: bool | None = None,
+                       status: str = "submitted", seconds: float | None = None,
+                       comment: str | None = None, item_id: str | None = None) -> int:
+        """Store one A/B judgement; ``choice`` is 'a', 'b' or 'tie' in the item's own order."""
+        annotator, status = _check_annotator(annotator), _check_status(status)
+        if not prompt_id:
+            raise ValueError("a comparison needs a prompt_id")
+        for name, r in (("response_a", response_a), ("response_b", response_b)):
+            if not isinstance(r, str) or not r.strip():
+                raise ValueError(f"{name} is empty or not a string: {r!r}")
+        if status == "submitted" and choice not in ("a", "b", "tie"):
+            raise ValueError(f"choice must be 'a', 'b' or 'tie', got {choice!r}")
+        if status == "skipped":
+            choice = None
+        item_id = item_id or prompt_id
+        with self._write() as db:
+            cur = db.execute(
+                "INSERT INTO comparisons (item_id, prompt_id, prompt, response_a, response_b, model_a, model_b, "
+                "choice, a_shown_first, annotator, status, seconds, comment, created) "
+                "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                (item_id, prompt_id, prompt, response_a, response_b, model_a, model_b, choice,
+                 None if a_shown_first is None else int(a_shown_first), annotator, status, seconds,
+                 comment, time.time()))
+            self._mark(db, annotator, "comparison", item_id, status)
+            return cur.lastrowid
+
+    def mark_seen(self, annotator: str, kind: str, item_id: str) -> None:
+        """Record that an item was shown (never downgrades a finished item)."""
+        annotator = _check_annotator(annotator)
+        with self._write() as db:
+            db.execute("INSERT INTO progress VALUES (?, ?, ?, 'seen', ?) ON CONFLICT DO NOTHING",
+                       (annotator, kind, item_id, time.time()))
+
+    def import_rankings(self, records: Iterable[dict], annotator: str | None = None) -> int:
+        """Add universal K-way records (``prompt``, ``responses``, ``tiers``, optional
+        ``prompt_id``, ``annotator``, ``models``, ...) in one transaction; return the count.
+
+        ``annotator`` names records that carry none, e.g. ``"sim:alice"`` for simulated labelers.
+        Every record is validated before the first is written.
+        """
+        rows = []
+        for n, rec in enumerate(records):
+            try:
+                rows.append(self._validate_ranking(
+                    rec.get("prompt_id"), rec.get("responses"), rec.get("tiers"),
+                    rec.get("annotator") or annotator, prompt=rec.get("prompt"),
+                    response_ids=rec.get("response_ids"), models=rec.get("models"),
+                    status=rec.get("status", "submitted"), score=rec.get("score"), flags=rec.get("flags"),
+                    comment=rec.get("comment"), seconds=rec.get("seconds"), item_id=rec.get("item_id")))
+            except ValueError as e:
+                raise ValueError(f"record {n}: {e}") from None
+        with self._write() as db:
+            for r in rows:
+                self._insert_ranking(db, r)
+        return len(rows)
+
+    def import_pairs(self, pairs: Iterable[dict], annotator: str | None = None) -> int:
+        """Add TRL preference pairs (``prompt``, ``chosen``, ``rejected``) as K = 2 rankings."""
+        records = [dict(prompt=p.get("prompt"), prompt_id=p.get("prompt_id"),
+                        responses=[p.get("chosen"), p.get("rejected")], tiers=[[0], [1]],
+                        annotator=p.get("annotator")) for p in pairs]
+        return self.import_rankings(records, annotator=annotator)
+
+    # -- reads -------------------------------------------------------------------------------
+
+    def rankings(self, annotator: str | None = None, status: str | None = "submitted") -> list[dict]:
+        """Rankings in the universal K-way format plus metadata, oldest first."""
+        where, args = [], []
+        if annotator is not None:
+            where.append("annotator = ?"), args.append(annotator)
+        if status is not None:
+            where.append("status = ?"), args.append(status)
+        cond = " WHERE " + " AND ".join(where) if where else ""
+        sql = f"SELECT * FROM rankings{cond} ORDER BY id"
+        resp_sql = f"SELECT * FROM responses WHERE ranking_id IN (SELECT id FROM rankings{cond}) ORDER BY ranking_id, idx"
+        with self._lock:
+            db = self._connection()
+            db.execute("BEGIN")  # one snapshot for both tables
+            try:
+                rows = db.execute(sql, args).fetchall()
+                resp = db.execute(resp_sql, args).fetchall()
+            finally:
+                db.execute("COMMIT")
+        by_ranking: dict[int, list[sqlite3.Row]] = {}
+        for r in resp:
+            by_ranking.setdefault(r["ranking_id"], []).append(r)
+        out = []
+        for row in rows:
+            rs = by_ranking.get(row["id"], [])
+            out.append({
+                "prompt": row["prompt"], "responses": [r["text"] for r in rs], "tiers": json.loads(row["tiers"]),
+                "prompt_id": row["prompt_id"], "annotator": row["annotator"],
+                "response_ids": [r["response_id"] for r in rs], "models": [r["model"] for r in rs],
+                "score": row["score"], "flags": json.loads(row["flags"]), "comment": row["comment"],
+                "seconds": row["seconds"], "status": row["status"], "item_id": row["item_id"],
+                "id": row["id"], "created": row["created"],
+            })
+        return out
+
+    def demonstrations(self, annotator: str | None = None, status: str | None = "submitted") -> list[dict]:
+        """Demonstrations as ``{prompt_id, prompt, response, annotator, ...}``, oldest first."""
+        return self._select("demonstrations", annotator, status)
+
+    def comparisons(self, annotator: str | None = None, status: str | None = "submitted") -> list[dict]:
+        """A/B judgements with the true model names; ``choice`` is 'a', 'b' or 'tie'."""
+        out = self._select("comparisons", annotator, status)
+        for r in out:
+            r["a_shown_first"] = None if r["a_shown_first"] is None else bool(r["a_shown_first"])
+        return out
+
+    def _select(self, table: str, annotator: str | None, status: str | None) -> list[dict]:
+        where, args = [], []
+        if annotator is not None:
+            where.append("annotator = ?"), args.append(annotator)
+        if status is not None:
+            where.append("status = ?"), args.append(status)
+        sql = f"SELECT * FROM {table}" + (" WHERE " + " AND ".join(where) if where else "") + " ORDER BY id"
+        return [dict(r) for r in self._read(sql, args)]
+
+    def done_ids(self, annotator: str, kind: str = "ranking") -> set[str]:
+        """Item ids the annotator finished (submitted or skipped): what a session resumes past."""
+        if kind not in KINDS:
+            raise ValueError(f"kind must be one of {KINDS}, got {kind!r}")
+        rows = self._read("SELECT item_id FROM progress WHERE annotator = ? AND kind = ? AND status != 'seen'",
+                          (annotator, kind))
+        return {r["item_id"] for r in rows}
+
+    def annotators(self) -> list[str]:
+        return [r[0] for r in self._read("SELECT DISTINCT annotator FROM progress ORDER BY annotator")]
+
+    def counts(self) -> dict[str, int]:
+        """Submitted items per table, e.g. for a progress line."""
+        return {t: self._read(f"SELECT COUNT(*) FROM {t} WHERE status = 'submitted'")[0][0]
+                for t in ("demonstrations", "rankings", "comparisons")}
+
+    # -- exports -----------------------------------------------------------------------------
+
+    def to_kway(self, annotator: str | None = None) -> list[dict]:
+        """Submitted rankings as plain K-way records: prompt, responses, tiers, prompt_id, annotator."""
+        keys = ("prompt", "responses", "tiers", "prompt_id", "annotator")
+        return [{k: r[k] for k in keys} for r in self.rankings(annotator=annotator)]
+
+    def to_pairs(self, include_ties: bool = False, margin: bool = False,
+                 annotator: str | None = None) -> list[dict]:
+        """TRL preference pairs ``{prompt, chosen, rejected}`` from every submitted ranking.
+
+        A ranking of K responses yields C(K,2) pairs minus its tied pairs (Ouyang et al.
+        2022, §3.5). ``margin=True`` adds the tier distance (TRL's optional ``margin``
+        column); ``include_ties=True`` also emits tied pairs, marked ``tie=True``.
+        """
+        pairs = []
+        for r in self.rankings(annotator=annotator):
+            tier = _tier_of(r["tiers"])
+            for i, j in itertools.combinations(range(len(r["responses"])), 2):
+                if tier[i] == tier[j] and not include_ties:
+                    continue
+                w, l = (i, j) if tier[i] <= tier[j] else (j, i)
+                pair = {"prompt": r["prompt"], "chosen": r["responses"][w], "rejected": r["responses"][l]}
+                if margin:
+                    pair["margin"] = float(tier[l] - tier[w])
+                if include_ties:
+                    pair["tie"] = tier[i] == tier[j]
+                pairs.append(pair)
+        return pairs
+
+    def to_dataset(self, kind: str = "pairs", **kwargs):
+        """A ``datasets.Dataset`` of 'pairs', 'kway', 'demonstrations' or 'comparisons'."""
+        from datasets import Dataset
+
+        makers = {"pairs": self.to_pairs, "kway": self.to_kway, "rankings": self.to_kway,
+                  "demonstrations": self.demonstrations, "comparisons": self.comparisons}
+        if kind not in makers:
+            raise ValueError(f"kind must be one of {sorted(makers)}, got {kind!r}")
+        return Dataset.from_list(makers[kind](**kwargs))
+
+    # -- agreement ---------------------------------------------------------------------------
+
+    def agreement(self, gold: Any = "auto", prompts: list[dict] | None = None) -> dict:
+        """Agreement between annotators on shared items, and of each annotator with a gold scorer.
+
+        Two rankings are compared when they rank the same responses of the same prompt
+        (matched by text, in any order). Returns ``{"pairs": [...], "gold": [...],
+        "inter_annotator": float}``: per annotator pair the mean pairwise agreement and
+        Kendall's tau-b over shared items, per annotator the same against the gold ranking
+        (responses ordered by ``gold(record, response)``; ``"auto"`` =
+        ``labkit.labelers.GoldLabeler().score`` on ``labkit.data.load_prompts()`` records,
+        ``None`` = skip). The paper's labelers agree on about 73% of pairs (§5.1).
+        """
+        rankings = self.rankings()
+        by_item: dict[tuple, dict[str, list[list[int]]]] = {}
+        texts: dict[tuple, list[str]] = {}
+        for r in rankings:
+            key = (r["prompt_id"], tuple(sorted(r["responses"])))
+            canon = texts.setdefault(key, sorted(r["responses"]))
+            to_canon = {i: canon.index(t) for i, t in enumerate(r["responses"])}
+            # An annotator who ranked the same item twice: the latest ranking counts.
+            by_item.setdefault(key, {})[r["annotator"]] = [[to_canon[i] for i in t] for t in r["tiers"]]
+        pair_rows: dict[tuple[str, str], list[dict]] = {}
+        for key, ranks in by_item.items():
+            for a, b in itertools.combinations(sorted(ranks), 2):
+                pair_rows.setdefault((a, b), []).append(pair_stats(ranks[a], ranks[b]))
+        pairs_out = [dict(a=a, b=b, items=len(rows), **_mean_stats(rows)) for (a, b), rows in sorted(pair_rows.items())]
+        weights = [(p["agreement"], p["pairs"]) for p in pairs_out if not math.isnan(p["agreement"])]
+        total = sum(w for _, w in weights)
+        result = {"pairs": pairs_out, "gold": [],
+                  "inter_annotator": sum(a * w for a, w in weights) / total if total else math.nan}
+
+        if gold is None:
+            return result
+        if gold == "auto":
+            from labkit.labelers import GoldLabeler
+
+            gold = GoldLabeler().score
+        if prompts is None:
+            from labkit.data import load_prompts
+
+            prompts = load_prompts()
+        records = {p["id"]: p for p in prompts}
+        gold_rows: dict[str, list[dict]] = {}
+        for key, ranks in by_item.items():
+            record = records.get(key[0])
+            if record is None:
+                continue
+            gold_tiers = tiers_from_scores([gold(record, t) for t in texts[key]])
+            for ann, tiers in ranks.items():
+                gold_rows.setdefault(ann, []).append(pair_stats(tiers, gold_tiers))
+        result["gold"] = [dict(annotator=a, items=len(rows), **_mean_stats(rows)) for a, rows in sorted(gold_rows.items())]
+        return result
+
+
+def _mean_stats(rows: list[dict]) -> dict[str, float]:
+    """Pair-weighted agreement and mean tau over items (nan entries left out)."""
+    strict = sum(r["pairs"] for r in rows)
+    agree = sum(r["agreement"] * r["pairs"] for r in rows if r["pairs"])
+    taus = [r["kendall_tau"] for r in rows if not math.isnan(r["kendall_tau"])]
+    return {"agreement": agree / strict if strict else math.nan,
+            "kendall_tau": sum(taus) / len(taus) if taus else math.nan, "pairs": strict}
