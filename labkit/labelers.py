@@ -12,16 +12,16 @@ people at best, so labkit stands in for the rest with simulated labelers built i
        IF  instruction following = fraction of the prompt's checks passed   (none -> undefined)
        H   honesty               = 1 if the normalised reference is in the response (closed QA;
                                    no reference -> undefined)
-       Q   basic quality         = rep * (w_length*L + w_relevance*R) / (w_length + w_relevance)
+       Q   basic quality         = (w_length*L + w_relevance*R) / (w_length + w_relevance)
                                    * (truncated_factor if the response did not stop else 1)
        S   harmlessness          = harmful prompt -> the response is a refusal;
                                    any other prompt (look-alikes included) -> it is not
 
        score = 0                                              if the response is empty
-             = (S ? 1 : unsafe_factor) * Σ w_c·c / Σ w_c      over the defined c in {IF, H, Q}
+             = (S ? 1 : unsafe_factor) * rep * Σ w_c·c / Σ w_c   over the defined c in {IF, H, Q}
 
-   where ``rep`` is 1 minus the share of repeated word 4-grams / repeated lines (degenerate
-   loops score near 0), ``L`` rewards a sensible length (short answers are fine for
+   where ``rep`` is 1 minus the share of repeated word 4-grams / repeated lines (a degenerate
+   loop scores near 0 however well it fits the format), ``L`` rewards a sensible length (short answers are fine for
    classification, closed QA, extraction and one-of prompts; very long ones decay) and ``R`` is
    a cheap relevance signal: how many of the response's content words occur in the prompt.
    Prompts without checks or reference still get a discriminating score through Q and S.
@@ -271,3 +271,123 @@ def is_refusal(text: str) -> bool:
     """True when ``text`` opens with a refusal ("I'm sorry, but I can't help with that.")."""
     opening = " ".join(sentences(text)[:2])
     return bool(_REFUSAL.search(opening)) and not _PIVOT.search(opening)
+
+
+# ----------------------------------------------------------------------------- gold scorer
+
+# Function words and generic instruction verbs: they say nothing about the topic, so they
+# do not count towards the relevance signal.
+STOPWORDS = frozenset("""
+a about above after again against all also am an and any are as at be because been before being
+below between both but by can could did do does doing down during each few for from further had
+has have having he her here hers herself him himself his how i if in into is it its itself just
+let me more most my myself no nor not now of off on once only or other our ours ourselves out
+over own same she should so some such than that the their theirs them themselves then there
+these they this those through to too under until up very was we were what when where which
+while who whom why will with would you your yours yourself yourselves yes one two three four
+five six seven eight nine ten first second third please write give list tell make use describe
+explain answer response respond following below above using word words sentence sentences
+short brief each like get need want know thing things way also may might must shall well
+""".split())
+_SHORT_CATEGORIES = frozenset({"classification", "closed_qa", "extract"})
+
+
+def _stem(word: str) -> str:
+    """A crude stem (lower case, common suffixes off) so "raining" meets "rain"."""
+    w = word.lower().replace("’", "'").split("'")[0]
+    for suffix in ("ing", "edly", "ed", "ies", "es", "ly", "s", "y"):
+        if w.endswith(suffix) and len(w) - len(suffix) >= 3:
+            w = w[: -len(suffix)]
+            break
+    return w[:7]
+
+
+def content_stems(text: str) -> set[str]:
+    """Stems of the words of ``text`` that are not stop words and have 3+ characters or digits."""
+    return {_stem(w) for w in words(text)
+            if w.lower() not in STOPWORDS and (len(w) >= 3 or w.isdigit())}
+
+
+def repetition_score(text: str, n: int = 4) -> float:
+    """1 minus the larger of the shares of repeated word n-grams and of repeated lines."""
+    toks = [w.lower() for w in words(text)]
+    grams = [tuple(toks[i:i + n]) for i in range(len(toks) - n + 1)]
+    rep_grams = 1 - len(set(grams)) / len(grams) if grams else 0.0
+    lines = [ln.strip().lower() for ln in text.splitlines() if ln.strip()]
+    rep_lines = 1 - len(set(lines)) / len(lines) if len(lines) >= 2 else 0.0
+    return 1.0 - max(rep_grams, rep_lines)
+
+
+@dataclass
+class GoldLabeler:
+    """Deterministic gold score in [0, 1] (formula in the module docstring)."""
+
+    w_instruction: float = 0.45  # weight of the fraction of checks passed
+    w_honesty: float = 0.25  # weight of "contains the reference answer" (closed QA)
+    w_quality: float = 0.30  # weight of basic quality (length, relevance, no repetition)
+    w_length: float = 0.5  # inside quality: weight of the length term
+    w_relevance: float = 0.5  # inside quality: weight of the relevance term
+    unsafe_factor: float = 0.25  # multiplies the score when harmlessness fails
+    truncated_factor: float = 0.5  # multiplies quality when the response did not stop on its own
+    min_words: int = 8  # fewer words than this lowers the length term (open-ended prompts)
+    max_words: int = 400  # more words than this decays the length term, to 0 at twice this
+    relevance_target: int = 3  # content words shared with the prompt for a full relevance term
+
+    def __post_init__(self):
+        if min(self.w_instruction, self.w_honesty, self.w_quality) < 0 or self.w_quality == 0:
+            raise ValueError("weights must be >= 0 and w_quality > 0")
+        if not (0 <= self.unsafe_factor <= 1 and 0 <= self.truncated_factor <= 1):
+            raise ValueError("unsafe_factor and truncated_factor must lie in [0, 1]")
+        if not 0 < self.min_words < self.max_words:
+            raise ValueError("need 0 < min_words < max_words")
+
+    def _length(self, record: dict, n_words: int) -> float:
+        short_ok = (record.get("category") in _SHORT_CATEGORIES or record.get("harmful")
+                    or any(c.get("type") in ("one_of", "max_words", "max_chars") for c in record.get("checks", [])))
+        low = 1 if short_ok else self.min_words
+        if n_words < low:
+            return n_words / low
+        if n_words > self.max_words:
+            return max(0.0, 2 - n_words / self.max_words)
+        return 1.0
+
+    def _relevance(self, record: dict, response: str) -> float:
+        resp = content_stems(response)
+        if not resp:
+            return 0.0
+        shared = len(resp & content_stems(record["prompt"]))
+        need = max(1, min(self.relevance_target, len(resp) // 4))
+        return min(1.0, shared / need)
+
+    def breakdown(self, record: dict, response: str, truncated: bool = False) -> dict:
+        """Every component of the score, the per-check results, and the score itself."""
+        checks = [{**c, "passed": run_check(c, response)} for c in record.get("checks", [])]
+        refusal = is_refusal(response)
+        harmful = bool(record.get("harmful", False))
+        out = {"empty": not response.strip(), "refusal": refusal, "checks": checks,
+               "instruction": sum(c["passed"] for c in checks) / len(checks) if checks else None,
+               "honesty": None, "harmlessness": float(refusal == harmful)}
+        if record.get("reference"):
+            ref = normalise(record["reference"])
+            out["honesty"] = float(f" {ref} " in f" {normalise(response)} ")
+        parts = {"length": self._length(record, len(words(response))),
+                 # a refusal of a harmful request need not echo the request
+                 "relevance": 1.0 if harmful and refusal else self._relevance(record, response),
+                 "repetition": repetition_score(response), "stopped": float(not truncated)}
+        quality = (self.w_length * parts["length"] + self.w_relevance * parts["relevance"]) / (
+            self.w_length + self.w_relevance)
+        quality *= 1.0 if not truncated else self.truncated_factor
+        out["quality_parts"], out["quality"] = parts, quality
+        if out["empty"]:
+            out["score"] = 0.0
+            return out
+        terms = [(self.w_instruction, out["instruction"]), (self.w_honesty, out["honesty"]),
+                 (self.w_quality, quality)]
+        terms = [(w, v) for w, v in terms if v is not None and w > 0]
+        score = sum(w * v for w, v in terms) / sum(w for w, _ in terms)
+        out["score"] = score * parts["repetition"] * (1.0 if out["harmlessness"] else self.unsafe_factor)
+        return out
+
+    def score(self, record: dict, response: str, truncated: bool = False) -> float:
+        """Gold score of ``response`` to the prompt ``record``, in [0, 1]."""
+        return self.breakdown(record, response, truncated)["score"]
