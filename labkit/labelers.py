@@ -391,3 +391,212 @@ class GoldLabeler:
     def score(self, record: dict, response: str, truncated: bool = False) -> float:
         """Gold score of ``response`` to the prompt ``record``, in [0, 1]."""
         return self.breakdown(record, response, truncated)["score"]
+
+
+# ----------------------------------------------------------------------------- simulated labelers
+
+# Calibrated with benchmarks/labeler_agreement.py on the fixed candidate set in
+# tests/fixtures/labeler_candidates.json so that two default labelers agree on ~73% of pairs
+# (InstructGPT, §5.1: "inter-annotator agreement rates of 72.6 ± 1.5%").
+DEFAULT_NOISE = 0.2
+
+
+def _unit_noise(*key) -> float:
+    """A standard-normal draw fixed by ``key``: the same labeler, prompt and response always agree."""
+    digest = hashlib.sha256("\x1f".join(map(str, key)).encode()).digest()
+    return random.Random(int.from_bytes(digest[:8], "big")).gauss(0.0, 1.0)
+
+
+def tiers_from_utilities(utilities: list[float], tie_threshold: float = 0.0) -> list[list[int]]:
+    """Group indices best-first; an index joins the current tier when within ``tie_threshold`` of its best."""
+    order = sorted(range(len(utilities)), key=lambda i: (-utilities[i], i))
+    tiers: list[list[int]] = []
+    for i in order:
+        if tiers and utilities[tiers[-1][0]] - utilities[i] <= tie_threshold:
+            tiers[-1].append(i)
+        else:
+            tiers.append([i])
+    return tiers
+
+
+@dataclass
+class SimulatedLabeler:
+    """A noisy stand-in for a human labeler: utility = gold + biases + noise, then rank."""
+
+    name: str = "labeler"  # shown as the annotator in the feedback store
+    seed: int = 0  # fixes the noise; same seed + inputs -> same ranking
+    noise: float = DEFAULT_NOISE  # std of the Gaussian noise added to each response's utility
+    length_bias: float = 0.0  # utility added per unit of log1p(words)/log1p(200) (>0 likes long answers)
+    format_bias: float = 0.0  # extra weight on failed checks: adds format_bias * (IF - 1)
+    honesty_bias: float = 0.0  # extra weight on a wrong closed-QA answer: adds honesty_bias * (H - 1)
+    safety_bias: float = 0.0  # extra weight on harmlessness: adds safety_bias * (S - 1)
+    tie_threshold: float = 0.02  # utilities closer than this to a tier's best share the tier
+    gold: GoldLabeler = field(default_factory=GoldLabeler)  # the gold scorer underneath
+
+    def __post_init__(self):
+        if self.noise < 0 or self.tie_threshold < 0:
+            raise ValueError("noise and tie_threshold must be >= 0")
+
+    def utility(self, record: dict, response: str, truncated: bool = False) -> float:
+        """Gold score plus this labeler's biases and (deterministic) noise."""
+        b = self.gold.breakdown(record, response, truncated)
+        u = b["score"]
+        u += self.length_bias * math.log1p(len(words(response))) / math.log1p(200)
+        if b["instruction"] is not None:
+            u += self.format_bias * (b["instruction"] - 1)
+        if b["honesty"] is not None:
+            u += self.honesty_bias * (b["honesty"] - 1)
+        u += self.safety_bias * (b["harmlessness"] - 1)
+        key = record.get("id") or record.get("prompt", "")
+        return u + self.noise * _unit_noise(self.name, self.seed, key, response, truncated)
+
+    def rank(self, record: dict, responses: list[str], truncated: list[bool] | None = None) -> list[list[int]]:
+        """Tiers of response indices, best first; near-equal utilities share a tier."""
+        if not responses:
+            raise ValueError("rank needs at least one response")
+        truncated = truncated or [False] * len(responses)
+        if len(truncated) != len(responses):
+            raise ValueError("truncated must have one flag per response")
+        utils = [self.utility(record, r, t) for r, t in zip(responses, truncated)]
+        return tiers_from_utilities(utils, self.tie_threshold)
+
+
+# Realistic temperaments (InstructGPT's labelers differed in what they weighed; §3.4, App. B).
+_TEMPERAMENTS = [
+    dict(name="ada"),  # no particular bias
+    dict(name="ben", length_bias=0.15),  # likes long, thorough answers
+    dict(name="cleo", format_bias=0.3),  # strict on the instructions' format
+    dict(name="dev", length_bias=-0.1),  # likes brevity
+    dict(name="eve", safety_bias=0.3, honesty_bias=0.2),  # strict on harm and correctness
+    dict(name="finn", noise=DEFAULT_NOISE * 1.25, tie_threshold=0.05),  # quick and less consistent
+]
+
+
+def labeler_pool(n: int = 5, seed: int = 0, noise: float | None = None) -> list[SimulatedLabeler]:
+    """``n`` simulated labelers with varied biases; ``noise`` rescales every labeler's noise."""
+    if n < 1:
+        raise ValueError("n must be >= 1")
+    pool = []
+    for i in range(n):
+        t = dict(_TEMPERAMENTS[i % len(_TEMPERAMENTS)])
+        if i >= len(_TEMPERAMENTS):
+            t["name"] = f"{t['name']}{i // len(_TEMPERAMENTS) + 1}"
+        if noise is not None:
+            t["noise"] = t.get("noise", DEFAULT_NOISE) / DEFAULT_NOISE * noise
+        pool.append(SimulatedLabeler(seed=seed * 1000 + i, **t))
+    return pool
+
+
+# ----------------------------------------------------------------------------- agreement
+
+def _tier_of(tiers: list[list[int]]) -> dict[int, int]:
+    return {i: t for t, tier in enumerate(tiers) for i in tier}
+
+
+def pairwise_counts(tiers_a: list[list[int]], tiers_b: list[list[int]]) -> tuple[int, int]:
+    """(agreeing, compared) over the pairs both rankings order (a tie in either is left out)."""
+    ra, rb = _tier_of(tiers_a), _tier_of(tiers_b)
+    agree = total = 0
+    for i, j in itertools.combinations(sorted(ra.keys() & rb.keys()), 2):
+        da, db = ra[i] - ra[j], rb[i] - rb[j]
+        if da and db:
+            total += 1
+            agree += (da > 0) == (db > 0)
+    return agree, total
+
+
+def pairwise_agreement(tiers_a: list[list[int]], tiers_b: list[list[int]]) -> float:
+    """Share of pairs ordered the same way by both rankings (ties excluded); nan if none."""
+    agree, total = pairwise_counts(tiers_a, tiers_b)
+    return agree / total if total else float("nan")
+
+
+def gold_tiers(record: dict, responses: list[str], truncated: list[bool] | None = None,
+               gold: GoldLabeler | None = None) -> list[list[int]]:
+    """The gold scorer's ranking (equal scores tie)."""
+    gold = gold or GoldLabeler()
+    truncated = truncated or [False] * len(responses)
+    return tiers_from_utilities([gold.score(record, r, t) for r, t in zip(responses, truncated)], 1e-9)
+
+
+def gold_agreement(labeler: SimulatedLabeler, candidates: list[dict]) -> float:
+    """Pooled agreement of ``labeler`` with the gold scorer over ``candidates`` (see measure_agreement)."""
+    agree = total = 0
+    for c in candidates:
+        a, t = pairwise_counts(labeler.rank(c["record"], c["responses"], c.get("truncated")),
+                               gold_tiers(c["record"], c["responses"], c.get("truncated"), labeler.gold))
+        agree, total = agree + a, total + t
+    return agree / total if total else float("nan")
+
+
+def measure_agreement(candidates: list[dict], pool: list[SimulatedLabeler] | None = None) -> dict:
+    """Inter-labeler and labeler-vs-gold agreement, pooled over all compared pairs.
+
+    ``candidates``: dicts ``{"record": prompt record, "responses": [K str], "truncated": [K bool]}``.
+    Returns ``{"inter_labeler", "per_pair": {"a/b": float}, "with_gold": {name: float},
+    "n_prompts", "n_labelers", "tie_rate"}``.
+    """
+    pool = pool or labeler_pool()
+    rankings = {lab.name: [lab.rank(c["record"], c["responses"], c.get("truncated")) for c in candidates]
+                for lab in pool}
+    per_pair, agree_all, total_all = {}, 0, 0
+    for a, b in itertools.combinations(rankings, 2):
+        agree = total = 0
+        for ta, tb in zip(rankings[a], rankings[b]):
+            x, y = pairwise_counts(ta, tb)
+            agree, total = agree + x, total + y
+        per_pair[f"{a}/{b}"] = agree / total if total else float("nan")
+        agree_all, total_all = agree_all + agree, total_all + total
+    ties = sum(sum(len(t) * (len(t) - 1) // 2 for t in tiers) for r in rankings.values() for tiers in r)
+    pairs = sum(len(c["responses"]) * (len(c["responses"]) - 1) // 2 for c in candidates) * len(pool)
+    return {"inter_labeler": agree_all / total_all if total_all else float("nan"),
+            "per_pair": per_pair,
+            "with_gold": {lab.name: gold_agreement(lab, candidates) for lab in pool},
+            "n_prompts": len(candidates), "n_labelers": len(pool),
+            "tie_rate": ties / pairs if pairs else 0.0}
+
+
+# ----------------------------------------------------------------------------- candidate sets
+
+REFUSAL_TEXT = "I'm sorry, but I can't help with that."
+_FILLER = " Also, as a general rule, it is always worth double-checking the details before relying on them."
+
+
+def _variants(demo: dict, other: dict) -> dict[str, tuple[str, bool]]:
+    """Mixed-quality rewrites of a demonstration: name -> (text, truncated)."""
+    text = demo["response"].strip()
+    ws = text.split(" ")
+    sents = sentences(text)
+    return {
+        "truncated": (" ".join(ws[: max(1, len(ws) // 2)]), True),
+        "off_topic": (other["response"].strip(), False),
+        "refusal": (REFUSAL_TEXT, False),
+        # breaks word/sentence limits, lowercase, no-commas, ends-with and exact-format checks
+        "sloppy": (text[:1].upper() + text[1:] + _FILLER, False),
+        "repetitive": (" ".join([sents[0] if sents else text] * 5), False),
+        "terse": (sents[0] if sents else text, False),
+        "shouting": (text.upper(), False),
+    }
+
+
+def make_candidates(demonstrations: list[dict], k: int = 4, seed: int = 0,
+                    extra: dict[str, list[str]] | None = None) -> list[dict]:
+    """K mixed-quality responses per demonstration: itself plus K-1 random variants.
+
+    ``extra`` maps a prompt id to further responses (e.g. samples from a real model) that join
+    the variants drawn from. Returns ``measure_agreement``'s candidate dicts (plus ``"kinds"``).
+    """
+    if k < 2:
+        raise ValueError("k must be >= 2")
+    rng = random.Random(seed)
+    out = []
+    for i, demo in enumerate(demonstrations):
+        other = demonstrations[(i + 1 + rng.randrange(max(1, len(demonstrations) - 1))) % len(demonstrations)]
+        pool = list(_variants(demo, other).items())
+        pool += [(f"sample{j}", (s, False)) for j, s in enumerate((extra or {}).get(demo.get("id", ""), []))]
+        picked = [("demonstration", (demo["response"], False))] + rng.sample(pool, min(k - 1, len(pool)))
+        rng.shuffle(picked)
+        record = {key: v for key, v in demo.items() if key != "response"}
+        out.append({"record": record, "responses": [t for _, (t, _) in picked],
+                    "truncated": [tr for _, (_, tr) in picked], "kinds": [name for name, _ in picked]})
+    return out
