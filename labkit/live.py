@@ -181,10 +181,14 @@ class LiveDashboard:
         else:
             from IPython.display import display
 
+            # The raw mime bundle, not the figure: a plotly figure's _ipython_display_ would
+            # open a new output each time and ignore display_id.
+            bundle = fig._repr_mimebundle_() or {  # empty when plotly found no renderer
+                "application/vnd.plotly.v1+json": json.loads(fig.to_json()), "text/plain": self.title}
             if self._handle is None:
-                self._handle = display(fig, display_id=True)
+                self._handle = display(bundle, raw=True, display_id=True)
             else:
-                self._handle.update(fig)
+                self._handle.update(bundle, raw=True)
         self.renders += 1
         self._last_render = time.monotonic()
         self._dirty = False

@@ -12,7 +12,7 @@ class FakeHandle:
     def __init__(self, log):
         self.log = log
 
-    def update(self, obj):
+    def update(self, obj, raw=False):
         self.log.append(("update", obj))
 
 
@@ -21,7 +21,7 @@ def fake_display(monkeypatch):
     """Replace IPython's display with a recorder, so the notebook path runs in a plain process."""
     calls = []
 
-    def display(obj, display_id=None, **kw):
+    def display(obj, raw=False, display_id=None, **kw):
         calls.append(("display", obj))
         return FakeHandle(calls) if display_id else None
 
@@ -57,8 +57,8 @@ def test_throttling_1000_logs_give_few_renders(fake_display):
     dash.close()  # the final state is always drawn
     assert dash.renders == 2
     assert [kind for kind, _ in fake_display] == ["display", "update"]
-    final = fake_display[-1][1]
-    ys = {tr.name: list(tr.y) for tr in final.data}
+    final = fake_display[-1][1]["application/vnd.plotly.v1+json"]  # the raw mime bundle
+    ys = {tr["name"]: list(tr["y"]) for tr in final["data"]}
     assert ys["loss/policy"][-1] == 999 * 0.5 and ys["loss/value"][-1] == -999
     assert len(dash.history["loss/policy"]) == 1000  # history complete
     dash.close()  # nothing new: no extra render
@@ -161,3 +161,25 @@ def test_progress_wraps_tqdm():
     bar = progress_items = live.progress(range(5), desc="work", disable=True)
     assert list(progress_items) == [0, 1, 2, 3, 4]
     assert bar.total == 5
+
+
+def test_in_a_real_kernel_the_figure_updates_in_place():
+    """One output per dashboard, refreshed by update_display (what JupyterLab/VS Code/Colab show)."""
+    nbformat = pytest.importorskip("nbformat")
+    nbclient = pytest.importorskip("nbclient")
+    pytest.importorskip("ipykernel")
+    nb = nbformat.v4.new_notebook()
+    nb.cells = [nbformat.v4.new_code_cell(
+        "from labkit.live import LiveDashboard\n"
+        "d = LiveDashboard('k', min_interval=0.0)\n"
+        "for i in range(5):\n"
+        "    d.log(i, {'loss/a': i * 2})\n"
+        "d.close()\n"
+        "print(d.headless, d.renders)")]
+    nbclient.NotebookClient(nb, kernel_name="python3", timeout=120).execute()
+    outputs = nb.cells[0].outputs
+    shown = [o for o in outputs if o["output_type"] == "display_data"]
+    assert len(shown) == 1  # five renders, one output area
+    fig = shown[0]["data"]["application/vnd.plotly.v1+json"]
+    assert list(fig["data"][0]["y"]) == [0, 2, 4, 6, 8]  # the last update's state
+    assert any(o.get("text", "").strip() == "False 5" for o in outputs if o["output_type"] == "stream")
