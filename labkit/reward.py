@@ -14,8 +14,12 @@ demonstrations score 0 on average.
 from __future__ import annotations
 
 import json
+import math
+import time
 import warnings
+from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -239,3 +243,404 @@ def tiers_to_ranks(tiers: list[list[int]], k: int) -> list[int]:
         for i in tier:
             ranks[i] = t
     return ranks
+
+
+# ----------------------------------------------------------------------------- data
+
+def as_rankings(source) -> list[dict]:
+    """Validated K-way records ``{"prompt", "responses", "tiers", "prompt_id"}`` from any source.
+
+    ``source``: a list (or ``datasets.Dataset``) of K-way records or TRL preference pairs
+    ``{"prompt", "chosen", "rejected"}`` (a K=2 ranking), anything with a ``.rankings()``
+    method (``labkit.feedback.FeedbackStore``), or a JSONL file of such records.
+    """
+    if source is None:
+        raise ValueError("no rankings given: pass a list of records, a FeedbackStore or a JSONL path")
+    where = "rankings"
+    if hasattr(source, "rankings"):
+        source = source.rankings()
+    elif isinstance(source, (str, Path)):
+        where = str(source)
+        lines = Path(source).read_text(encoding="utf-8").splitlines()
+        try:
+            source = [json.loads(line) for line in lines if line.strip()]
+        except json.JSONDecodeError as e:
+            raise ValueError(f"{where}: not valid JSON Lines ({e})") from e
+    records = [_check_ranking(r, i, where) for i, r in enumerate(source)]
+    if not records:
+        raise ValueError(f"{where}: no rankings to train on (empty dataset)")
+    return records
+
+
+def _check_ranking(r, i: int, where: str) -> dict:
+    """One record in the universal K-way format, or a ValueError naming the record and field."""
+    at = f"{where}[{i}]"
+    if not isinstance(r, dict):
+        raise ValueError(f"{at}: expected a dict, got {type(r).__name__}")
+    if "chosen" in r and "rejected" in r and "responses" not in r:
+        r = {**r, "responses": [r["chosen"], r["rejected"]], "tiers": [[0], [1]]}
+    for field in ("prompt", "responses", "tiers"):
+        if field not in r:
+            raise ValueError(f"{at}: missing field {field!r}")
+    prompt, responses, tiers = r["prompt"], r["responses"], r["tiers"]
+    if not isinstance(prompt, str) or not prompt.strip():
+        raise ValueError(f"{at}: 'prompt' must be a non-empty string")
+    # Empty responses are allowed: a model can produce one, and the ranking says it is bad.
+    if not isinstance(responses, list) or not all(isinstance(x, str) for x in responses):
+        raise ValueError(f"{at}: 'responses' must be a list of strings")
+    if len(responses) < 2:
+        raise ValueError(f"{at}: a ranking needs at least 2 responses (K={len(responses)})")
+    if not isinstance(tiers, list) or not all(isinstance(t, list) and t for t in tiers):
+        raise ValueError(f"{at}: 'tiers' must be a list of non-empty lists of response indices")
+    flat = [i for t in tiers for i in t]
+    if not all(isinstance(i, int) and not isinstance(i, bool) for i in flat):
+        raise ValueError(f"{at}: 'tiers' must hold integer response indices, got {tiers}")
+    bad = [i for i in flat if not 0 <= i < len(responses)]
+    if bad:
+        raise ValueError(f"{at}: 'tiers' refers to unknown responses {bad} (K={len(responses)})")
+    if len(set(flat)) != len(flat):
+        raise ValueError(f"{at}: 'tiers' lists a response twice: {tiers}")
+    if len(flat) != len(responses):
+        missing = sorted(set(range(len(responses))) - set(flat))
+        raise ValueError(f"{at}: 'tiers' must rank every response; unranked: {missing}")
+    return {"prompt": prompt, "responses": list(responses), "tiers": [list(t) for t in tiers],
+            "prompt_id": r.get("prompt_id")}
+
+
+def n_comparisons(tiers: list[list[int]]) -> int:
+    """Ordered, non-tied pairs in one ranking: C(K,2) minus the tied pairs."""
+    k = sum(len(t) for t in tiers)
+    return k * (k - 1) // 2 - sum(len(t) * (len(t) - 1) // 2 for t in tiers)
+
+
+def split_rankings(records: list[dict], eval_fraction: float, seed: int) -> tuple[list[dict], list[dict]]:
+    """Train / held-out split by prompt, so no held-out prompt is seen in training."""
+    keys = sorted({r["prompt_id"] or r["prompt"] for r in records})
+    order = torch.randperm(len(keys), generator=torch.Generator().manual_seed(seed)).tolist()
+    n_eval = round(eval_fraction * len(keys))
+    if eval_fraction > 0 and len(keys) >= 2:
+        n_eval = min(max(n_eval, 1), len(keys) - 1)
+    held = {keys[i] for i in order[:n_eval]}
+    train = [r for r in records if (r["prompt_id"] or r["prompt"]) not in held]
+    return train, [r for r in records if (r["prompt_id"] or r["prompt"]) in held]
+
+
+def collate(items: list[dict], pad_id: int):
+    """Prompts with their K responses -> ``input_ids`` (N, T), ``attention_mask`` (N, T), the slot
+    b*K+k of each of the N = sum K_b responses, and ``ranks`` (B, K) with -1 padding."""
+    K = max(len(it["ranks"]) for it in items)
+    rows, slots = [], []
+    ranks = torch.full((len(items), K), -1, dtype=torch.long)  # (B, K)
+    for b, it in enumerate(items):
+        rows += it["ids"]
+        slots += [b * K + k for k in range(len(it["ids"]))]
+        ranks[b, :len(it["ranks"])] = torch.tensor(it["ranks"], dtype=torch.long)
+    input_ids, mask = pad_right(rows, pad_id)  # (N, T)
+    return input_ids, mask, torch.tensor(slots), ranks
+
+
+def batch_rewards(rm: RewardModel, input_ids, mask, slots, ranks) -> torch.Tensor:
+    """Rewards (B, K) of all responses of all prompts in one forward pass (padding slots = 0)."""
+    flat = rm(input_ids, mask)  # (N,)
+    rewards = flat.new_zeros(ranks.numel())  # (B*K,)
+    rewards = rewards.index_put((slots.to(flat.device),), flat)  # (B*K,)
+    return rewards.view_as(ranks.to(flat.device).float())  # (B, K)
+
+
+# ----------------------------------------------------------------------------- training
+
+@dataclass
+class RewardConfig:
+    """Stage 2 settings; the defaults run the bundled 135M model on a laptop CPU."""
+
+    base: str = "smollm2-135m"  # SFT output folder (InstructGPT §3.5), a model name, or an RM folder to continue
+    rankings: Any = None  # K-way records / preference pairs, a FeedbackStore (.rankings()), or a JSONL path
+    out_dir: str = "runs/reward_model"  # where the RM, tokenizer, metrics.json and curves.html go
+    epochs: int = 1  # InstructGPT trains one epoch: the RM overfits after one (§3.5 / App. C.2)
+    max_steps: int | None = None  # stop after this many optimiser steps (smoke runs); None = all epochs
+    batch_size: int = 8  # prompts per optimiser step, each with all its K responses (§3.5)
+    micro_batch_size: int | None = None  # prompts per forward pass (gradient accumulation); None = batch_size
+    lr: float = 1e-5  # AdamW learning rate (the paper used 9e-6 at 6B, batch 64 prompts)
+    min_lr_ratio: float = 0.1  # cosine decay to this fraction of lr, as in App. C.2
+    warmup_steps: int = 0  # linear warm-up steps before the cosine
+    weight_decay: float = 0.0  # AdamW weight decay
+    max_grad_norm: float = 1.0  # gradient clipping (global L2 norm); 0 disables
+    max_length: int = 512  # tokens per (prompt, response); longer ones lose the start of the prompt
+    eval_fraction: float = 0.1  # share of prompts held out for accuracy (split by prompt)
+    eval_batch_size: int = 16  # sequences per forward pass when scoring held-out data and demonstrations
+    normalize: bool = True  # set `bias` so the demonstrations score 0 on average (§3.5)
+    demonstrations: list[dict] | None = None  # {"prompt", "response"} records; None = labkit.data.load_demonstrations()
+    gold: bool = True  # also measure agreement with the gold labeler on held-out responses
+    precision: str = "auto"  # "auto": fp32 master weights + bf16 autocast where fast; "fp32": no autocast
+    device: str = "auto"  # "auto", "cpu", "cuda", ...
+    seed: int = 0  # data order, held-out split and head init
+    live: bool = True  # live plot in notebooks (always recorded and saved to curves.html)
+    progress: bool = True  # progress bars
+    log_every: int = 1  # optimiser steps between dashboard points
+
+    def __post_init__(self):
+        if self.epochs < 1 or self.batch_size < 1 or self.max_length < 8 or self.eval_batch_size < 1:
+            raise ValueError("epochs, batch_size, eval_batch_size must be >= 1 and max_length >= 8")
+        if self.micro_batch_size is not None and not 1 <= self.micro_batch_size <= self.batch_size:
+            raise ValueError("micro_batch_size must lie in [1, batch_size]")
+        if not 0 <= self.eval_fraction < 1:
+            raise ValueError("eval_fraction must lie in [0, 1)")
+        if self.lr <= 0 or not 0 <= self.min_lr_ratio <= 1:
+            raise ValueError("lr must be > 0 and min_lr_ratio in [0, 1]")
+        if self.precision not in ("auto", "fp32"):
+            raise ValueError("precision must be 'auto' or 'fp32'")
+        if self.max_steps is not None and self.max_steps < 1:
+            raise ValueError("max_steps must be >= 1 or None")
+
+
+def _tokenize(tokenizer, records: list[dict], max_length: int) -> tuple[list[dict], int]:
+    items, n_cut = [], 0
+    for r in records:
+        ids, cut = encode(tokenizer, [r["prompt"]] * len(r["responses"]), r["responses"], max_length)
+        items.append({"ids": ids, "ranks": tiers_to_ranks(r["tiers"], len(r["responses"]))})
+        n_cut += cut
+    return items, n_cut
+
+
+def _lr_at(step: int, total: int, config: RewardConfig) -> float:
+    """Linear warm-up, then cosine decay from lr to min_lr_ratio * lr (InstructGPT App. C.2)."""
+    if step < config.warmup_steps:
+        return config.lr * (step + 1) / config.warmup_steps
+    progress = (step - config.warmup_steps) / max(1, total - config.warmup_steps)
+    cosine = 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
+    return config.lr * (config.min_lr_ratio + (1 - config.min_lr_ratio) * cosine)
+
+
+def _dashboard(config: RewardConfig):
+    try:
+        from labkit.live import LiveDashboard
+    except ImportError:  # the plots are a convenience; training does not depend on them
+        return None
+    return LiveDashboard("Reward model", headless=None if config.live else True)
+
+
+def train_step(rm: RewardModel, items: list[dict], pad_id: int, micro: int, device, use_autocast: bool):
+    """Forward and backward one batch of prompts, ``micro`` prompts per pass; returns (loss, correct, pairs).
+
+    Gradients equal those of one pass over the whole batch: each micro-batch's mean is
+    weighted by its share of the batch's prompts (every item has at least one pair).
+    """
+    total, correct, pairs = 0.0, 0, 0
+    for s in range(0, len(items), micro):
+        chunk = items[s:s + micro]
+        input_ids, mask, slots, ranks = collate(chunk, pad_id)
+        with autocast(device, enabled=use_autocast):
+            rewards = batch_rewards(rm, input_ids.to(device), mask.to(device), slots, ranks)  # (b, K)
+        loss = ranking_loss(rewards, ranks.to(device)) * (len(chunk) / len(items))
+        if not torch.isfinite(loss):
+            raise FloatingPointError(f"non-finite ranking loss ({loss.item()})")
+        loss.backward()
+        total += loss.item()
+        c, n = pairwise_accuracy(rewards.detach(), ranks.to(device))
+        correct, pairs = correct + c, pairs + n
+    return total, correct, pairs
+
+
+def train_reward_model(config: RewardConfig) -> str:
+    """Train an RM on K-way rankings; returns the output folder (load with :func:`load_reward_model`).
+
+    >>> out = train_reward_model(RewardConfig(base="tiny", rankings=records, out_dir="runs/rm"))
+    >>> json.loads((Path(out) / "metrics.json").read_text())["eval/accuracy"]
+
+    Why a plain loop and not TRL's ``RewardTrainer``: that trainer only knows (chosen,
+    rejected) pairs, one pair per example. InstructGPT's K-way batching (all K responses of
+    a prompt in one batch element, loss over their C(K,2) pairs) would need a custom
+    dataset format, collator and ``compute_loss``, i.e. most of the trainer replaced; the
+    loop below is shorter and shows the method. ``benchmarks/rm_kway.py`` measures what the
+    pairwise expansion through ``RewardTrainer`` costs instead.
+    """
+    from labkit.models import load_model
+
+    t_start = time.time()
+    device = resolve_device(config.device)
+    use_autocast = config.precision == "auto"
+    out = Path(config.out_dir)
+
+    # 1. Data: validate, drop rankings without an ordered pair (all tied), split by prompt.
+    records = as_rankings(config.rankings)
+    usable = [r for r in records if n_comparisons(r["tiers"]) > 0]
+    if not usable:
+        raise ValueError("every ranking is a single tie: no comparisons to train on")
+    train, held = split_rankings(usable, config.eval_fraction, config.seed)
+
+    # 2. Model: SFT backbone + fresh scalar head, fp32 master weights.
+    torch.manual_seed(config.seed)
+    if (Path(config.base) / CONFIG_FILE).exists():
+        rm, tok = load_reward_model(config.base, dtype="float32", device=device)
+    else:
+        model, tok = load_model(config.base, dtype="float32", device=device, seed=config.seed)
+        rm = RewardModel.from_causal_lm(model)
+        rm.bias.zero_()
+    items, n_cut = _tokenize(tok, train, config.max_length)
+    if n_cut:
+        warnings.warn(f"{n_cut} training texts were longer than max_length={config.max_length} "
+                      "and lost the start of their prompt")
+
+    # 3. Optimiser and schedule.
+    optimizer = torch.optim.AdamW(rm.parameters(), lr=config.lr, weight_decay=config.weight_decay)
+    steps_per_epoch = math.ceil(len(items) / config.batch_size)
+    total_steps = config.epochs * steps_per_epoch
+    if config.max_steps is not None:
+        total_steps = min(total_steps, config.max_steps)
+    micro = config.micro_batch_size or config.batch_size
+    dash = _dashboard(config)
+    curve: dict[str, list[float]] = {"step": [], "loss": [], "accuracy": [], "lr": []}
+    metrics: dict[str, Any] = {
+        "data/n_rankings": len(records), "data/n_without_pairs": len(records) - len(usable),
+        "data/n_train": len(train), "data/n_eval": len(held),
+        "data/n_comparisons": sum(n_comparisons(r["tiers"]) for r in train),
+        "data/n_truncated": n_cut, "train/steps": total_steps,
+    }
+
+    # 4. Training loop: each step sees batch_size prompts with all their K responses.
+    from labkit.live import progress as _progress
+
+    rm.train()
+    step, stopped = 0, None
+    gen = torch.Generator().manual_seed(config.seed)
+    bar = _progress(total=total_steps, desc="reward model", disable=not config.progress)
+    t_train = time.time()
+    try:
+        for epoch in range(config.epochs):
+            order = torch.randperm(len(items), generator=gen).tolist()
+            for s in range(0, len(order), config.batch_size):
+                if step >= total_steps:
+                    break
+                lr = _lr_at(step, total_steps, config)
+                for group in optimizer.param_groups:
+                    group["lr"] = lr
+                batch = [items[i] for i in order[s:s + config.batch_size]]
+                optimizer.zero_grad(set_to_none=True)
+                loss, correct, pairs = train_step(rm, batch, tok.pad_token_id, micro, device, use_autocast)
+                if config.max_grad_norm > 0:
+                    torch.nn.utils.clip_grad_norm_(rm.parameters(), config.max_grad_norm)
+                optimizer.step()
+                step += 1
+                for key, v in (("step", step), ("loss", loss), ("accuracy", correct / pairs), ("lr", lr)):
+                    curve[key].append(v)
+                if dash is not None and (step % config.log_every == 0 or step == total_steps):
+                    dash.log(step, {"loss/ranking": loss, "accuracy/train": correct / pairs, "lr": lr})
+                bar.update(1)
+                bar.set_postfix(loss=f"{loss:.4f}")
+    except FloatingPointError as e:  # BRIEF §5: stop with a message, keep the last good weights
+        optimizer.zero_grad(set_to_none=True)
+        stopped = f"step {step + 1}: {e}"
+    except KeyboardInterrupt:
+        stopped = f"interrupted at step {step}"
+    finally:
+        bar.close()
+    metrics["time/train_s"] = time.time() - t_train
+    metrics["time/per_epoch_s"] = metrics["time/train_s"] * steps_per_epoch / max(1, step)
+    metrics["train/steps_done"] = step
+    metrics["train/curve"] = curve
+    if curve["loss"]:
+        k = max(1, len(curve["loss"]) // 10)
+        metrics["train/loss_first"] = curve["loss"][0]
+        metrics["train/loss_last"] = sum(curve["loss"][-k:]) / k  # mean of the last tenth
+    if stopped:
+        metrics["train/stopped"] = stopped
+        warnings.warn(f"reward model training stopped ({stopped}); saving the last good weights to {out}")
+
+    # 5. Demo-mean normalisation (§3.5), then held-out accuracy and gold agreement.
+    rm.eval()
+    if config.normalize:
+        metrics.update(normalize_bias(rm, tok, config))
+    if held:
+        metrics.update(evaluate_rankings(rm, tok, held, config))
+    metrics["time/total_s"] = time.time() - t_start
+
+    # 6. Save: model, tokenizer, metrics, curves.
+    rm.save_pretrained(out, tokenizer=tok, base=str(config.base))
+    cfg = {k: v for k, v in asdict(config).items() if k not in ("rankings", "demonstrations")}
+    (out / "metrics.json").write_text(json.dumps({"config": cfg, **metrics}, indent=2))
+    if dash is not None:
+        dash.close()
+        dash.save(out / "curves.html")
+    if stopped and stopped.startswith("step"):
+        raise FloatingPointError(f"reward model training stopped at {stopped}; last good weights in {out}")
+    return str(out)
+
+
+def normalize_bias(rm: RewardModel, tokenizer, config: RewardConfig) -> dict:
+    """Set ``rm.bias`` so the demonstrations' mean reward is 0 (InstructGPT §3.5)."""
+    demos = config.demonstrations
+    if demos is None:
+        try:
+            from labkit.data import load_demonstrations
+        except ImportError:
+            warnings.warn("labkit.data is unavailable: no demonstrations, bias left at 0")
+            return {"reward/bias": float(rm.bias), "reward/n_demonstrations": 0}
+        demos = load_demonstrations()
+    if not demos:
+        warnings.warn("no demonstrations: bias left at 0")
+        return {"reward/bias": float(rm.bias), "reward/n_demonstrations": 0}
+    rm.bias.zero_()
+    scores = rm.score(tokenizer, [d["prompt"] for d in demos], [d["response"] for d in demos],
+                      batch_size=config.eval_batch_size, max_length=config.max_length,
+                      progress=config.progress)
+    rm.bias.fill_(sum(scores) / len(scores))
+    return {"reward/bias": float(rm.bias), "reward/n_demonstrations": len(demos)}
+
+
+def evaluate_rankings(rm: RewardModel, tokenizer, held: list[dict], config: RewardConfig) -> dict:
+    """Held-out pairwise accuracy against the rankings and, where the prompt record is known,
+    against the gold labeler (pairs whose gold scores differ)."""
+    prompts = [r["prompt"] for r in held for _ in r["responses"]]
+    responses = [x for r in held for x in r["responses"]]
+    flat = rm.score(tokenizer, prompts, responses, batch_size=config.eval_batch_size,
+                    max_length=config.max_length, progress=config.progress)
+    K = max(len(r["responses"]) for r in held)
+    rewards = torch.zeros(len(held), K)  # (B, K)
+    ranks = torch.full((len(held), K), -1, dtype=torch.long)  # (B, K)
+    i = 0
+    for b, r in enumerate(held):
+        k = len(r["responses"])
+        rewards[b, :k] = torch.tensor(flat[i:i + k])
+        ranks[b, :k] = torch.tensor(tiers_to_ranks(r["tiers"], k))
+        i += k
+    correct, pairs = pairwise_accuracy(rewards, ranks)
+    m = {"eval/accuracy": correct / pairs, "eval/n_pairs": pairs, "eval/n_prompts": len(held),
+         "eval/loss": float(ranking_loss(rewards, ranks)), "eval/reward_mean": sum(flat) / len(flat)}
+    if config.gold:
+        m.update(_gold_agreement(held, rewards, ranks))
+    return m
+
+
+def _gold_agreement(held: list[dict], rewards: torch.Tensor, ranks: torch.Tensor) -> dict:
+    try:
+        from labkit.data import load_prompts
+        from labkit.labelers import GoldLabeler
+        by_id = {p["id"]: p for p in load_prompts()}
+    except ImportError as e:
+        return {"eval/gold_skipped": f"gold labeler or prompt set unavailable ({e})"}
+    gold = GoldLabeler()
+    known = [b for b, r in enumerate(held) if r["prompt_id"] in by_id]
+    if not known:
+        return {"eval/gold_skipped": "no held-out ranking has a prompt_id of the prompt set"}
+    g = torch.full_like(rewards, float("nan"))  # (B, K)
+    for b in known:
+        rec = held[b]
+        g[b, :len(rec["responses"])] = torch.tensor([gold.score(by_id[rec["prompt_id"]], x)
+                                                      for x in rec["responses"]])
+    rows = torch.tensor(known)
+    gold_ranks = _scores_to_ranks(g[rows])  # (B', K): higher gold score = better tier
+    rm_correct, n = pairwise_accuracy(rewards[rows], gold_ranks)
+    # The labelers' own rankings against gold, as a ceiling (a tie in their ranking counts as wrong).
+    lab_correct, _ = pairwise_accuracy(-ranks[rows].float(), gold_ranks)
+    return {"eval/gold_accuracy": rm_correct / n if n else float("nan"), "eval/gold_n_pairs": n,
+            "eval/labeler_gold_accuracy": lab_correct / n if n else float("nan"),
+            "eval/gold_n_unknown": len(held) - len(known)}
+
+
+def _scores_to_ranks(scores: torch.Tensor) -> torch.Tensor:
+    """Scores (B, K) with NaN padding -> ranks (B, K): 0 = highest score, equal scores tie, -1 = NaN."""
+    valid = ~scores.isnan()  # (B, K)
+    s = torch.where(valid, scores, torch.tensor(-math.inf))  # (B, K)
+    # rank = how many real scores lie strictly above: order kept, equal scores share a rank.
+    above = (s[:, None, :] > s[:, :, None]) & valid[:, None, :]  # (B, K, K): j above i
+    return torch.where(valid, above.sum(-1), -1)  # (B, K)
