@@ -23,7 +23,9 @@ people at best, so labkit stands in for the rest with simulated labelers built i
    where ``rep`` is 1 minus the share of repeated word 4-grams / repeated lines (a degenerate
    loop scores near 0 however well it fits the format), ``L`` rewards a sensible length (short answers are fine for
    classification, closed QA, extraction and one-of prompts; very long ones decay) and ``R`` is
-   a cheap relevance signal: how many of the response's content words occur in the prompt.
+   a cheap relevance signal: whether the response shares content words (crude stems, stop
+   words and generic instruction verbs left out) with the prompt; a poem about a lighthouse
+   need not say "lighthouse", so sharing none lowers R to ``relevance_floor``, not to 0.
    Prompts without checks or reference still get a discriminating score through Q and S.
 3. **Simulated labelers** (:class:`SimulatedLabeler`): utility = gold score + per-labeler
    biases (length, format strictness) + Gaussian noise, then rank; near-equal utilities tie.
@@ -299,7 +301,7 @@ def _stem(word: str) -> str:
         if w.endswith(suffix) and len(w) - len(suffix) >= 3:
             w = w[: -len(suffix)]
             break
-    return w[:7]
+    return w[:6]
 
 
 def content_stems(text: str) -> set[str]:
@@ -331,13 +333,14 @@ class GoldLabeler:
     truncated_factor: float = 0.5  # multiplies quality when the response did not stop on its own
     min_words: int = 8  # fewer words than this lowers the length term (open-ended prompts)
     max_words: int = 400  # more words than this decays the length term, to 0 at twice this
-    relevance_target: int = 3  # content words shared with the prompt for a full relevance term
+    relevance_target: int = 2  # content words shared with the prompt for a full relevance term (long answers)
+    relevance_floor: float = 0.4  # relevance term of an answer sharing no content word (creative answers often don't)
 
     def __post_init__(self):
         if min(self.w_instruction, self.w_honesty, self.w_quality) < 0 or self.w_quality == 0:
             raise ValueError("weights must be >= 0 and w_quality > 0")
-        if not (0 <= self.unsafe_factor <= 1 and 0 <= self.truncated_factor <= 1):
-            raise ValueError("unsafe_factor and truncated_factor must lie in [0, 1]")
+        if not all(0 <= x <= 1 for x in (self.unsafe_factor, self.truncated_factor, self.relevance_floor)):
+            raise ValueError("unsafe_factor, truncated_factor and relevance_floor must lie in [0, 1]")
         if not 0 < self.min_words < self.max_words:
             raise ValueError("need 0 < min_words < max_words")
 
@@ -354,10 +357,10 @@ class GoldLabeler:
     def _relevance(self, record: dict, response: str) -> float:
         resp = content_stems(response)
         if not resp:
-            return 0.0
+            return self.relevance_floor
         shared = len(resp & content_stems(record["prompt"]))
-        need = max(1, min(self.relevance_target, len(resp) // 4))
-        return min(1.0, shared / need)
+        need = 1 if len(resp) < 30 else self.relevance_target  # short answers: one shared word is enough
+        return self.relevance_floor + (1 - self.relevance_floor) * min(1.0, shared / need)
 
     def breakdown(self, record: dict, response: str, truncated: bool = False) -> dict:
         """Every component of the score, the per-check results, and the score itself."""

@@ -117,8 +117,8 @@ def test_gold_orderings():
     assert demo == pytest.approx(1.0)
     assert empty == 0.0
     assert demo > off > empty
-    # off-topic fails lowercase (IF=0) and shares no content word (R=0): Q = 0.5*L = 0.5
-    assert off == pytest.approx(0.30 * 0.5 / 0.75)
+    # off-topic fails lowercase (IF=0) and shares no content word (R = floor 0.4): Q = 0.5*1 + 0.5*0.4
+    assert off == pytest.approx(0.30 * 0.7 / 0.75)
     assert g.score(HAIKU, DEMO, truncated=True) < demo
     loop = " ".join(["rain taps the window"] * 10)
     assert g.score(HAIKU, loop) < 0.3  # fits the format, but degenerate
@@ -154,7 +154,7 @@ def test_gold_discriminates_without_checks():
     good = g.score(rec, "Keep basil plants in a sunny window, water the soil when the top dries, "
                         "and pinch off flower buds so the plants stay bushy and healthy.")
     assert good == pytest.approx(1.0)
-    assert g.score(rec, OFF_TOPIC) == pytest.approx(0.5)
+    assert g.score(rec, OFF_TOPIC) == pytest.approx(0.7)
     assert g.score(rec, "Basil.") < good
 
 
