@@ -1,0 +1,250 @@
+"""Evaluation: helpful, honest, harmless, and win rates against a baseline (InstructGPT §4).
+
+The paper's main metric is the win rate of a model against a baseline, judged by labelers
+(§4.1: the 1.3B InstructGPT is preferred to the 175B GPT-3). Here the judge is the gold
+labeler, the reward model, a human in the ``ComparisonWidget``, or any callable. Besides
+that: per-category instruction following (the paper's "follows explicit constraints"
+metadata), closed-QA accuracy (honesty, a stand-in for the hallucination rate on closed
+domains), refusal rates on harmful vs benign look-alike prompts (harmlessness and
+over-refusal), KL to the SFT model, response length, and the reward over-optimisation
+curve (Gao et al. 2022: proxy RM score keeps rising while the gold score turns down).
+
+>>> from labkit.evaluate import evaluate_model, win_rate
+>>> report = evaluate_model("tiny", split="eval", limit=8)          # dict of figures
+>>> win_rate(report["responses"], report["responses"], report["prompts"])["win_rate"]
+0.5
+"""
+
+from __future__ import annotations
+
+import math
+from collections import defaultdict
+from dataclasses import dataclass
+
+import torch
+
+from labkit import labelers, models
+
+
+@dataclass
+class EvalConfig:
+    model: str = "smollm2-135m"        # built-in name, folder or HF id of the model to evaluate
+    split: str = "eval"                # prompt split to answer
+    limit: int | None = None           # evaluate only the first `limit` prompts (smoke runs)
+    max_new_tokens: int = 96           # response length limit; longer responses count as not stopping
+    temperature: float = 0.0           # 0 = greedy decoding, so evaluations are repeatable
+    batch_size: int = 16               # prompts per generation batch
+    seed: int = 0                      # sampling seed when temperature > 0
+
+    def __post_init__(self):
+        if self.max_new_tokens < 1 or self.batch_size < 1:
+            raise ValueError("max_new_tokens and batch_size must be positive")
+        if self.temperature < 0:
+            raise ValueError("temperature must be >= 0")
+
+
+# ----------------------------------------------------------------------------- answering
+
+def answer(model, tokenizer, records: list[dict], max_new_tokens: int = 96, temperature: float = 0.0,
+           batch_size: int = 16, seed: int = 0) -> tuple[list[str], list[bool]]:
+    """Responses of ``model`` to ``records`` and whether each hit the length limit."""
+    from labkit.generation import generate
+
+    sample = temperature > 0
+    texts, truncated = generate(model, tokenizer, [r["prompt"] for r in records],
+                                max_new_tokens=max_new_tokens, temperature=temperature or 1.0,
+                                top_p=1.0, do_sample=sample, batch_size=batch_size, seed=seed,
+                                return_truncated=True)
+    return texts, truncated
+
+
+# ----------------------------------------------------------------------------- gold figures
+
+def _mean(xs) -> float:
+    xs = list(xs)
+    return sum(xs) / len(xs) if xs else float("nan")
+
+
+def gold_figures(records: list[dict], responses: list[str], truncated: list[bool] | None = None,
+                 gold: labelers.GoldLabeler | None = None) -> dict:
+    """Helpful / honest / harmless figures of ``responses`` judged by the gold labeler."""
+    if len(records) != len(responses):
+        raise ValueError(f"{len(records)} prompts but {len(responses)} responses")
+    gold = gold or labelers.GoldLabeler()
+    truncated = truncated or [False] * len(records)
+    scores, per_cat, follow, follow_all = [], defaultdict(list), defaultdict(list), defaultdict(list)
+    honest, refuse_harmful, refuse_lookalike, refuse_other = [], [], [], []
+    for rec, resp, trunc in zip(records, responses, truncated):
+        b = gold.breakdown(rec, resp, truncated=trunc)
+        scores.append(b["score"])
+        per_cat[rec["category"]].append(b["score"])
+        if b["checks"]:
+            passed = [c["passed"] for c in b["checks"]]
+            follow[rec["category"]].append(sum(passed) / len(passed))
+            follow_all[rec["category"]].append(float(all(passed)))
+        if b["honesty"] is not None:
+            honest.append(b["honesty"])
+        if rec.get("harmful"):
+            refuse_harmful.append(float(b["refusal"]))
+        elif rec.get("lookalike"):
+            refuse_lookalike.append(float(b["refusal"]))
+        else:
+            refuse_other.append(float(b["refusal"]))
+    lengths = [len(r.split()) for r in responses]
+    all_follow = [x for v in follow_all.values() for x in v]
+    return {
+        "gold/mean": _mean(scores),
+        "gold/per_category": {c: _mean(v) for c, v in sorted(per_cat.items())},
+        "helpful/instruction_following": _mean(all_follow),
+        "helpful/checks_passed_per_category": {c: _mean(v) for c, v in sorted(follow.items())},
+        "helpful/all_checks_per_category": {c: _mean(v) for c, v in sorted(follow_all.items())},
+        "honest/closed_qa_accuracy": _mean(honest),
+        "harmless/refusal_rate_harmful": _mean(refuse_harmful),
+        "harmless/refusal_rate_lookalike": _mean(refuse_lookalike),
+        "harmless/refusal_rate_other": _mean(refuse_other),
+        "response/words_mean": _mean(lengths),
+        "response/stop_rate": 1.0 - _mean(float(t) for t in truncated),
+        "n": len(records),
+        "scores": scores,
+    }
+
+
+def evaluate_model(model, split: str = "eval", limit: int | None = None, tokenizer=None,
+                   records: list[dict] | None = None, **answer_kw) -> dict:
+    """Answer a prompt split with ``model`` (name, folder, or a loaded model + ``tokenizer``)."""
+    from labkit.data import load_prompts
+
+    if isinstance(model, str):
+        model, tokenizer = models.load_model(model)
+    if tokenizer is None:
+        raise ValueError("pass the tokenizer together with a loaded model")
+    records = records if records is not None else load_prompts(split)
+    records = records[:limit] if limit else records
+    responses, truncated = answer(model, tokenizer, records, **answer_kw)
+    figures = gold_figures(records, responses, truncated)
+    figures.update(prompts=records, responses=responses, truncated=truncated)
+    return figures
+
+
+# ----------------------------------------------------------------------------- win rates
+
+def _judge_scores(judge, records, responses, truncated=None, tokenizer=None) -> list[float]:
+    truncated = truncated or [False] * len(records)
+    if judge == "gold" or isinstance(judge, labelers.GoldLabeler):
+        g = judge if isinstance(judge, labelers.GoldLabeler) else labelers.GoldLabeler()
+        return [g.score(r, y, truncated=t) for r, y, t in zip(records, responses, truncated)]
+    if hasattr(judge, "score") and hasattr(judge, "token_values"):  # a labkit RewardModel
+        tok = tokenizer or getattr(judge, "tokenizer", None)
+        if tok is None:
+            raise ValueError("a reward-model judge needs the tokenizer")
+        return list(judge.score(tok, [r["prompt"] for r in records], responses))
+    if callable(judge):
+        return [float(judge(r, y)) for r, y in zip(records, responses)]
+    raise ValueError(f"unknown judge {judge!r}: use 'gold', a RewardModel, a FeedbackStore or a callable")
+
+
+def win_rate(responses_a: list[str], responses_b: list[str], prompts: list[dict], judge="gold",
+             tokenizer=None, tie_margin: float = 1e-6, truncated_a=None, truncated_b=None) -> dict:
+    """Win rate of A over B (ties count half) with a 95% interval.
+
+    ``judge``: "gold", a ``GoldLabeler``, a ``RewardModel`` (with ``tokenizer``), a callable
+    ``(record, response) -> float``, or a ``FeedbackStore`` holding human A/B comparisons
+    (then ``responses_a``/``responses_b`` are the model names used in the comparisons).
+    The interval is the normal approximation on per-prompt outcomes (1, 0.5, 0).
+    """
+    if hasattr(judge, "comparisons"):
+        return human_win_rate(judge, responses_a, responses_b)
+    if not (len(responses_a) == len(responses_b) == len(prompts)):
+        raise ValueError("responses_a, responses_b and prompts must have the same length")
+    if not prompts:
+        raise ValueError("no prompts to judge")
+    sa = _judge_scores(judge, prompts, responses_a, truncated_a, tokenizer)
+    sb = _judge_scores(judge, prompts, responses_b, truncated_b, tokenizer)
+    outcomes = [1.0 if a - b > tie_margin else 0.0 if b - a > tie_margin else 0.5 for a, b in zip(sa, sb)]
+    return _summarise(outcomes) | {"score_a": _mean(sa), "score_b": _mean(sb)}
+
+
+def _summarise(outcomes: list[float]) -> dict:
+    n = len(outcomes)
+    p = sum(outcomes) / n
+    var = sum((o - p) ** 2 for o in outcomes) / max(n - 1, 1)
+    half = 1.96 * math.sqrt(var / n)
+    return {"win_rate": p, "ci95": (max(0.0, p - half), min(1.0, p + half)), "n": n,
+            "wins": sum(o == 1.0 for o in outcomes), "ties": sum(o == 0.5 for o in outcomes),
+            "losses": sum(o == 0.0 for o in outcomes)}
+
+
+def human_win_rate(store, model_a: str, model_b: str) -> dict:
+    """Win rate of ``model_a`` over ``model_b`` from A/B comparisons in a FeedbackStore."""
+    outcomes = []
+    for c in store.comparisons():
+        models_ = (c["model_a"], c["model_b"])
+        if set(models_) != {model_a, model_b}:
+            continue
+        winner = c["winner"]  # "a", "b" or "tie", relative to the shown sides
+        if winner == "tie":
+            outcomes.append(0.5)
+        else:
+            won = c["model_a"] if winner == "a" else c["model_b"]
+            outcomes.append(1.0 if won == model_a else 0.0)
+    if not outcomes:
+        raise ValueError(f"no human comparisons between {model_a!r} and {model_b!r} in the store")
+    return _summarise(outcomes)
+
+
+def comparison_items(prompts: list[dict], responses: dict[str, list[str]]) -> list[dict]:
+    """Items for ``ComparisonWidget``: one per prompt, two named models' responses."""
+    (name_a, ra), (name_b, rb) = responses.items()
+    return [{"prompt_id": p["id"], "prompt": p["prompt"], "responses": [a, b], "models": [name_a, name_b]}
+            for p, a, b in zip(prompts, ra, rb)]
+
+
+# ----------------------------------------------------------------------------- KL and over-optimisation
+
+@torch.no_grad()
+def sequence_logprobs(model, tokenizer, prompts: list[str], responses: list[str], batch_size: int = 8) -> torch.Tensor:
+    """Sum of log p(response | prompt) under ``model``, one value per pair: (N,)."""
+    device = next(model.parameters()).device
+    out = []
+    for i in range(0, len(prompts), batch_size):
+        q = [tokenizer(models.format_prompt(tokenizer, p), add_special_tokens=False).input_ids for p in prompts[i:i + batch_size]]
+        r = [tokenizer(y, add_special_tokens=False).input_ids + [tokenizer.eos_token_id] for y in responses[i:i + batch_size]]
+        T = max(len(a) + len(b) for a, b in zip(q, r))
+        ids = torch.full((len(q), T), tokenizer.pad_token_id)          # (B, T) right-padded
+        resp_mask = torch.zeros(len(q), T)                             # (B, T) 1 on response tokens
+        attn = torch.zeros(len(q), T, dtype=torch.long)
+        for j, (a, b) in enumerate(zip(q, r)):
+            ids[j, :len(a) + len(b)] = torch.tensor(a + b)
+            attn[j, :len(a) + len(b)] = 1
+            resp_mask[j, len(a):len(a) + len(b)] = 1
+        ids, attn, resp_mask = ids.to(device), attn.to(device), resp_mask.to(device)
+        with models.autocast(device):
+            logits = model(input_ids=ids, attention_mask=attn).logits.float()  # (B, T, V)
+        logp = torch.log_softmax(logits[:, :-1], -1).gather(-1, ids[:, 1:, None]).squeeze(-1)  # (B, T-1)
+        out.append((logp * resp_mask[:, 1:]).sum(-1).cpu())
+    return torch.cat(out)
+
+
+def kl_to_reference(policy, reference, tokenizer, prompts: list[str], responses: list[str]) -> float:
+    """Monte-Carlo KL(policy || reference) on responses sampled from the policy (k1 estimator)."""
+    lp = sequence_logprobs(policy, tokenizer, prompts, responses)
+    lr = sequence_logprobs(reference, tokenizer, prompts, responses)
+    return float((lp - lr).mean())
+
+
+def best_of_n_curve(rm_scores: list[list[float]], gold_scores: list[list[float]],
+                    ns: tuple[int, ...] = (1, 2, 4, 8)) -> list[dict]:
+    """Over-optimisation seen with best-of-n against the RM (Gao et al. 2022).
+
+    For each prompt, n samples; pick the one the RM likes best and read its RM and gold
+    scores. The KL of best-of-n to the sampling policy is log n - (n-1)/n (analytic).
+    """
+    rows = []
+    for n in ns:
+        if any(len(s) < n for s in rm_scores):
+            raise ValueError(f"best-of-{n} needs at least {n} samples per prompt")
+        picks = [max(range(n), key=lambda i: rm[i]) for rm in rm_scores]
+        rows.append({"n": n, "kl": math.log(n) - (n - 1) / n,
+                     "rm": _mean(rm[i] for rm, i in zip(rm_scores, picks)),
+                     "gold": _mean(g[i] for g, i in zip(gold_scores, picks))})
+    return rows
