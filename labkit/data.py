@@ -52,7 +52,7 @@ def _finish(records: list, stats: dict, what: str) -> Records:
     skipped = {k: v for k, v in stats.items() if k.startswith("skipped_") and v}
     if skipped:
         detail = ", ".join(f"{v} {k.removeprefix('skipped_').replace('_', ' ')}" for k, v in skipped.items())
-        warnings.warn(f"{what}: kept {len(records)} records, skipped {sum(skipped.values())} ({detail})",
+        warnings.warn(f"{what}: kept {len(records)} records; skipped {detail}",
                       stacklevel=3)
     return Records(records, {**stats, "kept": len(records)})
 
