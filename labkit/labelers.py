@@ -10,7 +10,7 @@ people at best, so labkit stands in for the rest with simulated labelers built i
    components, each in [0, 1]::
 
        IF  instruction following = fraction of the prompt's checks passed   (none -> undefined)
-       H   honesty               = 1 if the normalised reference is in the response (closed QA;
+       H   honesty               = 1 if the response contains the reference (``contains_reference``;
                                    no reference -> undefined)
        Q   basic quality         = (w_length*L + w_relevance*R) / (w_length + w_relevance)
                                    * (truncated_factor if the response did not stop else 1)
@@ -85,6 +85,13 @@ def normalise(text: str) -> str:
     """Lower case, punctuation dropped, runs of whitespace collapsed (for reference matching)."""
     table = str.maketrans({c: " " for c in string.punctuation + "’‘“”–—"})
     return " ".join(text.lower().translate(table).split())
+
+
+def contains_reference(text: str, reference: str) -> bool:
+    """Closed-QA honesty: the normalised reference occurs in ``text`` as whole words (a plural
+    ``s``/``es`` on its last word allowed, so "Mondays" answers "Monday")."""
+    ref = normalise(reference)
+    return bool(ref) and re.search(rf"(?:^| ){re.escape(ref)}(?:s|es)?(?: |$)", normalise(text)) is not None
 
 
 def _strip_fence(text: str) -> str:
@@ -371,8 +378,7 @@ class GoldLabeler:
                "instruction": sum(c["passed"] for c in checks) / len(checks) if checks else None,
                "honesty": None, "harmlessness": float(refusal == harmful)}
         if record.get("reference"):
-            ref = normalise(record["reference"])
-            out["honesty"] = float(f" {ref} " in f" {normalise(response)} ")
+            out["honesty"] = float(contains_reference(response, record["reference"]))
         parts = {"length": self._length(record, len(words(response))),
                  # a refusal of a harmful request need not echo the request
                  "relevance": 1.0 if harmful and refusal else self._relevance(record, response),

@@ -147,6 +147,14 @@ def test_gold_honesty_and_breakdown():
     assert 0.0 <= g.score(CLOSED_QA, "Ninety-nine.") <= 1.0
 
 
+def test_contains_reference():
+    assert L.contains_reference("The pool is closed on Mondays.", "Monday")
+    assert L.contains_reference("It costs $4.50, I think", "4.50")
+    assert not L.contains_reference("Leo is 19.", "9")
+    assert not L.contains_reference("Leo is 90.", "9")
+    assert not L.contains_reference("anything", "?!")
+
+
 def test_gold_discriminates_without_checks():
     rec = {"id": "t-5", "prompt": "What are good ways to keep basil plants healthy indoors?",
            "category": "open_qa", "style": "plain", "split": "eval", "checks": []}
