@@ -299,6 +299,10 @@ explain answer response respond following below above using word words sentence 
 short brief each like get need want know thing things way also may might must shall well
 """.split())
 _SHORT_CATEGORIES = frozenset({"classification", "closed_qa", "extract"})
+# Prompts that ask for a short answer in words ("reply with just the name", "in one word").
+_SHORT_REQUEST = re.compile(r"\b(?:just|only) (?:the|a|one)\b|\bone[- ](?:word|line|phrase|sentence)\b"
+                            r"|\bsingle (?:word|line|phrase|sentence)\b|\bin (?:a|one) (?:word|phrase)\b",
+                            re.IGNORECASE)
 
 
 def _stem(word: str) -> str:
@@ -353,6 +357,7 @@ class GoldLabeler:
 
     def _length(self, record: dict, n_words: int) -> float:
         short_ok = (record.get("category") in _SHORT_CATEGORIES or record.get("harmful")
+                    or _SHORT_REQUEST.search(record.get("prompt", "")) is not None
                     or any(c.get("type") in ("one_of", "max_words", "max_chars") for c in record.get("checks", [])))
         low = 1 if short_ok else self.min_words
         if n_words < low:
@@ -365,7 +370,10 @@ class GoldLabeler:
         resp = content_stems(response)
         if not resp:
             return self.relevance_floor
-        shared = len(resp & content_stems(record["prompt"]))
+        prompt = content_stems(record["prompt"])
+        # a shared stem, or one stem a prefix of the other ("rain" / "raindrops")
+        shared = sum(any(a.startswith(b) or b.startswith(a) for b in prompt if min(len(a), len(b)) >= 4)
+                     or a in prompt for a in resp)
         need = 1 if len(resp) < 30 else self.relevance_target  # short answers: one shared word is enough
         return self.relevance_floor + (1 - self.relevance_floor) * min(1.0, shared / need)
 
