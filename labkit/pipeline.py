@@ -1,0 +1,341 @@
+"""``labkit run``: the whole InstructGPT pipeline on one machine, resumable stage by stage.
+
+base eval -> SFT -> sample K responses per RM prompt -> simulated (+ human) rankings ->
+reward model -> PPO -> eval, repeated ``rounds`` times for steps 2-3 (InstructGPT §3.1:
+"steps 2 and 3 can be iterated continuously": new comparisons on the current policy, the RM
+retrained on all comparisons so far, more PPO). Everything lands in ``runs/<name>/``:
+models, ``feedback.sqlite``, ``metrics.json`` and a self-contained ``report.html``.
+
+A stage that finished is recorded in ``state.json`` and skipped when the same folder is
+run again, so an interrupted run resumes where it stopped.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from labkit import evaluate, labelers, models
+from labkit.report import json_dump
+
+
+@dataclass
+class RunConfig:
+    preset: str = "cpu"                 # tiny | cpu | gpu (see PRESETS)
+    model: str = "smollm2-135m"         # base model: built-in name, folder or HF id
+    out: str = "runs/cpu"               # run folder
+    rounds: int = 1                     # iterations of rankings -> RM -> PPO (InstructGPT §3.1)
+    fresh: bool = False                 # ignore state.json and start over
+    seed: int = 0                       # seeds sampling, labelers and every stage
+    device: str = "auto"                # "auto", "cpu" or "cuda"
+    k: int = 4                          # responses ranked per prompt (InstructGPT: 4..9)
+    rm_prompts: int | None = None       # RM prompts sampled per round; None = the whole rm split
+    n_labelers: int = 5                 # simulated labelers in the pool
+    overlap: float = 0.2                # share of prompts ranked by a second labeler (agreement)
+    sample_max_new_tokens: int = 64     # response length when sampling for rankings
+    sample_temperature: float = 1.0     # diverse samples make informative comparisons
+    eval_limit: int | None = None       # evaluate on the first N eval prompts; None = all
+    eval_max_new_tokens: int = 96       # response length limit at evaluation (greedy)
+    batch_size: int = 16                # generation batch size
+    n_samples: int = 6                  # sample responses shown in the report
+    sft: dict = field(default_factory=dict)  # overrides for labkit.sft.SFTConfig
+    rm: dict = field(default_factory=dict)   # overrides for labkit.reward.RewardConfig
+    ppo: dict = field(default_factory=dict)  # overrides for labkit.ppo.PPOConfig
+
+    def __post_init__(self):
+        if self.rounds < 1:
+            raise ValueError("rounds must be >= 1")
+        if not 2 <= self.k <= 9:
+            raise ValueError("k must lie in 2..9 (InstructGPT ranks 4 to 9 responses)")
+        if not 0 <= self.overlap <= 1:
+            raise ValueError("overlap must lie in [0, 1]")
+
+    @classmethod
+    def preset(cls, name: str, out: str | None = None, model: str | None = None, **kw) -> "RunConfig":
+        if name not in PRESETS:
+            raise ValueError(f"unknown preset {name!r}; choose from {sorted(PRESETS)}")
+        values = json.loads(json.dumps(PRESETS[name]))  # a deep copy
+        values.update({k: v for k, v in kw.items() if v is not None})
+        if model:
+            values["model"] = model
+        values["out"] = out or f"runs/{name}"
+        return cls(preset=name, **values)
+
+
+# Each preset: a model and stage sizes. `cpu` is the bundled model on a 2-core laptop
+# (target: the whole run in <= 25 minutes), `tiny` a smoke run in well under a minute.
+PRESETS: dict[str, dict] = {
+    "tiny": dict(model="tiny", k=4, rm_prompts=16, eval_limit=16, sample_max_new_tokens=16,
+                 eval_max_new_tokens=16, n_samples=3,
+                 sft=dict(max_steps=6, batch_size=8),
+                 rm=dict(max_steps=4, batch_size=4),
+                 ppo=dict(steps=3, batch_size=8, mini_batch_size=8, micro_batch_size=8, max_new_tokens=16,
+                          gold_every=1, save_every=0)),
+    "cpu": dict(model="smollm2-135m", k=4, rm_prompts=None, eval_limit=None,
+                sft=dict(), rm=dict(), ppo=dict()),
+    "gpu": dict(model="smollm2-135m", k=6, rm_prompts=None, eval_limit=None, batch_size=64,
+                sample_max_new_tokens=96, eval_max_new_tokens=128,
+                sft=dict(), rm=dict(), ppo=dict(steps=100, batch_size=64, mini_batch_size=32)),
+}
+
+
+# ----------------------------------------------------------------------------- stages
+
+class Run:
+    """The run folder and its ``state.json``: which stages finished, with what figures."""
+
+    def __init__(self, config: RunConfig):
+        self.config = config
+        self.dir = Path(config.out)
+        self.dir.mkdir(parents=True, exist_ok=True)
+        self.state_path = self.dir / "state.json"
+        self.state = {} if config.fresh or not self.state_path.exists() else json.loads(self.state_path.read_text())
+        self.state.setdefault("stages", {})
+
+    def done(self, name: str) -> bool:
+        return name in self.state["stages"]
+
+    def stage(self, name: str, fn):
+        """Run ``fn`` unless a previous run of this folder finished it; record its result and time."""
+        if self.done(name):
+            print(f"labkit run: {name} (done earlier, skipped)")
+            return self.state["stages"][name]["result"]
+        print(f"labkit run: {name} ...")
+        t0 = time.perf_counter()
+        result = fn()
+        self.state["stages"][name] = {"result": result, "wall_s": time.perf_counter() - t0}
+        json_dump(self.state, self.state_path)
+        print(f"labkit run: {name} done in {time.perf_counter() - t0:.1f}s")
+        return result
+
+
+def _save_jsonl(path: Path, rows: list[dict]) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows), encoding="utf-8")
+
+
+def _load_jsonl(path: Path) -> list[dict]:
+    return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+
+
+def eval_stage(run: Run, name: str, model_path: str, records: list[dict]) -> dict:
+    """Greedy answers of one model to the eval prompts; saves them; returns gold figures."""
+    cfg = run.config
+    model, tok = models.load_model(model_path, device=cfg.device)
+    responses, truncated = evaluate.answer(model, tok, records, max_new_tokens=cfg.eval_max_new_tokens,
+                                           batch_size=cfg.batch_size, seed=cfg.seed)
+    _save_jsonl(run.dir / "eval" / f"{name}.jsonl",
+                [{"id": r["id"], "response": y, "truncated": t} for r, y, t in zip(records, responses, truncated)])
+    figures = evaluate.gold_figures(records, responses, truncated)
+    figures.pop("scores")
+    return figures
+
+
+def rankings_stage(run: Run, round_: int, policy_path: str, store) -> dict:
+    """Sample K responses per RM prompt from the current policy; simulated labelers rank them."""
+    from labkit.data import load_prompts
+    from labkit.generation import sample_k
+
+    cfg = run.config
+    prompts = load_prompts("rm")
+    if cfg.rm_prompts is not None:
+        g = torch.Generator().manual_seed(cfg.seed + round_)
+        prompts = [prompts[i] for i in torch.randperm(len(prompts), generator=g)[:cfg.rm_prompts].tolist()]
+    model, tok = models.load_model(policy_path, device=cfg.device)
+    samples = sample_k(model, tok, prompts, k=cfg.k, max_new_tokens=cfg.sample_max_new_tokens,
+                       temperature=cfg.sample_temperature, top_p=1.0, batch_size=cfg.batch_size,
+                       seed=cfg.seed + 1000 * round_)
+    pool = labelers.labeler_pool(cfg.n_labelers, seed=cfg.seed)
+    n_rankings, agree = 0, []
+    for i, (rec, s) in enumerate(zip(prompts, samples)):
+        responses = [y if y.strip() else "(empty response)" for y in s["responses"]]
+        who = [pool[i % len(pool)]]
+        if (i * cfg.overlap) % 1 + cfg.overlap >= 1:  # a steady `overlap` share gets a second labeler
+            who.append(pool[(i + 1) % len(pool)])
+        tiers_list = []
+        for lab in who:
+            tiers = lab.rank(rec, responses, truncated=s["truncated"])
+            store.add_ranking(rec["id"], responses, tiers, annotator=f"sim:{lab.name}", prompt=rec["prompt"],
+                              models=[f"round{round_}"] * len(responses))
+            tiers_list.append(tiers)
+            n_rankings += 1
+        if len(tiers_list) == 2:
+            agree.append(labelers.pairwise_agreement(*tiers_list))
+    return {"prompts": len(prompts), "rankings": n_rankings, "k": cfg.k,
+            "inter_labeler_agreement": sum(agree) / len(agree) if agree else None}
+
+
+def run(config: RunConfig) -> dict:
+    """Run (or resume) the whole pipeline; returns the figures also written to metrics.json."""
+    from labkit.data import load_prompts
+    from labkit.feedback import FeedbackStore
+    from labkit.ppo import PPOConfig, train_ppo
+    from labkit.reward import RewardConfig, train_reward_model
+    from labkit.sft import SFTConfig, train_sft
+
+    t0 = time.perf_counter()
+    torch.manual_seed(config.seed)
+    r = Run(config)
+    json_dump(dataclasses.asdict(config), r.dir / "config.json")
+    store = FeedbackStore(r.dir / "feedback.sqlite")
+    records = load_prompts("eval")
+    records = records[:config.eval_limit] if config.eval_limit else records
+
+    r.stage("eval_base", lambda: eval_stage(r, "base", config.model, records))
+    sft_dir = str(r.dir / "sft")
+    r.stage("sft", lambda: {"path": train_sft(SFTConfig(model=config.model, out_dir=sft_dir, seed=config.seed,
+                                                           **config.sft))})
+    r.stage("eval_sft", lambda: eval_stage(r, "sft", sft_dir, records))
+
+    policy = sft_dir
+    for k in range(1, config.rounds + 1):
+        r.stage(f"rankings_r{k}", lambda: rankings_stage(r, k, policy, store))
+        rm_dir = str(r.dir / f"rm_r{k}")
+        r.stage(f"rm_r{k}", lambda: {"path": train_reward_model(RewardConfig(
+            base=sft_dir, rankings=store, out_dir=rm_dir, seed=config.seed, device=config.device, **config.rm))})
+        ppo_dir = r.dir / f"ppo_r{k}"
+        ppo_result = r.stage(f"ppo_r{k}", lambda: train_ppo(PPOConfig(
+            policy=policy, reference=sft_dir, reward_model=rm_dir, output_dir=str(ppo_dir),
+            seed=config.seed, **config.ppo)))
+        policy = ppo_result["policy_path"]
+        r.stage(f"eval_ppo_r{k}", lambda: eval_stage(r, f"ppo_r{k}", policy, records))
+
+    final = f"ppo_r{config.rounds}"
+    r.stage("compare", lambda: compare_stage(r, records, sft_dir, policy, str(r.dir / f"rm_r{config.rounds}"), final))
+    metrics = collect_metrics(r, t0)
+    json_dump(metrics, r.dir / "metrics.json")
+    write_run_report(r, metrics, records)
+    return metrics
+
+
+def compare_stage(run: Run, records: list[dict], sft_dir: str, policy: str, rm_dir: str, final: str) -> dict:
+    """Win rates (gold and RM judges) and the final policy's KL to the SFT model."""
+    from transformers import AutoTokenizer
+
+    from labkit.reward import RewardModel
+
+    answers = {name: _load_jsonl(run.dir / "eval" / f"{name}.jsonl") for name in ("base", "sft", final)}
+    resp = {n: [a["response"] for a in rows] for n, rows in answers.items()}
+    trunc = {n: [a["truncated"] for a in rows] for n, rows in answers.items()}
+    out = {}
+    for a, b in ((final, "sft"), (final, "base"), ("sft", "base")):
+        out[f"gold/{a}_vs_{b}"] = evaluate.win_rate(resp[a], resp[b], records, "gold",
+                                                    truncated_a=trunc[a], truncated_b=trunc[b])
+    rm = RewardModel.from_pretrained(rm_dir, device=run.config.device)
+    tok = models.setup_tokenizer(AutoTokenizer.from_pretrained(sft_dir))
+    out[f"rm/{final}_vs_sft"] = evaluate.win_rate(resp[final], resp["sft"], records, rm, tokenizer=tok)
+    policy_model, _ = models.load_model(policy, device=run.config.device)
+    ref_model, _ = models.load_model(sft_dir, device=run.config.device)
+    out["kl_to_sft"] = evaluate.kl_to_reference(policy_model, ref_model, tok, [r["prompt"] for r in records],
+                                                resp[final])
+    return out
+
+
+def collect_metrics(run: Run, t0: float) -> dict:
+    stages = run.state["stages"]
+    evals = {name[5:]: s["result"] for name, s in stages.items() if name.startswith("eval_")}
+    return {
+        "preset": run.config.preset, "model": run.config.model, "rounds": run.config.rounds,
+        "wall_s": sum(s["wall_s"] for s in stages.values()),
+        "this_invocation_s": time.perf_counter() - t0,
+        "stage_wall_s": {name: s["wall_s"] for name, s in stages.items()},
+        "eval": evals,
+        "gold_mean": {name: e["gold/mean"] for name, e in evals.items()},
+        "comparisons": stages.get("compare", {}).get("result"),
+        "stages": {name: s["result"] for name, s in stages.items() if not name.startswith("eval_")},
+    }
+
+
+# ----------------------------------------------------------------------------- report
+
+def _history(folder: Path) -> dict:
+    """A stage's recorded curves (``history.json`` written by its LiveDashboard), if any."""
+    for path in (folder / "history.json", folder / "dashboard.json"):
+        if path.exists():
+            return {k: [tuple(p) for p in v] for k, v in json.loads(path.read_text()).items()}
+    return {}
+
+
+def _pick_samples(records: list[dict], n: int) -> list[int]:
+    """Indices of ``n`` eval prompts from as many categories as possible."""
+    seen, picks = set(), []
+    for i, r in enumerate(records):
+        if r["category"] not in seen and len(picks) < n:
+            seen.add(r["category"])
+            picks.append(i)
+    return picks + [i for i in range(len(records)) if i not in picks][:n - len(picks)]
+
+
+def write_run_report(run: Run, metrics: dict, records: list[dict]) -> Path:
+    from labkit import report as rp
+
+    evals = metrics["eval"]
+    names = list(evals)
+    summary_cols = ["model", "gold/mean", "helpful/instruction_following", "honest/closed_qa_accuracy",
+                    "harmless/refusal_rate_harmful", "harmless/refusal_rate_lookalike",
+                    "response/words_mean", "response/stop_rate"]
+    summary = [{"model": n, **{c: evals[n].get(c) for c in summary_cols[1:]}} for n in names]
+    comps = metrics.get("comparisons") or {}
+    wins = [{"comparison": k, "win_rate": v["win_rate"], "ci95": tuple(v["ci95"]), "wins": v["wins"],
+             "ties": v["ties"], "losses": v["losses"]} for k, v in comps.items() if isinstance(v, dict)]
+    times = [{"stage": k, "seconds": v} for k, v in metrics["stage_wall_s"].items()]
+    overview = [rp.table(summary, summary_cols), "<h3>Win rates</h3>", rp.table(wins),
+                f"<p>KL(final policy ‖ SFT) on eval responses: {rp.fmt(comps.get('kl_to_sft', float('nan')))} nats</p>",
+                "<h3>Wall time per stage</h3>", rp.table(times)]
+    sections = [("Overview", overview),
+                ("Gold score per category", [rp.category_figure({n: evals[n]["gold/per_category"] for n in names},
+                                                                 "Gold score per category (eval split)")])]
+    curves = []
+    for folder, title in [(run.dir / "sft", "SFT")] + [
+            (run.dir / f"rm_r{k}", f"Reward model, round {k}") for k in range(1, run.config.rounds + 1)] + [
+            (run.dir / f"ppo_r{k}", f"PPO, round {k}") for k in range(1, run.config.rounds + 1)]:
+        hist = _history(folder)
+        if hist:
+            curves.append(rp.curves_figure(hist, title))
+    sections.append(("Training curves", curves or ["<p class='muted'>(no curves recorded)</p>"]))
+    over = []
+    for k in range(1, run.config.rounds + 1):
+        hist = _history(run.dir / f"ppo_r{k}")
+        if hist.get("objective/gold") and hist.get("objective/kl"):
+            over.append(overoptimisation_figure(hist, f"Round {k}: RM score and gold score as KL grows"))
+    sections.append(("Reward over-optimisation", over or ["<p class='muted'>(needs objective/gold in the PPO history)</p>"]))
+    gold = labelers.GoldLabeler()
+    answers = {n: _load_jsonl(run.dir / "eval" / f"{n}.jsonl") for n in names}
+    samples = []
+    for i in _pick_samples(records, run.config.n_samples):
+        rec = records[i]
+        s = {"id": rec["id"], "prompt": rec["prompt"], "category": rec["category"]}
+        for n in names:
+            a = answers[n][i]
+            b = gold.breakdown(rec, a["response"], truncated=a["truncated"])
+            s[n] = {"response": a["response"], "gold": b["score"],
+                    "checks": {c["type"]: c["passed"] for c in b["checks"]}}
+        samples.append(s)
+    sections.append(("Sample responses before and after", [rp.samples_html(samples, names)]))
+    return rp.write_report(run.dir / "report.html", f"labkit run: {run.config.preset} preset, {run.config.model}",
+                           sections)
+
+
+def overoptimisation_figure(history: dict, title: str):
+    """RM score (proxy) and gold score against KL over a PPO run (Gao et al. 2022)."""
+    import plotly.graph_objects as go
+
+    def by_step(name):
+        return dict(history.get(name, []))
+
+    kl, rm, gold = by_step("objective/kl"), by_step("objective/scores"), by_step("objective/gold")
+    steps = sorted(set(kl) & set(gold))
+    fig = go.Figure()
+    fig.add_trace(go.Scatter(x=[kl[s] for s in steps if s in rm], y=[rm[s] for s in steps if s in rm],
+                             mode="lines+markers", name="RM score (proxy)"))
+    fig.add_trace(go.Scatter(x=[kl[s] for s in steps], y=[gold[s] for s in steps], mode="lines+markers",
+                             name="gold score", yaxis="y2"))
+    fig.update_layout(title=title, xaxis_title="KL(policy ‖ SFT), nats", yaxis_title="RM score",
+                      yaxis2=dict(title="gold score", overlaying="y", side="right"), template="plotly_white",
+                      height=380)
+    return fig
