@@ -115,6 +115,8 @@ function render({ model, el }) {
       for (const c of item.checks) ul.appendChild(h("li", "", c));
       promptBox.appendChild(ul);
     }
+    const k = item.responses.length; // 2x2 for K = 4, rows of three otherwise
+    cards.style.setProperty("--lk-cols", String(k <= 2 || k === 4 ? 2 : 3));
     item.responses.forEach((text, i) => {
       const card = h("div", "lk-card");
       card.dataset.index = String(i);
