@@ -151,6 +151,7 @@ class RankingWidget(anywidget.AnyWidget):
         self._current: dict | None = None
         self._shown_at = time.monotonic()
         self._classic: W.Widget | None = None
+        self._classic_ui: _ClassicRanking | None = None
         self.total = len(items)
         self.on_msg(self._on_msg)
         self.annotator = annotator.strip()
@@ -304,7 +305,8 @@ class RankingWidget(anywidget.AnyWidget):
     def classic_view(self) -> W.Widget:
         """The same state machine as plain ipywidgets (buttons instead of click-to-rank cards)."""
         if self._classic is None:
-            self._classic = _ClassicRanking(self).box
+            self._classic_ui = _ClassicRanking(self)
+            self._classic = self._classic_ui.box
         return self._classic
 
 

@@ -1,6 +1,6 @@
 // labkit ranking board (anywidget front end of labkit.widgets.RankingWidget).
 // The Python side owns the state; this view only draws it and sends commands.
-// Model outputs are untrusted: every piece of text goes through textContent, never innerHTML.
+// Model outputs are untrusted: every piece of text goes through textContent, never parsed as markup.
 
 const KEYS = "1: rank · t: tie with previous · u / Backspace: undo · r: reset · Enter: submit · s: skip";
 
