@@ -293,7 +293,7 @@ PEOPLE = ["Amara", "Bruno", "Chen", "Dalia", "Emil", "Farah", "Goran", "Hana", "
 JOBS = ["carpenter", "nurse", "pilot", "librarian", "baker", "engineer", "gardener", "teacher"]
 TOWNS = ["Alderley", "Brookfield", "Carrow", "Dunmore", "Easton", "Fairhaven", "Glenby", "Holloway"]
 HOBBIES = ["sailing", "pottery", "chess", "beekeeping", "archery", "birdwatching", "rowing", "cycling"]
-YEARS = ["1954", "1961", "1973", "1978", "1982", "1989", "1995", "2001"]
+YEARS = ["1931", "1938", "1942", "1947", "1950", "1953", "1956", "1958"]  # born then, retired by now
 EVENT_KINDS = ["kite festival", "jazz night", "craft fair", "charity run", "poetry evening", "food market"]
 MONTHS = ["March", "April", "May", "June", "September", "October"]
 VENUES = ["the old mill", "the harbor park", "the school hall", "the town square", "the river meadow", "the city library"]
@@ -393,7 +393,7 @@ def few_shot(instruction: str, label_in: str, label_out: str, examples, query: s
 
 def gen_plain(d, rng):
     topic, (form, limit) = d["topic"].draw(), d["form"].draw()
-    kind = pick_kind(d, "gen_plain", 9, rng)
+    kind = pick_kind(d, "gen_plain", 12, rng)
     if kind == 0:
         return f"Write a {form} about {topic} in at most {limit} words.", [max_words(limit)], {}
     if kind == 1:
@@ -420,15 +420,20 @@ def gen_plain(d, rng):
     if kind == 7:
         return (f"Write a {form} about {topic}. Put a title wrapped in double angular brackets, "
                 f"like <<Title>>, on the first line.", [TITLE], {})
-    if rng.random() < 0.5:
+    if kind == 8:
         return f"Write a {form} about {topic} without using any commas.", [NO_COMMAS], {}
-    return f"Write a {form} about {topic}.", [], {}
+    # Open requests without a checkable instruction (about 30% of the set has none).
+    if kind == 9:
+        return f"Write a {form} about {topic}.", [], {}
+    if kind == 10:
+        return f"Write a {form} about {topic}, in any style you like.", [], {}
+    return f"Write a {form} inspired by {topic}.", [], {}
 
 
 def gen_user(d, rng):
     who, about = d["role_topic"].draw()
     msg = d["message"].draw()
-    kind = pick_kind(d, "gen_user", 6, rng)
+    kind = pick_kind(d, "gen_user", 8, rng)
     if kind == 0:
         n = rng.choice([30, 40, 50, 60])
         return f"{who}. Write {msg} about {about} in at most {n} words.", [max_words(n)], {}
@@ -445,6 +450,10 @@ def gen_user(d, rng):
         signoff = d["signoff"].draw()
         return (f"{who}. Write {msg} about {about} that ends with \"{signoff}\"",
                 [{"type": "ends_with", "text": signoff}], {})
+    if kind == 5:
+        return f"{who}. Help me write {msg} about {about}.", [], {}
+    if kind == 6:
+        return f"{who}. Write {msg} about {about} that sounds warm and welcoming.", [], {}
     return f"{who}. Write {msg} about {about}.", [], {}
 
 
@@ -470,7 +479,7 @@ def gen_few_shot(d, rng):
 
 def open_plain(d, rng):
     concept = d["concept"].draw()
-    kind = pick_kind(d, "open_plain", 4, rng)
+    kind = pick_kind(d, "open_plain", 5, rng)
     if kind == 0:
         n = rng.choice([40, 50, 60])
         return f"Explain {concept} in at most {n} words.", [max_words(n)], {}
@@ -480,19 +489,21 @@ def open_plain(d, rng):
                 [sentences(k)], {})
     if kind == 2:
         return f"Explain {concept}. Answer in lowercase.", [LOWER], {}
+    if kind == 3:
+        return f"Explain {concept} to {d['audience'].draw()}.", [], {}
     return f"Explain {concept}.", [], {}
 
 
 def open_user(d, rng):
     situation, question = d["user_question"].draw()
-    if rng.random() < 0.7:
+    if rng.random() < 0.5:
         n = rng.choice([40, 50, 60])
         return f"{situation}. {question} Please answer in at most {n} words.", [max_words(n)], {}
     return f"{situation}. {question}", [], {}
 
 
 def brainstorm_plain(d, rng):
-    kind = pick_kind(d, "brainstorm_plain", 4, rng)
+    kind = pick_kind(d, "brainstorm_plain", 6, rng)
     k = rng.choice([3, 4, 5, 6])
     if kind == 0:
         return f"Give me {k} ideas for {d['idea'].draw()} as a bulleted list.", [bullets(k)], {}
@@ -501,13 +512,17 @@ def brainstorm_plain(d, rng):
     if kind == 2:
         return (f"Brainstorm {k} names for {d['name'].draw()}, one per bullet point, all in lowercase.",
                 [bullets(k), LOWER], {})
+    if kind == 3:
+        return f"Can you brainstorm some {d['list'].draw()}?", [], {}
+    if kind == 4:
+        return f"Help me come up with a name for {d['name'].draw()}.", [], {}
     return f"What are some good ideas for {d['idea'].draw()}?", [], {}
 
 
 def brainstorm_user(d, rng):
     who, goal = d["role_goal"].draw()
     k = rng.choice([3, 4, 5])
-    if rng.random() < 0.8:
+    if rng.random() < 0.5:
         return f"{who}. Suggest {k} ideas for {goal} as a numbered list.", [numbered(k)], {}
     return f"{who}. Can you suggest some ideas for {goal}?", [], {}
 
@@ -522,6 +537,8 @@ def brainstorm_few_shot(d, rng):
 
 def chat_user(d, rng):
     n = rng.choice([20, 30, 40])
+    if rng.random() < 0.5:
+        return f"Guess what, I {d['news'].draw()}!", [], {}
     return (f"I {d['news'].draw()}! Reply with a short, friendly message of at most {n} words.",
             [max_words(n)], {})
 
@@ -549,7 +566,7 @@ def rewrite_few_shot(d, rng):
 
 def summary_plain(d, rng):
     note = d["note"].draw()
-    kind = pick_kind(d, "summary_plain", 4, rng)
+    kind = pick_kind(d, "summary_plain", 5, rng)
     if kind == 0:
         return f"Summarize this in one sentence: \"{note}\"", [sentences(1)], {}
     if kind == 1:
@@ -558,12 +575,16 @@ def summary_plain(d, rng):
     if kind == 2:
         k = rng.choice([2, 3])
         return f"Summarize this as exactly {k} bullet points: \"{note}\"", [bullets(k)], {}
-    return f"Summarize this in lowercase, in at most 25 words: \"{note}\"", [LOWER, max_words(25)], {}
+    if kind == 3:
+        return f"Summarize this in lowercase, in at most 25 words: \"{note}\"", [LOWER, max_words(25)], {}
+    return f"What is the main point of this notice? \"{note}\"", [], {}
 
 
 def summary_user(d, rng):
     note = d["note"].draw()
     n = rng.choice([15, 20])
+    if rng.random() < 0.5:
+        return f"Someone sent me this notice and I don't have time to read it: \"{note}\" What does it say?", [], {}
     return (f"I'm busy and someone sent me this notice: \"{note}\" Tell me what it says in at most {n} words.",
             [max_words(n)], {})
 
@@ -725,7 +746,7 @@ def extract_user(d, rng):
 
 
 def other_plain(d, rng):
-    kind = pick_kind(d, "other_plain", 4, rng)
+    kind = pick_kind(d, "other_plain", 6, rng)
     if kind == 0:
         x, a, b = d["conversion"].draw()
         return f"Convert {x} {a} to {b}. Answer in one sentence.", [sentences(1)], {}
@@ -736,6 +757,11 @@ def other_plain(d, rng):
         items = d["sort_words"].draw()
         return (f"Sort these words alphabetically, one per line starting with \"- \": {', '.join(items)}.",
                 [bullets(len(items))], {})
+    if kind == 4:
+        x, a, b = d["conversion"].draw()
+        return f"How do I convert {a} to {b}? Use {x} {a} as an example.", [], {}
+    if kind == 5:
+        return f"How would you say \"{d['phrase'].draw()}\" in {d['language'].draw()}?", [], {}
     return (f"How many vowels are in the word \"{d['vowel_word'].draw()}\"? Reply with the number only.",
             [max_words(1)], {})
 
