@@ -767,8 +767,10 @@ def other_plain(d, rng):
 
 
 # How many templated prompts each split gets: (template, category, style, count). With the
-# hand-written core this gives the category mix of docs/dataset_format.md's brief
-# (generation ~28%, open QA ~12%, ...) and about 60% plain / 15% few-shot / 25% user-based.
+# hand-written core this gives the kit's target mix, close to the InstructGPT prompt
+# distribution (generation ~28%, open QA ~12%, brainstorming ~10%, chat ~8%, rewrite ~8%,
+# summarization ~7%, classification ~7%, closed QA ~9%, extract ~6%, other ~5%) and about
+# 60% plain / 15% few-shot / 25% user-based; tests/test_prompts_rm_ppo.py checks the mix.
 PLAN = [
     (gen_plain, "generation", "plain", 17), (gen_user, "generation", "user_based", 10),
     (gen_few_shot, "generation", "few_shot", 2),
