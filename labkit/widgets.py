@@ -8,7 +8,7 @@ and reacts to clicks.
 
 - :class:`RankingWidget` is an anywidget "ranking board": click responses best to worst
   (or press 1-9), ``t`` ties the next one with the previous, ``u``/Backspace undoes,
-  Enter submits, ``s`` skips. ``ui="classic"`` shows the same state machine with plain
+  Enter submits, ``s`` skips; drag a card onto another to put it just above (Shift: tie). ``ui="classic"`` shows the same state machine with plain
   ipywidgets, for front ends that do not load anywidget modules.
 - :class:`DemonstrationWidget` shows a prompt and its instructions, checked live against
   the draft (``labkit.labelers.run_check``).
@@ -210,6 +210,25 @@ class RankingWidget(anywidget.AnyWidget):
     def reset(self) -> None:
         self.tiers, self.tie_next, self.message = [], False, ""
 
+    def move(self, i: int, before: int | None = None, tie: bool = False) -> None:
+        """Drag and drop: put response ``i`` in its own tier just above response ``before``'s
+        tier (``tie=True``: into that tier); ``before=None`` puts it last. ``i`` may be unranked."""
+        if self._current is None or not 0 <= i < self.k or i == before:
+            return
+        tiers = [[j for j in t if j != i] for t in self.tiers]
+        tiers = [t for t in tiers if t]
+        if before is None:
+            tiers.append([i])
+        else:
+            target = next((n for n, t in enumerate(tiers) if before in t), None)
+            if target is None:  # dropped on an unranked response: nothing to order against
+                return
+            if tie:
+                tiers[target].append(i)
+            else:
+                tiers.insert(target, [i])
+        self.tiers, self.tie_next, self.message = tiers, False, ""
+
     def submit(self) -> int | None:
         """Store the ranking (one transaction) and show the next item; return the row id.
 
@@ -288,10 +307,14 @@ class RankingWidget(anywidget.AnyWidget):
             self._resume()
 
     def _on_msg(self, _widget, content: dict, _buffers) -> None:
-        """Commands from the board: {"cmd": "rank", "index": i} | tie | undo | reset | submit | skip."""
+        """Commands from the board: {"cmd": "rank", "index": i} | {"cmd": "move", "index": i,
+        "before": j | None, "tie": bool} | tie | undo | reset | submit | skip."""
         cmd = content.get("cmd")
         if cmd == "rank":
             self.rank(int(content.get("index", -1)))
+        elif cmd == "move":
+            before = content.get("before")
+            self.move(int(content.get("index", -1)), None if before is None else int(before), bool(content.get("tie")))
         elif cmd in ("tie", "undo", "reset", "submit", "skip"):
             getattr(self, cmd)()
 

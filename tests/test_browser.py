@@ -36,6 +36,8 @@ ITEMS = [
     {"prompt_id": "rm-0002", "prompt": "Name a primary colour.", "category": "open_qa",
      "responses": ["Red.", "Blue is a primary colour.", "Purple.", "I like turtles."],
      "models": ["sft", "ppo", "base", "base"]},
+    {"prompt_id": "rm-0003", "prompt": "Give a synonym of happy.", "category": "open_qa",
+     "responses": ["Sad.", "Glad.", "Joyful.", "Happy happy happy happy happy."]},
 ]
 
 NOTEBOOK_CELL = """\
@@ -154,7 +156,8 @@ def test_ranking_board_in_jupyterlab(tmp_path):
             page.wait_for_function("document.querySelector('.lk-msg').textContent.startsWith('Saved rm-0001')")
             timings["mouse"] += time.time() - t0
 
-            # Item 2 with the keyboard only: 2, t, 1, 4, Enter  ->  [[1, 0], [3], [2]].
+            # Item 2 with the keyboard only: 2, t, 1, 4, Enter  ->  [[1, 0], [3], [2]];
+            # then once more with a drag: response 3 dropped on response 2 goes above it.
             page.wait_for_function("document.querySelector('.lk-id').textContent === 'rm-0002'")
             page.focus(".lk-board")
             t0 = time.time()
@@ -165,8 +168,16 @@ def test_ranking_board_in_jupyterlab(tmp_path):
             page.keyboard.press("Enter")
             page.wait_for_function("document.querySelector('.lk-msg').textContent.startsWith('Saved rm-0002')")
             timings["keyboard"] = time.time() - t0
+            page.wait_for_function("document.querySelector('.lk-id').textContent === 'rm-0003'")
+            page.keyboard.press("2")
+            page.keyboard.press("1")
+            page.wait_for_function("document.querySelectorAll('.lk-card.lk-ranked').length === 2")
+            page.drag_and_drop(".lk-card[data-index='2'] .lk-card-top", ".lk-card[data-index='1'] .lk-text")
+            page.wait_for_function("document.querySelector(\".lk-card[data-index='2'] .lk-badge\").textContent === '#1'")
+            page.click(".lk-submit")
+            page.wait_for_function("document.querySelector('.lk-msg').textContent.startsWith('Saved rm-0003')")
             page.wait_for_selector(".lk-done")
-            assert page.locator(".lk-progress-text").text_content() == "2 of 2 done"
+            assert page.locator(".lk-progress-text").text_content() == "3 of 3 done"
             page.screenshot(path=str(ARTIFACTS / "ranking_board_done.png"))
             # The notebook cell did not turn into markdown: the keys went to the board, not to JupyterLab.
             assert page.locator(".jp-MarkdownCell").count() == 0
@@ -181,8 +192,9 @@ def test_ranking_board_in_jupyterlab(tmp_path):
 
     assert dialogs == [], f"a response ran as code: {dialogs}"
     rows = _stored(store)
-    assert [(r[0], r[1], r[2]) for r in rows] == [("rm-0001", "browser", "submitted"), ("rm-0002", "browser", "submitted")]
+    assert [(r[0], r[1], r[2]) for r in rows] == [(f"rm-000{i}", "browser", "submitted") for i in (1, 2, 3)]
     assert json.loads(rows[0][3]) == [[0, 2], [1], [3]] and rows[0][4] == 6 and json.loads(rows[0][5]) == ["hallucination"]
     assert json.loads(rows[1][3]) == [[1, 0], [3], [2]]
+    assert json.loads(rows[2][3]) == [[2], [1], [0], [3]]
     print(f"K=4 by mouse: 7 clicks (3 cards, tie, score, flag, submit) {timings['mouse']:.2f}s; "
           f"by keyboard: 5 keys (2 t 1 4 Enter) {timings['keyboard']:.2f}s")

@@ -234,3 +234,20 @@ def test_every_check_kind_reads_as_words():
         assert not text.startswith(kind) and "=" not in text, (kind, text)  # not the generic fallback
     assert describe_check({"type": "max_words", "n": 50}) == "at most 50 words"
     assert describe_check({"type": "include_words", "words": ["a", "b"]}) == 'mentions "a", "b"'
+
+
+def test_drag_and_drop_moves(store):
+    w = RankingWidget(store, _items(1, k=5), annotator="olga")
+    w.rank(0), w.rank(1), w.rank(2)  # 1 > 2 > 3
+    w.move(2, before=0)  # drag 3 above 1
+    assert w.tiers == [[2], [0], [1]]
+    w.move(3, before=0, tie=True)  # unranked 4 dropped on 1 with Shift: ties with it
+    assert w.tiers == [[2], [0, 3], [1]]
+    w.move(2, before=None)  # dropped on the ranking line: last
+    assert w.tiers == [[0, 3], [1], [2]]
+    w.move(0, before=4)  # onto an unranked response: nothing to order against
+    assert w.tiers == [[0, 3], [1], [2]]
+    w._on_msg(w, {"cmd": "move", "index": 1, "before": 0, "tie": False}, [])
+    assert w.tiers == [[1], [0, 3], [2]]
+    w.submit()
+    assert store.rankings()[0]["tiers"] == [[1], [0, 3], [2], [4]]

@@ -2,7 +2,7 @@
 // The Python side owns the state; this view only draws it and sends commands.
 // Model outputs are untrusted: every piece of text goes through textContent, never parsed as markup.
 
-const KEYS = "1: rank · t: tie with previous · u / Backspace: undo · r: reset · Enter: submit · s: skip";
+const KEYS = "1-9: rank · t: tie with previous · u / Backspace: undo · r: reset · Enter: submit · s: skip · drag a header to reorder";
 
 function h(tag, cls, text) {
   const e = document.createElement(tag);
@@ -89,8 +89,38 @@ function render({ model, el }) {
   mk("Skip", "skip", "lk-skip", "s");
   const submitBtn = mk("Submit", "submit", "lk-submit", "Enter");
   const msg = h("div", "lk-msg");
-  const help = h("div", "lk-help", KEYS.replace("1:", "1-9:"));
+  const help = h("div", "lk-help", KEYS);
   root.append(head, promptBox, cards, order, meta, tools, msg, help);
+
+  // ---- drag and drop: a response dropped on another goes just above it (Shift: ties) --
+  const DRAG = "application/x-labkit-response";
+  function dragSource(node, i) {
+    node.addEventListener("dragstart", (e) => {
+      e.dataTransfer.setData(DRAG, String(i));
+      e.dataTransfer.effectAllowed = "move";
+      root.classList.add("lk-dragging");
+    });
+    node.addEventListener("dragend", () => root.classList.remove("lk-dragging"));
+  }
+  function dropTarget(node, before) {
+    node.addEventListener("dragover", (e) => {
+      if (!e.dataTransfer.types.includes(DRAG)) return;
+      e.preventDefault();
+      e.stopPropagation();
+      node.classList.add("lk-drop");
+    });
+    node.addEventListener("dragleave", () => node.classList.remove("lk-drop"));
+    node.addEventListener("drop", (e) => {
+      node.classList.remove("lk-drop");
+      if (!e.dataTransfer.types.includes(DRAG)) return;
+      e.preventDefault();
+      e.stopPropagation();
+      const index = Number(e.dataTransfer.getData(DRAG));
+      send("move", { index, before, tie: e.shiftKey });
+      root.focus();
+    });
+  }
+  dropTarget(order, null); // dropped on the ranking line itself: goes last
 
   // ---- drawing --------------------------------------------------------------------
   let cardEls = [];
@@ -121,8 +151,12 @@ function render({ model, el }) {
       const card = h("div", "lk-card");
       card.dataset.index = String(i);
       const top = h("div", "lk-card-top");
+      top.draggable = true; // the header is the drag handle; the text stays selectable
+      top.title = "drag onto another response to place it just above (Shift: tie)";
+      dragSource(top, i);
+      dropTarget(card, i);
       const badge = h("span", "lk-badge", "–");
-      top.append(h("span", "lk-key", i + 1), h("span", "lk-card-title", `Response ${i + 1}`), badge);
+      top.append(h("span", "lk-key", i + 1), h("span", "lk-card-title", `Response ${i + 1}`), h("span", "lk-grip", "⠿"), badge);
       const body = h("pre", "lk-text", text);
       card.append(top, body);
       card.addEventListener("click", () => {
@@ -155,7 +189,12 @@ function render({ model, el }) {
       if (t) order.appendChild(h("span", "lk-gt", ">"));
       tier.forEach((i, j) => {
         if (j) order.appendChild(h("span", "lk-eq", "="));
-        order.appendChild(h("span", "lk-chip lk-on", i + 1));
+        const chip = h("span", "lk-chip lk-on", i + 1);
+        chip.draggable = true;
+        chip.dataset.index = String(i);
+        dragSource(chip, i);
+        dropTarget(chip, i);
+        order.appendChild(chip);
       });
     });
     if (tieNext) order.appendChild(h("span", "lk-eq lk-pending", "= …"));
