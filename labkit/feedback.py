@@ -17,14 +17,15 @@ Durability (BRIEF §5, "feedback is never lost"):
 - each process opens its own connection (a connection is never carried across ``fork``).
 
 >>> store = FeedbackStore("runs/demo/feedback.sqlite")
->>> store.add_ranking("rm-0001", ["a", "b", "c", "d"], [[2], [0, 3], [1]], "alice",
-...                   prompt="Write a haiku.", score=6)
+>>> row_id = store.add_ranking("rm-0001", ["a", "b", "c", "d"], [[2], [0, 3], [1]], "alice",
+...                            prompt="Write a haiku.", score=6)
 >>> len(store.to_pairs())  # C(4,2) = 6 pairs minus the one tied pair (0, 3)
 5
 """
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import itertools
 import json
@@ -296,30 +297,19 @@ class FeedbackStore:
                 self._conn.close()
             self._conn = None
 
+    @contextlib.contextmanager
     def _write(self):
-        store = self
-
-        class _Tx:
-            # BEGIN IMMEDIATE takes the write lock up front, so two kernels never deadlock
-            # upgrading read locks; busy_timeout makes the second one wait its turn.
-            def __enter__(self):
-                store._lock.acquire()
-                try:
-                    self.db = store._connection()
-                    self.db.execute("BEGIN IMMEDIATE")
-                except BaseException:
-                    store._lock.release()
-                    raise
-                return self.db
-
-            def __exit__(self, exc_type, exc, tb):
-                try:
-                    self.db.execute("ROLLBACK" if exc_type else "COMMIT")
-                finally:
-                    store._lock.release()
-                return False
-
-        return _Tx()
+        """One write transaction. BEGIN IMMEDIATE takes the write lock up front, so two kernels
+        never deadlock upgrading read locks; busy_timeout makes the second one wait its turn."""
+        with self._lock:
+            db = self._connection()
+            db.execute("BEGIN IMMEDIATE")
+            try:
+                yield db
+            except BaseException:  # KeyboardInterrupt too: nothing half-written
+                db.execute("ROLLBACK")
+                raise
+            db.execute("COMMIT")
 
     def _read(self, sql: str, args: Iterable = ()) -> list[sqlite3.Row]:
         with self._lock:
@@ -580,6 +570,30 @@ class FeedbackStore:
         if kind not in makers:
             raise ValueError(f"kind must be one of {sorted(makers)}, got {kind!r}")
         return Dataset.from_list(makers[kind](**kwargs))
+
+    def win_rate(self, model: str, baseline: str | None = None, annotator: str | None = None) -> dict:
+        """Human win rate of ``model`` in the A/B comparisons (against ``baseline`` or any model).
+
+        A tie counts half a win, as in the paper's preference plots (Ouyang et al. 2022, Fig. 1).
+        """
+        wins = losses = ties = 0
+        for c in self.comparisons(annotator=annotator):
+            sides = {"a": c["model_a"], "b": c["model_b"]}
+            if model not in sides.values() or sides["a"] == sides["b"]:
+                continue
+            mine = "a" if sides["a"] == model else "b"
+            other = sides["b" if mine == "a" else "a"]
+            if baseline is not None and other != baseline:
+                continue
+            if c["choice"] == "tie":
+                ties += 1
+            elif c["choice"] == mine:
+                wins += 1
+            else:
+                losses += 1
+        n = wins + losses + ties
+        return {"wins": wins, "losses": losses, "ties": ties, "n": n,
+                "win_rate": (wins + 0.5 * ties) / n if n else math.nan}
 
     # -- agreement ---------------------------------------------------------------------------
 

@@ -269,3 +269,12 @@ def test_writer_killed_mid_run_keeps_every_reported_item(tmp_path):
 
 def test_flags_are_the_papers_metadata():
     assert {"fails_to_follow_instruction", "hallucination", "inappropriate"} <= set(FLAGS)
+
+
+def test_human_win_rate_from_comparisons(store):
+    for choice, a, b in [("a", "ppo", "sft"), ("b", "sft", "ppo"), ("tie", "ppo", "sft"), ("a", "sft", "ppo"),
+                         ("a", "ppo", "base")]:
+        store.add_comparison("e", "Q", "x", "y", choice, "zoe", model_a=a, model_b=b)
+    assert store.win_rate("ppo", baseline="sft") == {"wins": 2, "losses": 1, "ties": 1, "n": 4, "win_rate": 2.5 / 4}
+    assert store.win_rate("ppo")["n"] == 5 and store.win_rate("ppo")["win_rate"] == pytest.approx(3.5 / 5)
+    assert math.isnan(store.win_rate("nobody")["win_rate"])
