@@ -27,7 +27,6 @@ import html
 import random
 import time
 from pathlib import Path
-from typing import Any
 
 import anywidget
 import ipywidgets as W
