@@ -345,7 +345,7 @@ class _ClassicRanking:
         self.cards = W.HTML()
         self.rank_buttons = W.HBox()
         self.order = W.HTML()
-        buttons = [("Tie with previous (t)", w.tie, ""), ("Undo", w.undo, ""), ("Reset", w.reset, ""),
+        buttons = [("Tie with previous", w.tie, ""), ("Undo", w.undo, ""), ("Reset", w.reset, ""),
                    ("Skip", w.skip, "warning"), ("Submit", w.submit, "success")]
         self.toolbar = W.HBox([self._button(text, fn, style) for text, fn, style in buttons])
         self.score = W.Dropdown(options=[("no score", 0)] + [(str(s), s) for s in range(1, 8)],
@@ -356,6 +356,7 @@ class _ClassicRanking:
         meta = W.HBox([self.score, *self.flag_boxes.values()])
         self.box = W.VBox([W.HBox([self.name, self.progress, self.progress_label]), self.prompt, self.cards,
                            self.rank_buttons, self.order, meta, self.comment, self.toolbar, self.message])
+        self.box.add_class("lk-classic")
         # view -> state
         self.name.observe(lambda c: setattr(w, "annotator", c["new"]), "value")
         self.score.observe(lambda c: setattr(w, "score", c["new"]), "value")
@@ -382,7 +383,7 @@ class _ClassicRanking:
         checks = "".join(f"<li>{html.escape(c)}</li>" for c in item["checks"])
         self.prompt.value = (f"<b>{html.escape(item['prompt_id'])}</b> <i>{html.escape(item['category'])}</i>"
                              + _pre(item["prompt"], "padding:6px;background:#f4f6fa;border-radius:6px")
-                             + (f"<ul style='margin:4px 0'>{checks}</ul>" if checks else ""))
+                             + (f"<div>The answer must have:</div><ul style='margin:2px 0'>{checks}</ul>" if checks else ""))
         buttons = []
         for i in range(len(item["responses"])):
             b = W.Button(description=f"Rank {i + 1}", layout=W.Layout(width="auto"))
@@ -454,6 +455,7 @@ class DemonstrationWidget(W.VBox):
         self.message_html = W.HTML()
         self.children = [W.HBox([self.name, self.progress, self.progress_label]), self.prompt_html,
                          self.checks_html, self.editor, W.HBox([submit, skip]), self.message_html]
+        self.add_class("lk-demo")
         T.link((self.editor, "value"), (self, "draft"))
         self.name.observe(lambda c: setattr(self, "annotator", c["new"].strip()), "value")
         self.observe(lambda _: self._draw_checks(), "draft")
@@ -585,6 +587,7 @@ class ComparisonWidget(W.VBox):
         self.message_html = W.HTML()
         self.children = [W.HBox([self.name, self.progress, self.progress_label]), self.prompt_html,
                          W.HBox([self.side_a, self.side_b]), W.HBox(buttons), self.message_html]
+        self.add_class("lk-ab")
         self.name.observe(lambda c: setattr(self, "annotator", c["new"].strip()), "value")
         self.observe(lambda _: setattr(self.message_html, "value", html.escape(self.message)), "message")
         self.annotator = annotator.strip()

@@ -47,6 +47,11 @@ store = FeedbackStore({store!r})
 items = {items}
 board = RankingWidget(store, items, annotator="browser")
 board"""
+AB_CELL = """from labkit.widgets import ComparisonWidget
+ab = ComparisonWidget(store, [{{"prompt_id": "eval-0001", "prompt": "Greet me.", "models": ["base", "sft"],
+                               "responses": [{evil!r}, "Hello! Nice to meet you."]}}], annotator="browser", seed=0)
+ab"""
+CLASSIC_CELL = """RankingWidget(store, items[:1], annotator="classic", ui="classic")"""
 
 
 def _free_port() -> int:
@@ -59,7 +64,9 @@ def _write_notebook(path: Path, store: Path) -> None:
     import nbformat
 
     nb = nbformat.v4.new_notebook()
-    nb.cells = [nbformat.v4.new_code_cell(NOTEBOOK_CELL.format(store=str(store), items=json.dumps(ITEMS, indent=1)))]
+    nb.cells = [nbformat.v4.new_code_cell(NOTEBOOK_CELL.format(store=str(store), items=json.dumps(ITEMS, indent=1))),
+                nbformat.v4.new_code_cell(AB_CELL.format(evil=EVIL_IMG)),
+                nbformat.v4.new_code_cell(CLASSIC_CELL)]
     nb.metadata["kernelspec"] = {"name": "python3", "display_name": "Python 3", "language": "python"}
     nbformat.write(nb, path)
 
@@ -179,6 +186,25 @@ def test_ranking_board_in_jupyterlab(tmp_path):
             page.wait_for_selector(".lk-done")
             assert page.locator(".lk-progress-text").text_content() == "3 of 3 done"
             page.screenshot(path=str(ARTIFACTS / "ranking_board_done.png"))
+            # The plain-ipywidgets views in the same page: blind A/B and the classic ranking view.
+            ab = page.locator(".lk-ab")
+            ab.wait_for()
+            assert EVIL_IMG in ab.inner_text() and ab.locator("img").count() == 0
+            assert "sft" not in ab.inner_text() and "base" not in ab.inner_text()
+            ab.scroll_into_view_if_needed()
+            ab.screenshot(path=str(ARTIFACTS / "ab_widget.png"))
+            ab.locator("button", has_text="A is better").click()
+            page.wait_for_function("document.querySelector('.lk-ab').innerText.includes('A was ')")
+            classic = page.locator(".lk-classic")
+            assert EVIL_SCRIPT in classic.inner_text() and classic.locator("script, img").count() == 0
+            for label in ("Rank 2", "Rank 1", "Rank 4"):
+                classic.locator("button", has_text=label).click()
+                page.wait_for_timeout(150)
+            page.wait_for_function("document.querySelector('.lk-classic').innerText.includes('Ranking: 2 > 1 > 4')")
+            classic.scroll_into_view_if_needed()
+            classic.screenshot(path=str(ARTIFACTS / "classic_view.png"))
+            classic.locator("button", has_text="Submit").click()
+            page.wait_for_function("document.querySelector('.lk-classic').innerText.includes('Saved rm-0001')")
             # The notebook cell did not turn into markdown: the keys went to the board, not to JupyterLab.
             assert page.locator(".jp-MarkdownCell").count() == 0
             browser.close()
@@ -192,9 +218,14 @@ def test_ranking_board_in_jupyterlab(tmp_path):
 
     assert dialogs == [], f"a response ran as code: {dialogs}"
     rows = _stored(store)
-    assert [(r[0], r[1], r[2]) for r in rows] == [(f"rm-000{i}", "browser", "submitted") for i in (1, 2, 3)]
+    assert [(r[0], r[1], r[2]) for r in rows[:3]] == [(f"rm-000{i}", "browser", "submitted") for i in (1, 2, 3)]
     assert json.loads(rows[0][3]) == [[0, 2], [1], [3]] and rows[0][4] == 6 and json.loads(rows[0][5]) == ["hallucination"]
     assert json.loads(rows[1][3]) == [[1, 0], [3], [2]]
     assert json.loads(rows[2][3]) == [[2], [1], [0], [3]]
+    assert json.loads(rows[3][3]) == [[1], [0], [3], [2]] and rows[3][1] == "classic"
+    with sqlite3.connect(store) as db:
+        choice, shown_first, model_a = db.execute("SELECT choice, a_shown_first, model_a FROM comparisons").fetchone()
+    # "A is better": A is the item's response_a exactly when it was shown first.
+    assert model_a == "base" and choice == ("a" if shown_first else "b")
     print(f"K=4 by mouse: 7 clicks (3 cards, tie, score, flag, submit) {timings['mouse']:.2f}s; "
           f"by keyboard: 5 keys (2 t 1 4 Enter) {timings['keyboard']:.2f}s")
