@@ -16,6 +16,9 @@ Durability (BRIEF §5, "feedback is never lost"):
 - ``busy_timeout`` lets several kernels (several annotators) write to one file at once;
 - each process opens its own connection (a connection is never carried across ``fork``).
 
+Keep the file on a local disk: SQLite's WAL mode needs shared memory, which network file
+systems (NFS, SMB) do not provide reliably.
+
 >>> store = FeedbackStore("runs/demo/feedback.sqlite")
 >>> row_id = store.add_ranking("rm-0001", ["a", "b", "c", "d"], [[2], [0, 3], [1]], "alice",
 ...                            prompt="Write a haiku.", score=6)
@@ -569,7 +572,16 @@ class FeedbackStore:
                   "demonstrations": self.demonstrations, "comparisons": self.comparisons}
         if kind not in makers:
             raise ValueError(f"kind must be one of {sorted(makers)}, got {kind!r}")
-        return Dataset.from_list(makers[kind](**kwargs))
+        rows = makers[kind](**kwargs)
+        if rows:
+            return Dataset.from_list(rows)
+        # An empty store still gives the right columns, so a trainer fails on "no rows", not on schema.
+        if kind in ("demonstrations", "comparisons"):
+            columns = [r["name"] for r in self._read(f"PRAGMA table_info({kind})")]
+        else:
+            columns = ["prompt", "chosen", "rejected"] if kind == "pairs" else ["prompt", "responses", "tiers",
+                                                                               "prompt_id", "annotator"]
+        return Dataset.from_dict({c: [] for c in columns})
 
     def win_rate(self, model: str, baseline: str | None = None, annotator: str | None = None) -> dict:
         """Human win rate of ``model`` in the A/B comparisons (against ``baseline`` or any model).

@@ -87,6 +87,13 @@ def test_to_kway_and_datasets(store):
         store.to_dataset("nope")
 
 
+def test_empty_exports_keep_their_columns(store):
+    assert store.to_dataset("pairs").column_names == ["prompt", "chosen", "rejected"]
+    assert store.to_dataset("kway").column_names == ["prompt", "responses", "tiers", "prompt_id", "annotator"]
+    assert "choice" in store.to_dataset("comparisons").column_names
+    assert store.to_dataset("demonstrations").num_rows == 0
+
+
 def test_imports_mix_with_human_rankings(store):
     store.add_ranking("rm-0001", RESPONSES, [[0], [1], [2], [3]], "alice", prompt="P")
     n = store.import_rankings([
