@@ -285,3 +285,39 @@ def test_human_win_rate_from_comparisons(store):
     assert store.win_rate("ppo", baseline="sft") == {"wins": 2, "losses": 1, "ties": 1, "n": 4, "win_rate": 2.5 / 4}
     assert store.win_rate("ppo")["n"] == 5 and store.win_rate("ppo")["win_rate"] == pytest.approx(3.5 / 5)
     assert math.isnan(store.win_rate("nobody")["win_rate"])
+
+
+KILLED_IMPORTER = textwrap.dedent("""
+    import sys
+    from labkit.feedback import FeedbackStore
+    store = FeedbackStore(sys.argv[1])
+    b = 0
+    while True:
+        batch = [{"prompt": f"batch {b} item {i}", "prompt_id": f"b{b:04d}-{i:02d}", "responses": ["x", "y"],
+                  "tiers": [[1], [0]]} for i in range(50)]
+        store.import_rankings(batch, annotator="sim:bulk")  # one transaction of 50 rankings
+        print(b, flush=True)
+        b += 1
+""")
+
+
+def test_killed_bulk_import_leaves_whole_batches_only(tmp_path):
+    path = tmp_path / "bulk.sqlite"
+    proc = subprocess.Popen([sys.executable, "-c", KILLED_IMPORTER, str(path)], stdout=subprocess.PIPE, text=True)
+    reported = []
+    try:
+        for line in proc.stdout:
+            reported.append(int(line))
+            if len(reported) >= 8:
+                break
+    finally:
+        os.kill(proc.pid, signal.SIGKILL)
+        proc.wait(timeout=10)
+    reported += [int(line) for line in proc.stdout]
+    batches = {}
+    for r in FeedbackStore(path).rankings():
+        batches.setdefault(int(r["prompt_id"][1:5]), []).append(r)
+    assert set(reported) <= set(batches)
+    assert all(len(rows) == 50 for rows in batches.values())  # all or nothing per transaction
+    with sqlite3.connect(path) as db:
+        assert db.execute("SELECT COUNT(*) FROM responses").fetchone()[0] == 2 * 50 * len(batches)
