@@ -272,6 +272,7 @@ def test_writer_killed_mid_run_keeps_every_reported_item(tmp_path):
     assert set(reported) <= stored
     assert len(stored) - len(reported) <= 1  # at most the one committed but not yet printed
     assert all(len(r["responses"]) == 3 for r in FeedbackStore(path).rankings())
+    print(f"SIGKILL: {len(reported)} rankings reported as committed, {len(stored)} in the store")
 
 
 def test_flags_are_the_papers_metadata():
