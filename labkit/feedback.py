@@ -503,10 +503,13 @@ class FeedbackStore:
         return self._select("demonstrations", annotator, status)
 
     def comparisons(self, annotator: str | None = None, status: str | None = "submitted") -> list[dict]:
-        """A/B judgements with the true model names; ``choice`` is 'a', 'b' or 'tie'."""
+        """A/B judgements with the true model names; ``choice`` (alias ``winner``) is 'a', 'b' or
+        'tie' in the item's own order: 'a' means ``response_a`` / ``model_a`` won, whichever side
+        it was shown on (``a_shown_first``)."""
         out = self._select("comparisons", annotator, status)
         for r in out:
             r["a_shown_first"] = None if r["a_shown_first"] is None else bool(r["a_shown_first"])
+            r["winner"] = r["choice"]
         return out
 
     def _select(self, table: str, annotator: str | None, status: str | None) -> list[dict]:
@@ -578,6 +581,7 @@ class FeedbackStore:
         # An empty store still gives the right columns, so a trainer fails on "no rows", not on schema.
         if kind in ("demonstrations", "comparisons"):
             columns = [r["name"] for r in self._read(f"PRAGMA table_info({kind})")]
+            columns += ["winner"] if kind == "comparisons" else []
         else:
             columns = ["prompt", "chosen", "rejected"] if kind == "pairs" else ["prompt", "responses", "tiers",
                                                                                "prompt_id", "annotator"]

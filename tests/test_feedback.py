@@ -288,6 +288,15 @@ def test_human_win_rate_from_comparisons(store):
     assert math.isnan(store.win_rate("nobody")["win_rate"])
 
 
+def test_comparisons_feed_the_evaluation_win_rate(store):
+    evaluate = pytest.importorskip("labkit.evaluate")
+    store.add_comparison("e1", "Q", "x", "y", "a", "zoe", model_a="ppo", model_b="sft", a_shown_first=False)
+    store.add_comparison("e2", "Q", "x", "y", "a", "zoe", model_a="sft", model_b="ppo", a_shown_first=True)
+    store.add_comparison("e3", "Q", "x", "y", "tie", "zoe", model_a="ppo", model_b="sft")
+    assert evaluate.human_win_rate(store, "ppo", "sft")["win_rate"] == pytest.approx(1.5 / 3)
+    assert store.win_rate("ppo", baseline="sft")["win_rate"] == pytest.approx(1.5 / 3)
+
+
 KILLED_IMPORTER = textwrap.dedent("""
     import sys
     from labkit.feedback import FeedbackStore
