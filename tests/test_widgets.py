@@ -251,3 +251,15 @@ def test_drag_and_drop_moves(store):
     assert w.tiers == [[1], [0, 3], [2]]
     w.submit()
     assert store.rankings()[0]["tiers"] == [[1], [0, 3], [2], [4]]
+
+
+def test_bundled_demonstrations_pass_their_live_checks(store):
+    data = pytest.importorskip("labkit.data")
+    demos = [d for d in data.load_demonstrations() if d["checks"]][:5]
+    w = DemonstrationWidget(store, demos, annotator="paul")
+    for d in demos:
+        assert w.current["prompt_id"] == d["id"]
+        w.write(d["response"])
+        assert w.check_results and all(w.check_results), (d["id"], w.check_results)
+        w.submit()
+    assert [r["response"] for r in store.demonstrations()] == [d["response"] for d in demos]
