@@ -150,6 +150,8 @@ function render({ model, el }) {
     item.responses.forEach((text, i) => {
       const card = h("div", "lk-card");
       card.dataset.index = String(i);
+      card.setAttribute("role", "button");
+      card.setAttribute("aria-label", `Response ${i + 1}: click to give it the next rank`);
       const top = h("div", "lk-card-top");
       top.draggable = true; // the header is the drag handle; the text stays selectable
       top.title = "drag onto another response to place it just above (Shift: tie)";
