@@ -181,7 +181,7 @@ def human_win_rate(store, model_a: str, model_b: str) -> dict:
         models_ = (c["model_a"], c["model_b"])
         if set(models_) != {model_a, model_b}:
             continue
-        winner = c["winner"]  # "a", "b" or "tie", relative to the shown sides
+        winner = c["choice"]  # "a", "b" or "tie": which of model_a / model_b won, whatever side it was shown on
         if winner == "tie":
             outcomes.append(0.5)
         else:

@@ -255,10 +255,12 @@ def collect_metrics(run: Run, t0: float) -> dict:
 
 def _history(folder: Path) -> dict:
     """A stage's recorded curves (``history.json`` written by its LiveDashboard), if any."""
-    for path in (folder / "history.json", folder / "dashboard.json"):
-        if path.exists():
-            return {k: [tuple(p) for p in v] for k, v in json.loads(path.read_text()).items()}
-    return {}
+    path = folder / "history.json"
+    if not path.exists():
+        return {}
+    data = json.loads(path.read_text())
+    data = data.get("history", data)  # LiveDashboard.save("*.json") wraps it with a title
+    return {k: [tuple(p) for p in v] for k, v in data.items()}
 
 
 def _pick_samples(records: list[dict], n: int) -> list[int]:
