@@ -1,0 +1,139 @@
+"""Stage 1 SFT: data format, completion-only masking, precision, a tiny smoke run and resume."""
+
+import json
+
+import pytest
+import torch
+
+from labkit import models
+from labkit.sft import (SFTConfig, build_examples, expected_tokens, make_trainer, resolve_precision,
+                        split_demonstrations, train_sft)
+
+# Short demonstrations keep the tiny runs fast; the last one is longer than max_length below.
+DEMOS = [
+    {"prompt": "Say hello.", "response": "Hello!"},
+    {"prompt": "Name a colour.", "response": "Blue."},
+    {"prompt": "What is 2 + 2?", "response": "2 + 2 = 4."},
+    {"prompt": "Reply with yes.", "response": "yes"},
+    {"prompt": "Give one fruit.", "response": "An apple."},
+    {"prompt": "Write a long story.", "response": "Once upon a time " * 30},
+]
+TINY_RUN = dict(model="tiny", demonstrations=DEMOS, batch_size=2, max_length=48, eval_fraction=0.2,
+                lr=3e-3, warmup=0, lr_scheduler="constant", live=False, progress=False)
+
+
+@pytest.fixture(scope="module")
+def tok():
+    torch.set_num_threads(2)
+    return models.load_tokenizer()
+
+
+def test_examples_are_exactly_what_generation_sees(tok):
+    ex = build_examples(tok, DEMOS[:1])[0]
+    assert ex["prompt"] == models.format_prompt(tok, "Say hello.")
+    assert ex["completion"] == "Hello!" + tok.eos_token
+    ids, labels = expected_tokens(tok, ex)
+    prompt_ids = tok(models.format_prompt(tok, "Say hello."), add_special_tokens=False)["input_ids"]
+    assert ids[: len(prompt_ids)] == prompt_ids
+    assert ids[-1] == tok.eos_token_id and ids[-1] != tok.pad_token_id
+    assert tok.decode(ids[len(prompt_ids):]) == "Hello!" + tok.eos_token
+
+
+def test_feedback_store_records_with_completion_are_accepted(tok):
+    ex = build_examples(tok, [{"prompt": "p", "completion": "c"}])[0]
+    assert ex["completion"] == "c" + tok.eos_token
+
+
+def test_bad_demonstrations_raise(tok):
+    with pytest.raises(ValueError, match="empty response"):
+        build_examples(tok, [{"prompt": "p", "response": "  "}])
+    with pytest.raises(ValueError, match="no 'response'"):
+        build_examples(tok, [{"prompt": "p"}])
+    with pytest.raises(ValueError, match="no 'prompt'"):
+        build_examples(tok, [{"response": "r"}])
+
+
+def test_split_is_seeded_and_disjoint():
+    demos = [{"prompt": str(i), "response": "r"} for i in range(20)]
+    a_train, a_eval = split_demonstrations(demos, 0.1, seed=0)
+    b_train, b_eval = split_demonstrations(demos, 0.1, seed=0)
+    assert a_eval == b_eval and len(a_eval) == 2 and len(a_train) == 18
+    assert {d["prompt"] for d in a_train}.isdisjoint({d["prompt"] for d in a_eval})
+    assert split_demonstrations(demos, 0.0, seed=0)[1] == []
+
+
+def test_config_validation():
+    with pytest.raises(ValueError):
+        SFTConfig(precision="fp8")
+    with pytest.raises(ValueError):
+        SFTConfig(eval_fraction=1.0)
+    assert resolve_precision("fp32", "cpu") == "fp32"
+    assert resolve_precision("auto", "cpu") == ("bf16" if models.cpu_has_fast_bf16() else "fp32")
+
+
+def test_completion_only_masking_in_trl_dataset(tmp_path):
+    """TRL's tokenised examples equal ours: prompt tokens get label -100, response + EOS are learned."""
+    trainer, info = make_trainer(SFTConfig(out_dir=str(tmp_path), **TINY_RUN))
+    tok = trainer.processing_class
+    assert info["n_truncated"] == 1 and info["n_train"] + info["n_eval"] == len(DEMOS)
+    for row in trainer.train_dataset:
+        prompt = tok.decode(row["input_ids"]).split("<|im_start|>assistant\n")[0] + "<|im_start|>assistant\n"
+        ex = [e for e in build_examples(tok, DEMOS) if e["prompt"] == prompt][0]
+        ids, labels = expected_tokens(tok, ex)
+        assert row["input_ids"] == ids[:48]
+        assert row["labels"] == labels[:48]
+        n_prompt = len(tok(ex["prompt"], add_special_tokens=False)["input_ids"])
+        assert all(label == -100 for label in row["labels"][:n_prompt])
+        assert all(label != -100 for label in row["labels"][n_prompt:])
+
+
+def _linear_output_dtypes(model):
+    seen = []
+    layer = model.model.layers[0].mlp.down_proj
+    layer.register_forward_hook(lambda mod, inp, out: seen.append(out.dtype))
+    return seen
+
+
+@pytest.mark.parametrize("precision,dtype", [("bf16", torch.bfloat16), ("fp32", torch.float32)])
+def test_precision_really_autocasts(tmp_path, precision, dtype):
+    trainer, info = make_trainer(SFTConfig(out_dir=str(tmp_path), max_steps=1, eval_fraction=0.0,
+                                           save_steps=100, precision=precision,
+                                           **{k: v for k, v in TINY_RUN.items() if k != "eval_fraction"}))
+    seen = _linear_output_dtypes(trainer.model)
+    trainer.train()
+    assert info["precision"] == precision
+    assert seen and set(seen) == {dtype}  # matmuls ran in bf16 (or fp32) during the step
+    assert all(p.dtype == torch.float32 for p in trainer.model.parameters())  # fp32 master weights
+
+
+def test_tiny_sft_smoke_loss_down_and_folder_loads(tmp_path):
+    before = {k: v.clone() for k, v in models.load_model("tiny", dtype="float32")[0].state_dict().items()}
+    path = train_sft(SFTConfig(out_dir=str(tmp_path / "sft"), max_steps=8, save_steps=100, **TINY_RUN))
+    metrics = json.loads((tmp_path / "sft" / "sft_metrics.json").read_text())
+    losses = metrics["train_losses"]
+    assert len(losses) == 8 and all(l == l for l in losses)  # finite (no NaN)
+    assert sum(losses[-2:]) / 2 < sum(losses[:2]) / 2 - 0.5  # clearly down on 5 memorisable demos
+    assert metrics["eval_loss_end"] < metrics["eval_loss_start"]
+    assert metrics["n_truncated"] == 1 and metrics["steps"] == 8
+    model, tok = models.load_model(path, dtype="float32")
+    after = model.state_dict()
+    changed = [k for k in before if not torch.equal(before[k], after[k])]
+    assert len(changed) >= len(before) // 2
+    assert (tmp_path / "sft" / "model.safetensors").exists()
+    assert (tmp_path / "sft" / "sft_curves.html").exists()
+    assert tok.eos_token_id == models.load_tokenizer().eos_token_id
+
+
+def test_resume_continues_from_the_last_checkpoint(tmp_path):
+    """2 steps + resume to 4 steps gives the same weights as 4 uninterrupted steps."""
+    cfg = dict(TINY_RUN, eval_fraction=0.0, save_steps=2)
+    train_sft(SFTConfig(out_dir=str(tmp_path / "full"), max_steps=4, **cfg))
+    train_sft(SFTConfig(out_dir=str(tmp_path / "split"), max_steps=2, **cfg))
+    assert (tmp_path / "split" / "checkpoint-2").exists()
+    train_sft(SFTConfig(out_dir=str(tmp_path / "split"), max_steps=4, **cfg))
+    metrics = json.loads((tmp_path / "split" / "sft_metrics.json").read_text())
+    assert metrics["resumed_from"].endswith("checkpoint-2") and metrics["steps"] == 4
+    full = models.load_model(str(tmp_path / "full"), dtype="float32")[0].state_dict()
+    split = models.load_model(str(tmp_path / "split"), dtype="float32")[0].state_dict()
+    for k in full:
+        torch.testing.assert_close(split[k], full[k], rtol=1e-4, atol=1e-5)
