@@ -413,9 +413,10 @@ class GoldLabeler:
 # ----------------------------------------------------------------------------- simulated labelers
 
 # Calibrated with benchmarks/labeler_agreement.py on the fixed candidate set in
-# tests/fixtures/labeler_candidates.json so that two default labelers agree on ~73% of pairs
-# (InstructGPT, §5.1: "inter-annotator agreement rates of 72.6 ± 1.5%").
-DEFAULT_NOISE = 0.2
+# tests/fixtures/labeler_candidates.json (120 prompts x K=4: demonstration, model samples,
+# rewrites) so that two labelers of the default pool agree on ~73% of pairs; InstructGPT
+# (§5.1) reports 72.6 ± 1.5% agreement between its training labelers.
+DEFAULT_NOISE = 0.33
 
 
 def _unit_noise(*key) -> float:
@@ -597,21 +598,26 @@ def _variants(demo: dict, other: dict) -> dict[str, tuple[str, bool]]:
 
 
 def make_candidates(demonstrations: list[dict], k: int = 4, seed: int = 0,
-                    extra: dict[str, list[str]] | None = None) -> list[dict]:
-    """K mixed-quality responses per demonstration: itself plus K-1 random variants.
+                    samples: list[dict] | None = None) -> list[dict]:
+    """K mixed-quality responses per demonstration: itself, its model samples, random variants.
 
-    ``extra`` maps a prompt id to further responses (e.g. samples from a real model) that join
-    the variants drawn from. Returns ``measure_agreement``'s candidate dicts (plus ``"kinds"``).
+    ``samples``: optional model outputs in ``labkit.generation.sample_k``'s format
+    (``{"prompt_id", "responses", "truncated"}``); up to K-1 of them are always included, and
+    random rewrites of the demonstration (``_variants``) fill the remaining places.
+    Returns ``measure_agreement``'s candidate dicts, plus ``"kinds"`` naming each response.
     """
     if k < 2:
         raise ValueError("k must be >= 2")
+    extra = {s["prompt_id"]: list(zip(s["responses"], s.get("truncated") or [False] * len(s["responses"])))
+             for s in samples or []}
     rng = random.Random(seed)
     out = []
     for i, demo in enumerate(demonstrations):
         other = demonstrations[(i + 1 + rng.randrange(max(1, len(demonstrations) - 1))) % len(demonstrations)]
+        sampled = [(f"sample{j}", (text, bool(t))) for j, (text, t) in enumerate(extra.get(demo.get("id"), []))]
+        picked = [("demonstration", (demo["response"], False))] + sampled[: k - 1]
         pool = list(_variants(demo, other).items())
-        pool += [(f"sample{j}", (s, False)) for j, s in enumerate((extra or {}).get(demo.get("id", ""), []))]
-        picked = [("demonstration", (demo["response"], False))] + rng.sample(pool, min(k - 1, len(pool)))
+        picked += rng.sample(pool, min(k - len(picked), len(pool)))
         rng.shuffle(picked)
         record = {key: v for key, v in demo.items() if key != "response"}
         out.append({"record": record, "responses": [t for _, (t, _) in picked],

@@ -1,0 +1,125 @@
+"""How often do simulated labelers agree? Calibrates labkit.labelers.DEFAULT_NOISE.
+
+InstructGPT (Ouyang et al. 2022, §5.1) reports that its training labelers agreed with each
+other on 72.6 ± 1.5% of comparisons. This script ranks a fixed candidate set (K = 4
+responses of mixed quality per prompt: the hand-written demonstration, rewrites of it that
+break instructions, truncate it, go off topic or refuse, and real samples from the bundled
+SmolLM2-135M-Instruct) with pools of simulated labelers at several noise levels and prints
+inter-labeler and labeler-vs-gold agreement (pairs tied by either side left out).
+
+    python benchmarks/labeler_agreement.py              # measure on tests/fixtures/labeler_candidates.json
+    python benchmarks/labeler_agreement.py --rebuild    # rebuild that fixture (samples the 135M model, ~minutes)
+
+Writes benchmarks/results/labeler_agreement.json.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import random
+import time
+from pathlib import Path
+
+from labkit import labelers as L
+
+ROOT = Path(__file__).resolve().parent.parent
+FIXTURE = ROOT / "tests" / "fixtures" / "labeler_candidates.json"
+RESULT = ROOT / "benchmarks" / "results" / "labeler_agreement.json"
+NOISE_GRID = [0.0, 0.05, 0.1, 0.15, 0.2, 0.25, 0.3, 0.4]
+
+
+def build_fixture(n_prompts: int, samples: int, model_name: str, seed: int, max_new_tokens: int,
+                  samples_json: str | None = None) -> dict:
+    """Draw ``n_prompts`` demonstrations, sample the model on them, and mix K = 4 candidates each."""
+    import torch
+
+    from labkit.data import load_demonstrations
+    from labkit.generation import sample_k
+    from labkit.models import load_model
+
+    demos = sorted(load_demonstrations(), key=lambda d: d["id"])
+    sampled, sampling_s = [], None
+    t0 = time.time()
+    if samples_json:  # samples taken earlier (``sample_k`` output, as a JSON list or {"samples": [...]})
+        loaded = json.loads(Path(samples_json).read_text())
+        sampled = loaded["samples"] if isinstance(loaded, dict) else loaded
+        samples = max(len(s["responses"]) for s in sampled)
+        sampling_s = loaded.get("s") if isinstance(loaded, dict) else None
+        have = {s["prompt_id"] for s in sampled}
+        rest = random.Random(seed).sample([d for d in demos if d["id"] not in have],
+                                          max(0, min(n_prompts - len(have), len(demos) - len(have))))
+        demos = [d for d in demos if d["id"] in have] + rest
+    else:
+        demos = random.Random(seed).sample(demos, min(n_prompts, len(demos)))
+    if samples and not sampled:
+        torch.set_num_threads(2)
+        model, tok = load_model(model_name)
+        sampled = sample_k(model, tok, demos, k=samples, max_new_tokens=max_new_tokens, seed=seed)
+        sampling_s = time.time() - t0
+    candidates = L.make_candidates(demos, k=4, seed=seed, samples=sampled)
+    return {"about": "K=4 candidate responses per prompt for labeler-agreement calibration; "
+                     "built by benchmarks/labeler_agreement.py --rebuild",
+            "model": model_name if samples else None, "samples_per_prompt": samples,
+            "max_new_tokens": max_new_tokens, "seed": seed, "sampling_s": round(sampling_s or 0.0, 1),
+            "candidates": candidates}
+
+
+def measure(candidates: list[dict], n_labelers: int, seed: int) -> dict:
+    rows = []
+    for noise in sorted(set(NOISE_GRID) | {L.DEFAULT_NOISE}):
+        r = L.measure_agreement(candidates, L.labeler_pool(n_labelers, seed=seed, noise=noise))
+        rows.append({"noise": noise, "inter_labeler": r["inter_labeler"],
+                     "with_gold_mean": sum(r["with_gold"].values()) / len(r["with_gold"]),
+                     "tie_rate": r["tie_rate"]})
+    default = L.measure_agreement(candidates, L.labeler_pool(n_labelers, seed=seed))
+    kinds: dict[str, list[float]] = {}
+    gold = L.GoldLabeler()
+    for c in candidates:
+        for kind, text, t in zip(c["kinds"], c["responses"], c["truncated"]):
+            kinds.setdefault(kind.rstrip("0123456789"), []).append(gold.score(c["record"], text, t))
+    return {"grid": rows, "default_noise": L.DEFAULT_NOISE, "default_pool": default,
+            "gold_score_by_kind": {k: sum(v) / len(v) for k, v in sorted(kinds.items())},
+            "n_prompts": len(candidates), "n_labelers": n_labelers}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--rebuild", action="store_true", help="rebuild the candidate fixture first")
+    ap.add_argument("--n-prompts", type=int, default=120)
+    ap.add_argument("--samples", type=int, default=2, help="model samples per prompt (0: none)")
+    ap.add_argument("--model", default="smollm2-135m")
+    ap.add_argument("--samples-json", help="use samples saved from labkit.generation.sample_k instead of sampling")
+    ap.add_argument("--max-new-tokens", type=int, default=96)
+    ap.add_argument("--labelers", type=int, default=5)
+    ap.add_argument("--seed", type=int, default=0)
+    args = ap.parse_args()
+
+    if args.rebuild or not FIXTURE.exists():
+        fixture = build_fixture(args.n_prompts, args.samples, args.model, args.seed, args.max_new_tokens,
+                                args.samples_json)
+        FIXTURE.parent.mkdir(parents=True, exist_ok=True)
+        FIXTURE.write_text(json.dumps(fixture, indent=1, ensure_ascii=False) + "\n")
+        print(f"wrote {FIXTURE.relative_to(ROOT)} ({len(fixture['candidates'])} prompts, "
+              f"sampling {fixture['sampling_s']} s)")
+    fixture = json.loads(FIXTURE.read_text())
+    result = measure(fixture["candidates"], args.labelers, args.seed)
+    result["machine"] = {"platform": platform.platform(), "python": platform.python_version()}
+
+    print(f"\n{result['n_prompts']} prompts x K=4, pool of {args.labelers} labelers "
+          "(InstructGPT inter-labeler agreement: 72.6 ± 1.5%)\n")
+    print(f"{'noise':>6}  {'inter-labeler':>13}  {'vs gold':>8}  {'ties':>6}")
+    for r in result["grid"]:
+        mark = "  <- default" if abs(r["noise"] - L.DEFAULT_NOISE) < 1e-9 else ""
+        print(f"{r['noise']:>6.2f}  {r['inter_labeler']:>13.3f}  {r['with_gold_mean']:>8.3f}  {r['tie_rate']:>6.3f}{mark}")
+    d = result["default_pool"]
+    print("\ndefault pool, agreement with gold: " + ", ".join(f"{k} {v:.3f}" for k, v in d["with_gold"].items()))
+    print("mean gold score by candidate kind: " + ", ".join(f"{k} {v:.2f}" for k, v in result["gold_score_by_kind"].items()))
+    RESULT.parent.mkdir(parents=True, exist_ok=True)
+    RESULT.write_text(json.dumps(result, indent=1) + "\n")
+    print(f"\nwrote {RESULT.relative_to(ROOT)}")
+
+
+if __name__ == "__main__":
+    main()
