@@ -246,3 +246,27 @@ def test_default_pool_agreement_is_realistic():
     assert result["tie_rate"] < 0.1
     noiseless = L.measure_agreement(candidates, L.labeler_pool(3, noise=0.0))
     assert noiseless["inter_labeler"] > result["inter_labeler"]
+
+
+def test_make_candidates_includes_model_samples():
+    demos = [{**HAIKU, "response": DEMO}, {**LOOKALIKE, "response": KILL_ANSWER}]
+    samples = [{"prompt_id": "t-1", "responses": ["drops fall", "Rain!"], "truncated": [True, False]}]
+    cands = L.make_candidates(demos, k=4, seed=1, samples=samples)
+    first = dict(zip(cands[0]["kinds"], zip(cands[0]["responses"], cands[0]["truncated"])))
+    assert first["sample0"] == ("drops fall", True) and first["sample1"] == ("Rain!", False)
+    assert len(first) == 4 and not any(k.startswith("sample") for k in cands[1]["kinds"])
+
+
+def test_measure_agreement_by_hand():
+    cands = [{"record": HAIKU, "responses": [DEMO, OFF_TOPIC, "", "rain " * 150], "truncated": None}]
+    quiet = [L.SimulatedLabeler(name="a", noise=0.0), L.SimulatedLabeler(name="b", noise=0.0)]
+    r = L.measure_agreement(cands, quiet)
+    assert r["inter_labeler"] == 1.0 and r["with_gold"] == {"a": 1.0, "b": 1.0}
+    # the loop's gold score (~0.005) is within tie_threshold of the empty response's 0: 1 tied pair of 6
+    assert r["per_pair"] == {"a/b": 1.0} and r["tie_rate"] == pytest.approx(1 / 6)
+    # gold: DEMO 1.0 > OFF_TOPIC 0.28 > loop ~ empty; a strong length lover puts the 150-word loop first
+    lover = L.SimulatedLabeler(name="c", noise=0.0, length_bias=3.0)
+    assert lover.rank(HAIKU, cands[0]["responses"])[0] == [3]
+    r = L.measure_agreement(cands, quiet[:1] + [lover])
+    a, total = L.pairwise_counts(L.gold_tiers(HAIKU, cands[0]["responses"]), lover.rank(HAIKU, cands[0]["responses"]))
+    assert r["per_pair"]["a/c"] == pytest.approx(a / total) and r["with_gold"]["c"] == pytest.approx(a / total) < 1.0
