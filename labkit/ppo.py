@@ -1,0 +1,879 @@
+"""Stage 3: PPO against the reward model, with a per-token KL penalty to the SFT model.
+
+InstructGPT §3.5: sample a prompt, generate a response with the policy, score it with the RM,
+and update the policy with PPO (Schulman et al. 2017). The reward of an episode is the RM
+score at the last token minus ``kl_coef * KL(pi_RL || pi_SFT)`` at every token; the value
+function is initialised from the RM; PPO-ptx adds ``ptx_coef`` times the language-modelling
+loss on other text to limit the "alignment tax".
+
+The file reads top to bottom: pure tensor functions (each tested on its own), the config,
+the models, the rollout, the optimisation phase, checkpoints, and :func:`train_ppo`, whose
+loop names its phases 1-7. Every implementation detail is a named flag of :class:`PPOConfig`;
+``docs/implementation_details.md`` lists them with their sources.
+
+>>> metrics = train_ppo(PPOConfig(policy="runs/sft", reward_model="runs/rm", steps=20))
+>>> metrics["objective/rlhf_reward"], metrics["policy_dir"]
+
+Under several processes the same code runs unchanged::
+
+    accelerate launch --config_file configs/accelerate/ddp_cpu.yaml my_ppo_script.py
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import math
+import random
+import shutil
+import signal
+import threading
+import time
+import warnings
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from labkit.models import autocast, format_prompt, load_model
+
+# ----------------------------------------------------------------------------- pure functions
+
+
+def logprobs_from_logits(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """log pi(label) from logits (B, T, V) and labels (B, T) -> (B, T), computed in fp32."""
+    logp = F.log_softmax(logits.float(), dim=-1)  # (B, T, V)
+    return logp.gather(-1, labels.unsqueeze(-1)).squeeze(-1)  # (B, T)
+
+
+def entropy_from_logits(logits: torch.Tensor) -> torch.Tensor:
+    """Entropy of the categorical distribution at each position: (B, T, V) -> (B, T)."""
+    logits = logits.float()
+    logp = F.log_softmax(logits, dim=-1)  # (B, T, V)
+    return -(logp.exp() * logp).sum(-1)  # (B, T)
+
+
+def masked_mean(x: torch.Tensor, mask: torch.Tensor, dim: int | None = None) -> torch.Tensor:
+    """Mean of ``x`` over positions where ``mask`` is 1 (over all, or along ``dim``)."""
+    mask = mask.to(x.dtype)
+    if dim is None:
+        return (x * mask).sum() / mask.sum().clamp(min=1)
+    return (x * mask).sum(dim) / mask.sum(dim).clamp(min=1)
+
+
+def masked_var(x: torch.Tensor, mask: torch.Tensor, unbiased: bool = True) -> torch.Tensor:
+    """Variance of ``x`` over the masked positions (Bessel-corrected unless ``unbiased=False``)."""
+    mean = masked_mean(x, mask)
+    var = masked_mean((x - mean) ** 2, mask)
+    n = mask.sum()
+    if unbiased and n > 1:
+        var = var * n / (n - 1)
+    return var
+
+
+def masked_whiten(x: torch.Tensor, mask: torch.Tensor, shift_mean: bool = True) -> torch.Tensor:
+    """Standardise ``x`` over masked positions; ``shift_mean=False`` keeps the mean. Padding -> 0."""
+    mean, var = masked_mean(x, mask), masked_var(x, mask)
+    whitened = (x - mean) * torch.rsqrt(var + 1e-8)
+    if not shift_mean:
+        whitened = whitened + mean
+    return whitened * mask.to(x.dtype)
+
+
+def kl_penalty(logprobs: torch.Tensor, ref_logprobs: torch.Tensor, kind: str = "k1") -> torch.Tensor:
+    """Per-token estimate of KL(pi || pi_ref) from sampled-token log-probs, (B, T) -> (B, T).
+
+    The tokens were sampled from pi, so with ``log_ratio = logprobs - ref_logprobs``:
+    ``k1 = log_ratio`` (unbiased, can be negative; InstructGPT / Ziegler et al. 2019),
+    ``k3 = exp(-log_ratio) - 1 + log_ratio`` (unbiased and >= 0; Schulman, "Approximating KL
+    divergence", 2020), ``abs = |log_ratio|`` and ``mse = log_ratio**2 / 2`` (biased, >= 0).
+    """
+    log_ratio = logprobs - ref_logprobs  # (B, T)
+    if kind == "k1":
+        return log_ratio
+    if kind == "k3":
+        return torch.expm1(-log_ratio) + log_ratio
+    if kind == "abs":
+        return log_ratio.abs()
+    if kind == "mse":
+        return 0.5 * log_ratio.square()
+    raise ValueError(f"unknown KL estimator {kind!r}; use 'k1', 'k3', 'abs' or 'mse'")
+
+
+def last_index(mask: torch.Tensor) -> torch.Tensor:
+    """Index (B,) of the last position whose mask is 1 (0 for an all-zero row)."""
+    T = mask.shape[1]
+    positions = torch.arange(T, device=mask.device).expand_as(mask)  # (B, T)
+    return torch.where(mask.bool(), positions, 0).max(dim=1).values  # (B,)
+
+
+def shape_rewards(scores: torch.Tensor, logprobs: torch.Tensor, ref_logprobs: torch.Tensor,
+                  mask: torch.Tensor, kl_coef: float, kl_estimator: str = "k1",
+                  has_eos: torch.Tensor | None = None, missing_eos_penalty: float = 0.0):
+    """Per-token rewards (B, T) and the KL estimate (B, T) of each response token.
+
+    InstructGPT eq. 2: ``r_t = -kl_coef * KL_t`` at every response token, plus the RM score
+    (B,) at the last response token. A response that hit the length limit without emitting
+    EOS (``has_eos`` False) first has ``missing_eos_penalty`` subtracted from its score
+    (Huang et al. 2023/2024: such responses are penalised so the policy learns to stop).
+    """
+    mask = mask.to(logprobs.dtype)
+    kl = kl_penalty(logprobs, ref_logprobs, kl_estimator) * mask  # (B, T)
+    rewards = -kl_coef * kl  # (B, T)
+    scores = scores.to(rewards.dtype)
+    if has_eos is not None and missing_eos_penalty:
+        scores = scores - missing_eos_penalty * (~has_eos.bool()).to(rewards.dtype)  # (B,)
+    last = last_index(mask)  # (B,)
+    rewards = rewards.scatter_add(1, last[:, None], scores[:, None] * mask.amax(1, keepdim=True))
+    return rewards, kl
+
+
+def compute_gae(rewards: torch.Tensor, values: torch.Tensor, mask: torch.Tensor,
+                gamma: float = 1.0, lam: float = 0.95):
+    """Generalised advantage estimation (Schulman et al. 2016): (advantages, returns), all (B, T).
+
+    ``delta_t = r_t + gamma * V_{t+1} - V_t``, ``A_t = delta_t + gamma * lam * A_{t+1}``, where
+    the state after the last masked-in token is terminal (V = 0, A = 0). Masked-out positions
+    (left or right padding) take no part and get advantage and return 0.
+    """
+    mask = mask.to(values.dtype)
+    rewards, values = rewards * mask, values * mask  # (B, T): padding never leaks in
+    B, T = rewards.shape
+    advantages = torch.zeros_like(rewards)  # (B, T)
+    next_value = torch.zeros(B, dtype=values.dtype, device=values.device)  # (B,)
+    next_adv = torch.zeros_like(next_value)  # (B,)
+    for t in reversed(range(T)):
+        delta = rewards[:, t] + gamma * next_value - values[:, t]  # (B,)
+        adv = (delta + gamma * lam * next_adv) * mask[:, t]  # (B,)
+        advantages[:, t] = adv
+        # a padded position passes on nothing: the next real token sees V = A = 0 past the end
+        next_value = values[:, t] * mask[:, t]
+        next_adv = adv
+    returns = (advantages + values) * mask  # (B, T)
+    return advantages, returns
+
+
+def policy_loss(logprobs: torch.Tensor, old_logprobs: torch.Tensor, advantages: torch.Tensor,
+                mask: torch.Tensor, cliprange: float = 0.2):
+    """PPO's clipped surrogate (Schulman et al. 2017, eq. 7) -> (loss, clipfrac, approxkl).
+
+    ``ratio = pi/pi_old``; loss = masked mean of ``max(-A * ratio, -A * clip(ratio, 1-c, 1+c))``.
+    ``clipfrac`` is the share of tokens where clipping changed the loss; ``approxkl`` is
+    ``mean((log ratio)^2) / 2`` (cleanrl's ``approx_kl``).
+    """
+    log_ratio = logprobs - old_logprobs  # (B, T)
+    ratio = torch.exp(log_ratio)  # (B, T)
+    unclipped = -advantages * ratio  # (B, T)
+    clipped = -advantages * torch.clamp(ratio, 1.0 - cliprange, 1.0 + cliprange)  # (B, T)
+    loss = masked_mean(torch.maximum(unclipped, clipped), mask)
+    clipfrac = masked_mean((clipped > unclipped).float(), mask)
+    approxkl = 0.5 * masked_mean(log_ratio.square(), mask)
+    return loss, clipfrac.detach(), approxkl.detach()
+
+
+def value_loss(values: torch.Tensor, old_values: torch.Tensor, returns: torch.Tensor,
+               mask: torch.Tensor, cliprange_value: float = 0.2):
+    """Clipped value loss -> (loss, clipfrac): ``0.5 * mean(max((V-R)^2, (V_clip-R)^2))``.
+
+    ``V_clip = V_old + clip(V - V_old, -c, c)`` keeps the value function near the one that
+    computed the advantages (OpenAI baselines' PPO2; Huang et al., "The 37 implementation
+    details of PPO", detail 9).
+    """
+    clipped_values = old_values + torch.clamp(values - old_values, -cliprange_value, cliprange_value)  # (B, T)
+    loss_unclipped = (values - returns).square()  # (B, T)
+    loss_clipped = (clipped_values - returns).square()  # (B, T)
+    loss = 0.5 * masked_mean(torch.maximum(loss_unclipped, loss_clipped), mask)
+    clipfrac = masked_mean((loss_clipped > loss_unclipped).float(), mask)
+    return loss, clipfrac.detach()
+
+
+class FixedKLController:
+    """A constant KL coefficient (InstructGPT used a fixed beta = 0.02)."""
+
+    def __init__(self, kl_coef: float):
+        self.value = kl_coef
+
+    def update(self, current_kl: float, n_steps: int) -> None:
+        pass
+
+    def state_dict(self) -> dict:
+        return {"value": self.value}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.value = state["value"]
+
+
+class AdaptiveKLController:
+    """Ziegler et al. 2019, §2.2: steer the observed KL towards ``target``.
+
+    ``e = clip(KL / target - 1, -0.2, 0.2)``; ``beta <- beta * (1 + e * n_steps / horizon)``,
+    where ``n_steps`` counts the episodes seen since the last update.
+    """
+
+    def __init__(self, init_kl_coef: float, target: float, horizon: int):
+        self.value, self.target, self.horizon = init_kl_coef, target, horizon
+
+    def update(self, current_kl: float, n_steps: int) -> None:
+        error = float(np.clip(current_kl / self.target - 1.0, -0.2, 0.2))
+        self.value *= 1.0 + error * n_steps / self.horizon
+
+    def state_dict(self) -> dict:
+        return {"value": self.value}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.value = state["value"]
+
+
+# ----------------------------------------------------------------------------- config
+
+
+@dataclass
+class PPOConfig:
+    """Everything :func:`train_ppo` needs. Sizes count episodes (one prompt + one response).
+
+    Defaults run the bundled 135M model on a 2-core laptop CPU in about 10 minutes.
+    """
+
+    # models and data
+    policy: str = "smollm2-135m"  # SFT model folder (or built-in name); also the frozen reference
+    reward_model: str | None = None  # RewardModel folder (labkit.reward); None: use reward_fn
+    reward_fn: Callable[[list[str], list[str]], list[float]] | None = field(default=None, repr=False)  # scripted reward(prompts, responses) instead of an RM
+    prompts: list | None = field(default=None, repr=False)  # prompt records or strings; None: load_prompts("ppo")
+    output_dir: str = "runs/ppo"  # policy/, checkpoint/, samples.jsonl, dashboard
+    seed: int = 0  # seeds python, numpy and torch (each process adds its rank)
+    # episodes and optimisation
+    steps: int = 24  # PPO steps (each: rollout of batch_size episodes, then ppo_epochs of updates)
+    batch_size: int = 16  # episodes per step, summed over processes
+    mini_batch_size: int = 8  # episodes per optimizer step, summed over processes
+    micro_batch_size: int = 4  # episodes per forward/backward on one process (gradient accumulation)
+    ppo_epochs: int = 1  # passes over each batch of episodes
+    learning_rate: float = 1e-5  # AdamW, for the policy and the value function
+    adam_eps: float = 1e-5  # AdamW epsilon (cleanrl PPO default; not 1e-8)
+    max_grad_norm: float = 1.0  # clip the global gradient norm to this
+    # generation
+    max_prompt_length: int = 256  # longer prompts lose tokens from the left (counted and reported)
+    max_new_tokens: int = 40  # response length limit
+    temperature: float = 0.7  # sampling temperature; logits are divided by it in every log-prob too
+    # rewards
+    kl_coef: float = 0.05  # beta in r_t = -beta * KL_t (InstructGPT: 0.02)
+    kl_estimator: str = "k1"  # per-token KL estimate: k1, k3, abs, mse (see kl_penalty)
+    adaptive_kl: bool = False  # adapt kl_coef towards target_kl (Ziegler et al. 2019)
+    target_kl: float = 6.0  # adaptive controller's target KL per episode (nats)
+    kl_horizon: int = 10000  # adaptive controller's horizon (episodes)
+    missing_eos_penalty: float = 1.0  # subtracted from the score of a response without EOS; 0 = off
+    whiten_scores: bool = False  # standardise the RM scores over each batch before shaping
+    whiten_rewards: bool = False  # standardise the shaped per-token rewards before GAE (scale only)
+    # advantages and losses
+    gamma: float = 1.0  # discount (1: an episode is one short response)
+    lam: float = 0.95  # GAE lambda
+    whiten_advantages: bool = True  # standardise advantages over each batch (shift and scale)
+    cliprange: float = 0.2  # PPO ratio clip epsilon
+    cliprange_value: float = 0.2  # value clip around the rollout-time values
+    vf_coef: float = 0.1  # weight of the value loss
+    ptx_coef: float = 0.0  # PPO-ptx: weight of the LM loss on ptx_texts (InstructGPT: 27.8)
+    ptx_texts: list[str] | None = field(default=None, repr=False)  # LM texts; None: the SFT demonstrations
+    ptx_max_length: int = 256  # ptx texts are cut to this many tokens
+    # variants
+    share_backbone: bool = False  # value head on the policy's backbone instead of a separate model
+    use_lora: bool = False  # train LoRA adapters; the reference is the same model, adapters off
+    lora_r: int = 16  # LoRA rank
+    lora_alpha: int = 32  # LoRA scaling numerator
+    ema_decay: float | None = None  # keep an EMA of the policy weights and save it; None = off
+    bf16: bool = True  # compute under bf16 autocast where the hardware is fast (fp32 master weights)
+    # logging and checkpoints
+    gold_every: int = 4  # log objective/gold (GoldLabeler) every N steps; 0 = never
+    sample_every: int = 4  # print and save sample responses every N steps; 0 = never
+    save_every: int = 8  # write output_dir/checkpoint every N steps; 0 = only at the end
+    resume: bool = False  # continue from output_dir/checkpoint if it exists
+    dashboard: bool = True  # live plotly dashboard (labkit.live), saved as ppo_dashboard.html
+    progress: bool = True  # progress bar over steps
+
+    def __post_init__(self):
+        if self.reward_model is None and self.reward_fn is None:
+            raise ValueError("PPOConfig needs a reward_model folder or a reward_fn")
+        if self.batch_size % self.mini_batch_size:
+            raise ValueError(f"batch_size={self.batch_size} must be a multiple of mini_batch_size={self.mini_batch_size}")
+        if self.mini_batch_size % self.micro_batch_size:
+            raise ValueError(f"mini_batch_size={self.mini_batch_size} must be a multiple of "
+                             f"micro_batch_size={self.micro_batch_size}")
+        if self.kl_estimator not in ("k1", "k3", "abs", "mse"):
+            raise ValueError(f"unknown kl_estimator {self.kl_estimator!r}")
+        if not (self.temperature > 0 and self.steps >= 1 and self.ppo_epochs >= 1 and self.max_new_tokens >= 1):
+            raise ValueError("need temperature > 0, steps >= 1, ppo_epochs >= 1, max_new_tokens >= 1")
+        if self.ema_decay is not None and not 0 < self.ema_decay < 1:
+            raise ValueError("ema_decay must lie in (0, 1)")
+
+    @property
+    def num_mini_batches(self) -> int:
+        return self.batch_size // self.mini_batch_size
+
+
+# ----------------------------------------------------------------------------- models
+
+
+class PolicyAndValue(nn.Module):
+    """The trained parameters in one module (one optimizer, one DDP wrapper).
+
+    ``value_model`` is a separate :class:`labkit.reward.RewardModel` (InstructGPT: value
+    function initialised from the RM); with ``value_model=None`` a scalar ``value_head`` reads
+    the policy's own last hidden state, so one forward gives logits and values.
+    """
+
+    def __init__(self, policy: nn.Module, value_model: nn.Module | None, value_head: nn.Linear | None = None):
+        super().__init__()
+        self.policy, self.value_model, self.value_head = policy, value_model, value_head
+
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, n_response: int | None):
+        """Logits (B, R, V) predicting the last R tokens and values (B, R) before each of them.
+
+        ``n_response=None``: logits (B, T, V) of the whole sequence, for the PPO-ptx LM loss.
+        """
+        position_ids = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)  # (B, T): left padding
+        if n_response is None:
+            return self.policy(input_ids=input_ids, attention_mask=attention_mask,
+                               position_ids=position_ids, use_cache=False).logits  # (B, T, V)
+        R = n_response
+        if self.value_model is not None:
+            # logits_to_keep: the unembedding (V = 49k columns) runs on the response only
+            logits = self.policy(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
+                                 use_cache=False, logits_to_keep=R + 1).logits[:, :-1]  # (B, R, V)
+            values = self.value_model.token_values(input_ids, attention_mask)[:, -R - 1:-1]  # (B, R)
+            return logits, values
+        hidden = self.policy.get_decoder()(input_ids=input_ids, attention_mask=attention_mask,
+                                           position_ids=position_ids, use_cache=False).last_hidden_state
+        hidden = hidden[:, -R - 1:-1]  # (B, R, H)
+        logits = self.policy.get_output_embeddings()(hidden)  # (B, R, V)
+        with torch.autocast(hidden.device.type, enabled=False):
+            values = F.linear(hidden.float(), self.value_head.weight.float()).squeeze(-1)  # (B, R)
+        return logits, values
+
+
+def build_models(config: PPOConfig, device: torch.device):
+    """(PolicyAndValue, reference or None, reward model or None, tokenizer, RM tokenizer)."""
+    from labkit.reward import RewardModel, load_reward_model
+
+    policy, tokenizer = load_model(config.policy, dtype="float32", device=device, seed=config.seed)
+    policy.generation_config.pad_token_id = tokenizer.pad_token_id
+    reference = None
+    if config.use_lora:
+        from peft import LoraConfig, get_peft_model
+
+        lora = LoraConfig(r=config.lora_r, lora_alpha=config.lora_alpha, lora_dropout=0.0,
+                          target_modules="all-linear", task_type="CAUSAL_LM")
+        policy = get_peft_model(policy, lora)  # reference = this model with adapters disabled
+    else:
+        reference, _ = load_model(config.policy, dtype="float32", device=device, seed=config.seed)
+        reference.requires_grad_(False).eval()
+
+    reward_model = rm_tokenizer = None
+    if config.reward_model is not None:
+        reward_model, rm_tokenizer = load_reward_model(config.reward_model, dtype="float32", device=device)
+        reward_model.requires_grad_(False).eval()
+
+    value_model = value_head = None
+    hidden_size = policy.config.hidden_size
+    if config.share_backbone:
+        value_head = nn.Linear(hidden_size, 1, bias=False).to(device)
+        if reward_model is not None:
+            value_head.weight.data.copy_(reward_model.head.weight.data)
+        else:  # a scripted reward has no RM to start from: values start at 0
+            nn.init.zeros_(value_head.weight)
+    elif config.reward_model is not None:
+        value_model = RewardModel.from_pretrained(config.reward_model, dtype="float32", device=device)
+    else:  # scripted reward: value model = a second copy of the policy's backbone, zero head
+        backbone_source, _ = load_model(config.policy, dtype="float32", device=device, seed=config.seed)
+        value_model = RewardModel.from_causal_lm(backbone_source)
+        # A random head would start with values of arbitrary scale, and their errors would
+        # swamp the advantages of the first steps; a zero head starts as "no idea" (V = 0).
+        nn.init.zeros_(value_model.head.weight)
+    model = PolicyAndValue(policy, value_model, value_head)
+    model.eval()  # dropout off in policy and value (Huang et al. 2023); no layer here needs train()
+    return model, reference, reward_model, tokenizer, rm_tokenizer
+
+
+# ----------------------------------------------------------------------------- rollout
+
+
+def prompt_text(record) -> str:
+    return record if isinstance(record, str) else record["prompt"]
+
+
+def step_indices(step: int, batch_size: int, n: int, seed: int) -> list[int]:
+    """Prompt indices of ``step``: a fresh permutation of the n prompts per pass over them."""
+    out = []
+    for i in range(step * batch_size, (step + 1) * batch_size):
+        epoch, j = divmod(i, n)
+        out.append(int(np.random.default_rng([seed, epoch]).permutation(n)[j]))
+    return out
+
+
+@torch.no_grad()
+def rollout(model: PolicyAndValue, reference: nn.Module | None, tokenizer, prompts: list[str],
+            config: PPOConfig, device: torch.device) -> dict:
+    """Generate responses and compute logprobs, ref_logprobs, values and entropy (no grad)."""
+    from transformers import GenerationConfig
+
+    texts = [format_prompt(tokenizer, p) for p in prompts]
+    tokenizer.truncation_side = "left"
+    enc = tokenizer(texts, return_tensors="pt", padding=True, truncation=True,
+                    max_length=config.max_prompt_length, add_special_tokens=False)
+    n_cut = sum(len(ids) > config.max_prompt_length
+                for ids in tokenizer(texts, add_special_tokens=False)["input_ids"])
+    queries, query_mask = enc.input_ids.to(device), enc.attention_mask.to(device)  # (B, Tq): left-padded
+    gen = GenerationConfig(max_new_tokens=config.max_new_tokens, do_sample=True,
+                           temperature=config.temperature, top_k=0, top_p=1.0,  # plain sampling:
+                           eos_token_id=tokenizer.eos_token_id,  # log-probs below match it
+                           pad_token_id=tokenizer.pad_token_id)
+    bf16 = autocast(device, enabled=config.bf16)
+    t0 = time.perf_counter()
+    chunks = []
+    for s in range(0, len(prompts), config.micro_batch_size):  # KV-cached batched sampling
+        with bf16:
+            out = model.policy.generate(input_ids=queries[s:s + config.micro_batch_size],
+                                        attention_mask=query_mask[s:s + config.micro_batch_size],
+                                        generation_config=gen)
+        chunks.append(out[:, queries.shape[1]:])
+    R = max(c.shape[1] for c in chunks)
+    responses = torch.cat([F.pad(c, (0, R - c.shape[1]), value=tokenizer.pad_token_id) for c in chunks])  # (B, R)
+    # The response runs up to and including the first EOS; anything after it is padding.
+    is_eos = responses == tokenizer.eos_token_id  # (B, R)
+    after_eos = (is_eos.long().cumsum(1) - is_eos.long()) > 0  # (B, R): strictly after the first EOS
+    response_mask = (~after_eos).long()  # (B, R)
+    has_eos = is_eos.any(1)  # (B,)
+    responses = responses.masked_fill(after_eos, tokenizer.pad_token_id)
+    t_generate = time.perf_counter() - t0
+
+    input_ids = torch.cat([queries, responses], 1)  # (B, Tq + R)
+    attention_mask = torch.cat([query_mask, response_mask], 1)  # (B, Tq + R)
+    logprobs, ref_logprobs, values, entropy = [], [], [], []
+    for s in range(0, len(prompts), config.micro_batch_size):  # one forward per model, never twice
+        ids, am, resp = (x[s:s + config.micro_batch_size] for x in (input_ids, attention_mask, responses))
+        with bf16:
+            logits, v = model(ids, am, R)  # (b, R, V), (b, R)
+            logits = logits.float() / config.temperature  # sampling temperature, in every log-prob
+            logprobs.append(logprobs_from_logits(logits, resp))
+            entropy.append(entropy_from_logits(logits))
+            values.append(v.float())
+            ref_logprobs.append(reference_logprobs(model, reference, ids, am, resp, R, config.temperature))
+    return {"prompts": prompts, "queries": queries, "responses": responses, "input_ids": input_ids,
+            "attention_mask": attention_mask, "response_mask": response_mask, "has_eos": has_eos,
+            "logprobs": torch.cat(logprobs), "ref_logprobs": torch.cat(ref_logprobs),
+            "values": torch.cat(values), "entropy": torch.cat(entropy), "n_truncated_prompts": n_cut,
+            "texts": tokenizer.batch_decode(responses, skip_special_tokens=True), "t_generate": t_generate}
+
+
+def reference_logprobs(model: PolicyAndValue, reference, input_ids, attention_mask, responses, R, temperature):
+    """log pi_SFT of the response tokens (B, R): the frozen copy, or the policy with LoRA off."""
+    position_ids = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)  # (B, T)
+    context = model.policy.disable_adapter() if reference is None else contextlib.nullcontext()
+    with context:
+        net = model.policy if reference is None else reference
+        logits = net(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
+                     use_cache=False, logits_to_keep=R + 1).logits[:, :-1]  # (B, R, V)
+    return logprobs_from_logits(logits.float() / temperature, responses)
+
+
+def score_responses(batch: dict, records: list, reward_model, rm_tokenizer, reward_fn, config) -> torch.Tensor:
+    """Scores (B,) from the RM (read at the EOS after the response) or the scripted reward_fn."""
+    prompts, texts = batch["prompts"], batch["texts"]
+    if reward_fn is not None:
+        scores = reward_fn(prompts, texts)
+    else:
+        scores = reward_model.score(rm_tokenizer, prompts, texts, batch_size=config.micro_batch_size,
+                                    progress=False)
+    return torch.tensor([float(s) for s in scores], dtype=torch.float32, device=batch["logprobs"].device)
+
+
+# ----------------------------------------------------------------------------- optimisation
+
+
+def ppo_update(ddp_model, model: PolicyAndValue, optimizer, accelerator, batch: dict, advantages, returns,
+               config: PPOConfig, ptx_batches: list | None, ema: dict | None):
+    """``ppo_epochs`` passes over the batch in shuffled minibatches; returns mean statistics."""
+    device = advantages.device
+    B = advantages.shape[0]  # episodes on this process
+    mini = config.mini_batch_size // accelerator.num_processes
+    micro = config.micro_batch_size
+    n_micro = mini // micro  # gradient accumulation steps
+    R = batch["responses"].shape[1]
+    params = [p for p in ddp_model.parameters() if p.requires_grad]
+    stats = {k: [] for k in ("loss/policy", "loss/value", "loss/ptx", "policy/clipfrac", "policy/approxkl",
+                             "val/clipfrac")}
+    ptx_i = 0
+    for epoch in range(config.ppo_epochs):
+        order = torch.randperm(B, device=device)
+        for start in range(0, B, mini):
+            optimizer.zero_grad(set_to_none=True)
+            for m in range(n_micro):
+                idx = order[start + m * micro: start + (m + 1) * micro]
+                mask = batch["response_mask"][idx]  # (b, R)
+                with autocast(device, enabled=config.bf16):
+                    logits, values = ddp_model(batch["input_ids"][idx], batch["attention_mask"][idx], R)
+                    logprobs = logprobs_from_logits(logits.float() / config.temperature, batch["responses"][idx])
+                pg_loss, pg_clipfrac, approxkl = policy_loss(logprobs, batch["logprobs"][idx], advantages[idx],
+                                                             mask, config.cliprange)
+                vf_loss, vf_clipfrac = value_loss(values.float(), batch["values"][idx], returns[idx], mask,
+                                                  config.cliprange_value)
+                loss = pg_loss + config.vf_coef * vf_loss
+                check_finite(accelerator, loss, "PPO loss")
+                accelerator.backward(loss / n_micro)
+                ptx_loss = torch.zeros((), device=device)
+                if config.ptx_coef > 0:  # PPO-ptx (InstructGPT eq. 2): a separate forward/backward
+                    ids, am = (x.to(device) for x in ptx_batches[ptx_i % len(ptx_batches)])
+                    ptx_i += 1
+                    with autocast(device, enabled=config.bf16):
+                        ptx_logits = ddp_model(ids, am, None)  # (b, T, V)
+                    ptx_loss = masked_mean(-logprobs_from_logits(ptx_logits[:, :-1], ids[:, 1:]), am[:, 1:])
+                    check_finite(accelerator, ptx_loss, "PPO-ptx loss")
+                    accelerator.backward(config.ptx_coef * ptx_loss / n_micro)
+                for k, v in zip(stats, (pg_loss, vf_loss, ptx_loss, pg_clipfrac, approxkl, vf_clipfrac)):
+                    stats[k].append(float(v.detach()))
+            grad_norm = accelerator.clip_grad_norm_(params, config.max_grad_norm)
+            check_finite(accelerator, torch.as_tensor(grad_norm), "gradient norm")
+            optimizer.step()
+            if ema is not None:
+                update_ema(ema, model.policy, config.ema_decay)
+    optimizer.zero_grad(set_to_none=True)
+    return {k: float(np.mean(v)) for k, v in stats.items()}
+
+
+class NonFiniteError(RuntimeError):
+    """A loss or score became NaN/inf; the run stops and keeps its last good checkpoint."""
+
+
+def check_finite(accelerator, value: torch.Tensor, what: str) -> None:
+    bad = torch.tensor(0.0 if torch.isfinite(value).all() else 1.0, device=value.device)
+    if accelerator.num_processes > 1:
+        bad = accelerator.reduce(bad, "sum")
+    if bad > 0:
+        raise NonFiniteError(f"{what} is not finite")
+
+
+def trainable_policy_params(policy: nn.Module) -> dict[str, torch.Tensor]:
+    return {n: p for n, p in policy.named_parameters() if p.requires_grad}
+
+
+def update_ema(ema: dict, policy: nn.Module, decay: float) -> None:
+    """ema <- decay * ema + (1 - decay) * weights, after every optimizer step."""
+    with torch.no_grad():
+        for name, p in trainable_policy_params(policy).items():
+            ema[name].mul_(decay).add_(p.detach(), alpha=1.0 - decay)
+
+
+def ptx_micro_batches(config: PPOConfig, tokenizer, step: int) -> list:
+    """Right-padded (input_ids, attention_mask) micro-batches of ptx texts for one step."""
+    texts = config.ptx_texts
+    n = config.batch_size // config.micro_batch_size * config.ppo_epochs
+    rng = np.random.default_rng([config.seed, 7, step])
+    chosen = [texts[i] for i in rng.integers(0, len(texts), n * config.micro_batch_size)]
+    out = []
+    saved_side = tokenizer.padding_side
+    tokenizer.padding_side, tokenizer.truncation_side = "right", "right"
+    for s in range(0, len(chosen), config.micro_batch_size):
+        enc = tokenizer(chosen[s:s + config.micro_batch_size], return_tensors="pt", padding=True,
+                        truncation=True, max_length=config.ptx_max_length, add_special_tokens=False)
+        out.append((enc.input_ids, enc.attention_mask))
+    tokenizer.padding_side = saved_side
+    return out
+
+
+def default_ptx_texts(tokenizer) -> list[str]:
+    """The SFT demonstrations as the model sees them: formatted prompt + response + EOS."""
+    from labkit.data import load_demonstrations
+
+    return [format_prompt(tokenizer, d["prompt"]) + d["response"] + tokenizer.eos_token
+            for d in load_demonstrations()]
+
+
+# ----------------------------------------------------------------------------- checkpoints
+
+
+def rng_state() -> dict:
+    np_state = np.random.get_state()
+    return {"python": random.getstate(), "torch": torch.get_rng_state(),
+            "numpy": (np_state[0], np_state[1].tolist(), *np_state[2:]),
+            "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []}
+
+
+def set_rng_state(state: dict) -> None:
+    version, internal, gauss = state["python"]
+    random.setstate((version, tuple(internal), gauss))
+    torch.set_rng_state(state["torch"])
+    name, keys, *rest = state["numpy"]
+    np.random.set_state((name, np.array(keys, dtype=np.uint32), *rest))
+    if state["cuda"] and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def save_checkpoint(path: Path, accelerator, model: PolicyAndValue, optimizer, step: int, kl_ctl,
+                    ema: dict | None, history: list, rng: dict) -> None:
+    """Weights, optimizer, EMA, KL controller, metrics so far and every process's RNG states."""
+    from safetensors.torch import save_file, save_model
+
+    tmp = path.with_name(path.name + ".tmp")
+    if accelerator.is_main_process:
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir(parents=True)
+    accelerator.wait_for_everyone()
+    torch.save(rng, tmp / f"rng_{accelerator.process_index}.pt")
+    if accelerator.is_main_process:
+        save_model(model, str(tmp / "model.safetensors"))
+        torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
+        if ema is not None:
+            save_file({k: v.contiguous() for k, v in ema.items()}, str(tmp / "ema.safetensors"))
+        (tmp / "state.json").write_text(json.dumps({"step": step, "kl_ctl": kl_ctl.state_dict(),
+                                                    "world_size": accelerator.num_processes,
+                                                    "history": history}))
+    accelerator.wait_for_everyone()
+    if accelerator.is_main_process:  # swap in the new checkpoint; the old one goes last
+        old = path.with_name(path.name + ".old")
+        shutil.rmtree(old, ignore_errors=True)
+        if path.exists():
+            path.rename(old)
+        tmp.rename(path)
+        shutil.rmtree(old, ignore_errors=True)
+    accelerator.wait_for_everyone()
+
+
+def load_checkpoint(path: Path, accelerator, model: PolicyAndValue, optimizer, kl_ctl, ema: dict | None):
+    """Restore what :func:`save_checkpoint` wrote; returns (step, history, rng state of this process)."""
+    from safetensors.torch import load_file, load_model as load_safetensors
+
+    if not path.exists() and path.with_name(path.name + ".old").exists():
+        path = path.with_name(path.name + ".old")  # a crash between the two renames
+    state = json.loads((path / "state.json").read_text())
+    if state["world_size"] != accelerator.num_processes:
+        raise ValueError(f"checkpoint {path} was written by {state['world_size']} processes; "
+                         f"resume with the same number (now {accelerator.num_processes})")
+    load_safetensors(model, str(path / "model.safetensors"), device=str(accelerator.device))
+    optimizer.load_state_dict(torch.load(path / "optimizer.pt", weights_only=True, map_location=accelerator.device))
+    if ema is not None:
+        for k, v in load_file(str(path / "ema.safetensors"), device=str(accelerator.device)).items():
+            ema[k].copy_(v)
+    kl_ctl.load_state_dict(state["kl_ctl"])
+    rng = torch.load(path / f"rng_{accelerator.process_index}.pt", weights_only=True)
+    return state["step"], state["history"], rng
+
+
+def save_policy(path: Path, model: PolicyAndValue, tokenizer, ema: dict | None) -> str:
+    """The final policy as a folder ``load_model(path)`` reads (EMA weights if kept, LoRA merged)."""
+    policy = model.policy
+    if ema is not None:
+        with torch.no_grad():
+            for name, p in trainable_policy_params(policy).items():
+                p.copy_(ema[name])
+    if hasattr(policy, "merge_and_unload"):
+        policy = policy.merge_and_unload()
+    policy.save_pretrained(path, safe_serialization=True)
+    tokenizer.save_pretrained(path)
+    return str(path)
+
+
+@contextlib.contextmanager
+def defer_interrupt():
+    """Hold a Ctrl-C (SIGINT) until the block ends, so an update phase is never cut in half."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    received = []
+    previous = signal.signal(signal.SIGINT, lambda *_: received.append(True))
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, previous)
+    if received:
+        raise KeyboardInterrupt
+
+
+# ----------------------------------------------------------------------------- training
+
+
+def reduce_mean(accelerator, values: dict[str, float]) -> dict[str, float]:
+    """Average scalar statistics over processes (every process holds the same number of episodes)."""
+    if accelerator.num_processes == 1:
+        return values
+    t = torch.tensor(list(values.values()), dtype=torch.float64, device=accelerator.device)
+    t = accelerator.reduce(t, "mean")
+    return dict(zip(values, t.tolist()))
+
+
+def train_ppo(config: PPOConfig) -> dict:
+    """Run PPO; returns the last step's metrics plus ``history``, ``policy_dir`` and ``stopped``.
+
+    >>> train_ppo(PPOConfig(policy="tiny", reward_fn=lambda p, r: [len(x) / 100 for x in r], steps=5))
+    """
+    from accelerate import Accelerator
+    from accelerate.utils import DistributedDataParallelKwargs
+    from tqdm.auto import tqdm
+
+    ddp_kwargs = DistributedDataParallelKwargs(find_unused_parameters=config.ptx_coef > 0)
+    accelerator = Accelerator(kwargs_handlers=[ddp_kwargs])
+    device, rank, world = accelerator.device, accelerator.process_index, accelerator.num_processes
+    if config.batch_size % world or (config.mini_batch_size // world) % config.micro_batch_size:
+        raise ValueError(f"with {world} processes, batch_size and mini_batch_size must split into "
+                         f"equal per-process parts that are multiples of micro_batch_size={config.micro_batch_size}")
+    random.seed(config.seed + rank)
+    np.random.seed(config.seed + rank)
+    torch.manual_seed(config.seed + rank)
+    out_dir = Path(config.output_dir)
+    ckpt_dir = out_dir / "checkpoint"
+
+    model, reference, reward_model, tokenizer, rm_tokenizer = build_models(config, device)
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=config.learning_rate,
+                                  eps=config.adam_eps, weight_decay=0.0)
+    ddp_model, optimizer = accelerator.prepare(model, optimizer)
+    kl_ctl = (AdaptiveKLController(config.kl_coef, config.target_kl, config.kl_horizon) if config.adaptive_kl
+              else FixedKLController(config.kl_coef))
+    ema = ({k: v.detach().clone() for k, v in trainable_policy_params(model.policy).items()}
+           if config.ema_decay is not None else None)
+
+    records = config.prompts
+    if records is None:
+        from labkit.data import load_prompts
+
+        records = load_prompts("ppo")
+    if config.ptx_coef > 0 and config.ptx_texts is None:
+        config.ptx_texts = default_ptx_texts(tokenizer)
+    gold = None
+    if config.gold_every:
+        try:
+            from labkit.labelers import GoldLabeler
+
+            gold = GoldLabeler()
+        except ImportError:
+            warnings.warn("labkit.labelers.GoldLabeler is unavailable; objective/gold is not logged")
+
+    start_step, history = 0, []
+    if config.resume and (ckpt_dir.exists() or ckpt_dir.with_name("checkpoint.old").exists()):
+        start_step, history, rng = load_checkpoint(ckpt_dir, accelerator, model, optimizer, kl_ctl, ema)
+        set_rng_state(rng)
+        accelerator.print(f"labkit.ppo: resumed from {ckpt_dir} at step {start_step}")
+    dash = None
+    if config.dashboard and accelerator.is_main_process:
+        from labkit.live import LiveDashboard
+
+        dash = LiveDashboard("PPO")
+        for h in history:
+            dash.log(h["step"], h)
+    samples_path = out_dir / "samples.jsonl"
+    if accelerator.is_main_process:
+        out_dir.mkdir(parents=True, exist_ok=True)
+
+    stopped, step = None, start_step
+    bar = tqdm(range(start_step, config.steps), desc="PPO", disable=not (config.progress and accelerator.is_main_process))
+    for step in bar:
+        rng_at_start = rng_state()
+        try:
+            t_step = time.perf_counter()
+            idx = step_indices(step, config.batch_size, len(records), config.seed)[rank::world]
+            step_records = [records[i] for i in idx]
+
+            # 1. rollout: sample responses (KV-cached, left-padded); logprobs, ref_logprobs, values
+            batch = rollout(model, reference, tokenizer, [prompt_text(r) for r in step_records], config, device)
+            t_rollout = time.perf_counter() - t_step
+
+            # 2. score: RM (or scripted reward) on the decoded text
+            t0 = time.perf_counter()
+            scores = score_responses(batch, step_records, reward_model, rm_tokenizer, config.reward_fn, config)
+            check_finite(accelerator, scores, "reward score")
+            t_score = time.perf_counter() - t0
+            raw_scores = scores
+            if config.whiten_scores:
+                scores = masked_whiten(scores, torch.ones_like(scores))
+
+            with defer_interrupt():  # from here on the step completes before a Ctrl-C is honoured
+                t0 = time.perf_counter()
+                mask = batch["response_mask"]  # (B, R)
+                # 4. shaped rewards: -kl_coef * KL per token, score (minus EOS penalty) at the last token
+                rewards, kl = shape_rewards(scores, batch["logprobs"], batch["ref_logprobs"], mask, kl_ctl.value,
+                                            config.kl_estimator, batch["has_eos"], config.missing_eos_penalty)
+                if config.whiten_rewards:
+                    rewards = masked_whiten(rewards, mask, shift_mean=False)
+                # 5. advantages (GAE) and returns; advantage whitening
+                advantages, returns = compute_gae(rewards, batch["values"], mask, config.gamma, config.lam)
+                if config.whiten_advantages:
+                    advantages = masked_whiten(advantages, mask)
+                # 6. ppo_epochs of clipped policy + value updates over minibatches
+                ptx = ptx_micro_batches(config, tokenizer, step) if config.ptx_coef > 0 else None
+                train_stats = ppo_update(ddp_model, model, optimizer, accelerator, batch, advantages, returns,
+                                         config, ptx, ema)
+                t_train = time.perf_counter() - t0
+
+                # 7. metrics (averaged over processes)
+                kl_coef_used = kl_ctl.value
+                n_tokens = mask.sum(1).float()  # (B,)
+                episode_kl = kl.sum(1)  # (B,)
+                local = {
+                    "objective/kl": float(episode_kl.mean()),
+                    "objective/entropy": float((batch["entropy"] * mask).sum(1).mean()),
+                    "objective/rlhf_reward": float(rewards.sum(1).mean()) if not config.whiten_rewards else
+                    float((raw_scores - kl_coef_used * episode_kl).mean()),
+                    "objective/scores": float(raw_scores.mean()),
+                    "val/mean": float(masked_mean(batch["values"], mask)),
+                    "response/length": float(n_tokens.mean()),
+                    "response/eos_rate": float(batch["has_eos"].float().mean()),
+                    "prompts/truncated": float(batch["n_truncated_prompts"]),
+                    **train_stats,
+                }
+                if gold is not None and step % config.gold_every == 0:
+                    local["objective/gold"] = float(np.mean([
+                        gold.score(r if isinstance(r, dict) else {"prompt": r}, text, truncated=not eos)
+                        for r, text, eos in zip(step_records, batch["texts"], batch["has_eos"].tolist())]))
+                metrics = reduce_mean(accelerator, local)
+                metrics["prompts/truncated"] *= world
+                kl_ctl.update(metrics["objective/kl"], config.batch_size)
+                dt = time.perf_counter() - t_step
+                gen_tokens = metrics["response/length"] * config.batch_size
+                metrics.update({"step": step + 1, "objective/kl_coef": kl_coef_used,
+                                "time/rollout_s": t_rollout, "time/generate_s": batch["t_generate"],
+                                "time/score_s": t_score, "time/train_s": t_train, "time/step_s": dt,
+                                "time/tokens_per_s": gen_tokens / dt, "time/episodes_per_s": config.batch_size / dt})
+                history.append(metrics)
+                if dash is not None:
+                    dash.log(step + 1, metrics)
+                if config.sample_every and step % config.sample_every == 0 and accelerator.is_main_process:
+                    log_samples(samples_path, step + 1, batch, raw_scores)
+                bar.set_postfix({"score": f"{metrics['objective/scores']:.3f}", "kl": f"{metrics['objective/kl']:.3f}"})
+                if config.save_every and (step + 1) % config.save_every == 0 and step + 1 < config.steps:
+                    save_checkpoint(ckpt_dir, accelerator, model, optimizer, step + 1, kl_ctl, ema, history, rng_state())
+        except KeyboardInterrupt:
+            # Interrupted during rollout/score: nothing was updated yet, so the checkpoint is the
+            # state before this step. Interrupted during the update: the step was finished first.
+            done = len(history) > 0 and history[-1]["step"] == step + 1
+            save_checkpoint(ckpt_dir, accelerator, model, optimizer, step + 1 if done else step, kl_ctl, ema,
+                            history, rng_state() if done else rng_at_start)
+            accelerator.print(f"labkit.ppo: interrupted; checkpoint saved in {ckpt_dir} "
+                              "(run again with resume=True to continue)")
+            stopped = "interrupted"
+            break
+        except NonFiniteError as e:
+            accelerator.print(f"labkit.ppo: stopped at step {step + 1}: {e}. The last good checkpoint "
+                              f"(if any) stays in {ckpt_dir}; try a lower learning_rate or check the reward.")
+            stopped = "non-finite"
+            break
+
+    result = dict(history[-1]) if history else {}
+    result.update({"history": history, "stopped": stopped, "output_dir": str(out_dir), "policy_dir": None})
+    if stopped is None:
+        save_checkpoint(ckpt_dir, accelerator, model, optimizer, config.steps, kl_ctl, ema, history, rng_state())
+        if accelerator.is_main_process:
+            result["policy_dir"] = save_policy(out_dir / "policy", model, tokenizer, ema)
+        accelerator.wait_for_everyone()
+    if dash is not None:
+        dash.close()
+        dash.save(out_dir / "ppo_dashboard.html")
+    if accelerator.is_main_process:
+        (out_dir / "metrics.json").write_text(json.dumps({k: v for k, v in result.items()}, indent=1))
+    return result
+
+
+def log_samples(path: Path, step: int, batch: dict, scores: torch.Tensor, n: int = 2) -> None:
+    """Print a few responses with their scores and append them to ``samples.jsonl``."""
+    with path.open("a") as f:
+        for prompt, text, score in list(zip(batch["prompts"], batch["texts"], scores.tolist()))[:n]:
+            f.write(json.dumps({"step": step, "prompt": prompt, "response": text, "score": score}) + "\n")
+            print(f"[step {step}] score {score:+.3f} | {prompt[:60]!r} -> {text[:120]!r}")

@@ -1,0 +1,329 @@
+"""PPO: pure functions against hand-computed numbers and naive loops; tiny-model smoke runs."""
+
+import math
+
+import pytest
+import torch
+
+from labkit import ppo
+from labkit.models import load_model
+
+torch.set_num_threads(2)
+
+
+# ----------------------------------------------------------------------------- pure functions
+
+def naive_gae(rewards, values, gamma, lam):
+    """Textbook GAE over one episode given as plain Python lists."""
+    T = len(rewards)
+    adv = [0.0] * T
+    last = 0.0
+    for t in reversed(range(T)):
+        next_v = values[t + 1] if t + 1 < T else 0.0
+        delta = rewards[t] + gamma * next_v - values[t]
+        last = delta + gamma * lam * last
+        adv[t] = last
+    return adv, [a + v for a, v in zip(adv, values)]
+
+
+def test_gae_hand_computed():
+    rewards = torch.tensor([[0.0, 0.0, 1.0]])
+    values = torch.zeros(1, 3)
+    adv, ret = ppo.compute_gae(rewards, values, torch.ones(1, 3), gamma=1.0, lam=0.95)
+    assert torch.allclose(adv, torch.tensor([[0.9025, 0.95, 1.0]]))
+    assert torch.allclose(ret, adv)
+    # with values: delta_2 = 1 - 0.5; delta_1 = 0 + 0.5 - 0.2; A_1 = 0.3 + 0.95 * 0.5
+    adv, ret = ppo.compute_gae(rewards, torch.tensor([[0.0, 0.2, 0.5]]), torch.ones(1, 3), 1.0, 0.95)
+    assert adv[0, 2].item() == pytest.approx(0.5)
+    assert adv[0, 1].item() == pytest.approx(0.3 + 0.95 * 0.5)
+    assert ret[0, 1].item() == pytest.approx(adv[0, 1].item() + 0.2)
+
+
+@pytest.mark.parametrize("side", ["right", "left"])
+def test_gae_matches_naive_loop_and_ignores_padding(side):
+    g = torch.Generator().manual_seed(0)
+    B, T, gamma, lam = 6, 9, 0.9, 0.8
+    rewards, values = torch.randn(B, T, generator=g), torch.randn(B, T, generator=g)
+    lengths = torch.tensor([9, 1, 4, 7, 0, 5])
+    pos = torch.arange(T)[None]
+    mask = (pos < lengths[:, None]) if side == "right" else (pos >= T - lengths[:, None])
+    adv, ret = ppo.compute_gae(rewards, values, mask, gamma, lam)
+    for b in range(B):
+        keep = mask[b]
+        ref_adv, ref_ret = naive_gae(rewards[b][keep].tolist(), values[b][keep].tolist(), gamma, lam)
+        assert torch.allclose(adv[b][keep], torch.tensor(ref_adv), atol=1e-5)
+        assert torch.allclose(ret[b][keep], torch.tensor(ref_ret), atol=1e-5)
+        assert (adv[b][~keep] == 0).all() and (ret[b][~keep] == 0).all()
+    # garbage in the padding changes nothing
+    noisy = ppo.compute_gae(rewards.masked_fill(~mask, 1e6), values.masked_fill(~mask, -1e6), mask, gamma, lam)
+    assert torch.equal(noisy[0], adv) and torch.equal(noisy[1], ret)
+
+
+def test_policy_loss_hand_cases():
+    # four tokens: (ratio, advantage) = (1.5, +1), (0.5, +1), (0.5, -1), (1.5, -1); cliprange 0.2
+    # per-token max(-A r, -A clip(r)) = max(-1.5, -1.2), max(-0.5, -0.8), max(0.5, 0.8), max(1.5, 1.2)
+    old = torch.zeros(1, 5)
+    new = torch.log(torch.tensor([[1.5, 0.5, 0.5, 1.5, 9.0]]))
+    adv = torch.tensor([[1.0, 1.0, -1.0, -1.0, 100.0]])
+    mask = torch.tensor([[1, 1, 1, 1, 0]])  # the last token is padding and must not count
+    loss, clipfrac, approxkl = ppo.policy_loss(new, old, adv, mask, cliprange=0.2)
+    assert loss.item() == pytest.approx((-1.2 - 0.5 + 0.8 + 1.5) / 4)
+    assert clipfrac.item() == pytest.approx(0.5)  # tokens 1 and 3 were clipped
+    assert approxkl.item() == pytest.approx(0.5 * (2 * math.log(1.5) ** 2 + 2 * math.log(0.5) ** 2) / 4)
+    # clipped tokens get no gradient; unclipped ones get -A * ratio / n
+    new = new.clone().requires_grad_(True)
+    ppo.policy_loss(new, old, adv, mask, 0.2)[0].backward()
+    assert torch.allclose(new.grad, torch.tensor([[0.0, -0.5 / 4, 0.0, 1.5 / 4, 0.0]]))
+
+
+def test_value_loss_hand_cases():
+    old = torch.zeros(1, 4)
+    returns = torch.tensor([[1.0, 1.0, -1.0, 5.0]])
+    values = torch.tensor([[0.5, 0.1, 0.5, 0.0]])
+    mask = torch.tensor([[1, 1, 1, 0]])
+    loss, clipfrac = ppo.value_loss(values, old, returns, mask, cliprange_value=0.2)
+    # token 0: V clipped to 0.2: max(0.25, 0.64); token 1: inside the clip range: 0.81;
+    # token 2: V clipped to 0.2: max(2.25, 1.44) = 2.25 (clipping only ever makes the loss larger)
+    assert loss.item() == pytest.approx(0.5 * (0.64 + 0.81 + 2.25) / 3)
+    assert clipfrac.item() == pytest.approx(1 / 3)
+
+
+def test_masked_statistics():
+    g = torch.Generator().manual_seed(1)
+    x = torch.randn(4, 7, generator=g)
+    mask = torch.rand(4, 7, generator=g) > 0.4
+    sel = x[mask]
+    assert ppo.masked_mean(x, mask).item() == pytest.approx(sel.mean().item(), abs=1e-6)
+    assert ppo.masked_var(x, mask).item() == pytest.approx(sel.var(unbiased=True).item(), abs=1e-5)
+    assert ppo.masked_var(x, mask, unbiased=False).item() == pytest.approx(sel.var(unbiased=False).item(), abs=1e-5)
+    assert torch.allclose(ppo.masked_mean(x, mask, dim=1),
+                          torch.stack([x[b][mask[b]].mean() for b in range(4)]), atol=1e-6)
+    w = ppo.masked_whiten(x, mask)
+    assert w[mask].mean().item() == pytest.approx(0.0, abs=1e-6)
+    assert w[mask].std().item() == pytest.approx(1.0, abs=1e-4)
+    assert (w[~mask] == 0).all()
+    w2 = ppo.masked_whiten(x, mask, shift_mean=False)
+    assert w2[mask].mean().item() == pytest.approx(sel.mean().item(), abs=1e-5)  # scale only
+    assert w2[mask].std().item() == pytest.approx(1.0, abs=1e-4)
+
+
+def test_kl_estimators_hand_values_and_monte_carlo():
+    lp, ref = torch.tensor([[-1.0]]), torch.tensor([[-2.0]])  # log ratio 1
+    assert ppo.kl_penalty(lp, ref, "k1").item() == pytest.approx(1.0)
+    assert ppo.kl_penalty(lp, ref, "k3").item() == pytest.approx(math.exp(-1) - 1 + 1)
+    assert ppo.kl_penalty(ref, lp, "abs").item() == pytest.approx(1.0)
+    assert ppo.kl_penalty(lp, ref, "mse").item() == pytest.approx(0.5)
+    with pytest.raises(ValueError):
+        ppo.kl_penalty(lp, ref, "k2")
+    # k1 and k3 are unbiased: their mean over samples from p approaches KL(p || q)
+    g = torch.Generator().manual_seed(0)
+    p = torch.softmax(torch.randn(6, generator=g), 0)
+    q = torch.softmax(torch.randn(6, generator=g), 0)
+    true_kl = (p * (p / q).log()).sum().item()
+    tokens = torch.multinomial(p, 200_000, replacement=True, generator=g)[None]
+    lp, ref = p.log()[tokens], q.log()[tokens]
+    for kind in ("k1", "k3"):
+        assert ppo.kl_penalty(lp, ref, kind).mean().item() == pytest.approx(true_kl, rel=0.03)
+    assert (ppo.kl_penalty(lp, ref, "k3") >= 0).all()
+
+
+def test_shape_rewards_kl_per_token_score_at_last_and_eos_penalty():
+    logprobs = torch.tensor([[-1.0, -1.0, -1.0], [-0.5, -2.0, -9.0]])
+    ref_logprobs = torch.tensor([[-1.5, -0.5, -1.0], [-1.0, -1.0, 7.0]])
+    mask = torch.tensor([[1, 1, 1], [1, 1, 0]])
+    scores = torch.tensor([2.0, 3.0])
+    has_eos = torch.tensor([False, True])
+    rewards, kl = ppo.shape_rewards(scores, logprobs, ref_logprobs, mask, kl_coef=0.1,
+                                    has_eos=has_eos, missing_eos_penalty=1.0)
+    assert torch.allclose(kl, torch.tensor([[0.5, -0.5, 0.0], [0.5, -1.0, 0.0]]))
+    # row 0 hit the length limit: score 2 - 1; row 1 ends at index 1 (index 2 is padding)
+    assert torch.allclose(rewards, torch.tensor([[-0.05, 0.05, 1.0], [-0.05, 0.1 + 3.0, 0.0]]))
+    rewards0, _ = ppo.shape_rewards(scores, logprobs, ref_logprobs, mask, 0.1, has_eos=has_eos)
+    assert rewards0[0, 2].item() == pytest.approx(2.0)  # penalty off by default in the function
+
+
+def test_kl_controllers():
+    fixed = ppo.FixedKLController(0.05)
+    fixed.update(100.0, 64)
+    assert fixed.value == 0.05
+    ctl = ppo.AdaptiveKLController(0.1, target=6.0, horizon=10_000)
+    ctl.update(12.0, 256)  # error 1 -> clipped to 0.2
+    assert ctl.value == pytest.approx(0.1 * (1 + 0.2 * 256 / 10_000))
+    ctl.update(5.4, 100)  # error -0.1
+    assert ctl.value == pytest.approx(0.1 * (1 + 0.2 * 256 / 10_000) * (1 - 0.1 * 100 / 10_000))
+    other = ppo.AdaptiveKLController(1.0, 6.0, 10_000)
+    other.load_state_dict(ctl.state_dict())
+    assert other.value == ctl.value
+
+
+def test_logprobs_and_entropy_from_logits():
+    g = torch.Generator().manual_seed(0)
+    logits = torch.randn(2, 3, 11, generator=g)
+    labels = torch.randint(0, 11, (2, 3), generator=g)
+    dist = torch.distributions.Categorical(logits=logits)
+    assert torch.allclose(ppo.logprobs_from_logits(logits, labels), dist.log_prob(labels), atol=1e-6)
+    assert torch.allclose(ppo.entropy_from_logits(logits), dist.entropy(), atol=1e-5)
+    assert torch.equal(ppo.last_index(torch.tensor([[1, 1, 0], [0, 1, 1], [0, 0, 0]])), torch.tensor([1, 2, 0]))
+
+
+def test_config_checks():
+    with pytest.raises(ValueError, match="reward_model"):
+        ppo.PPOConfig(policy="tiny")
+    with pytest.raises(ValueError, match="mini_batch_size"):
+        ppo.PPOConfig(policy="tiny", reward_fn=len, batch_size=10, mini_batch_size=4)
+    with pytest.raises(ValueError, match="micro_batch_size"):
+        ppo.PPOConfig(policy="tiny", reward_fn=len, batch_size=8, mini_batch_size=8, micro_batch_size=3)
+    assert ppo.PPOConfig(policy="tiny", reward_fn=len).num_mini_batches == 2
+
+
+# ----------------------------------------------------------------------------- smoke runs
+
+PROMPTS = [{"id": f"t-{i}", "prompt": f"Tell me about topic number {i}.", "category": "open_qa",
+            "style": "plain", "checks": [{"type": "max_words", "n": 5}], "harmful": False} for i in range(32)]
+
+
+@pytest.fixture(scope="module")
+def peaked_tiny(tmp_path_factory):
+    """The tiny model with its final norm scaled up: a peaked next-token distribution in which a
+    newline is a common but not dominant first token, so a reward on newlines is learnable fast."""
+    model, tok = load_model("tiny", dtype="float32")
+    with torch.no_grad():
+        model.model.norm.weight.mul_(12.0)
+    path = tmp_path_factory.mktemp("peaked_tiny")
+    model.save_pretrained(path)
+    tok.save_pretrained(path)
+    return str(path)
+
+
+def newline_reward(prompts, responses):
+    return [r.count("\n") / 8 for r in responses]
+
+
+def small_config(policy, out, **kw):
+    base = dict(policy=policy, reward_fn=newline_reward, prompts=PROMPTS, output_dir=str(out), steps=2,
+                batch_size=8, mini_batch_size=8, micro_batch_size=8, max_new_tokens=8, temperature=1.0,
+                learning_rate=2e-4, kl_coef=0.01, dashboard=False, progress=False, gold_every=0,
+                sample_every=0, save_every=0)
+    base.update(kw)
+    return ppo.PPOConfig(**base)
+
+
+@pytest.fixture(scope="module")
+def learning_run(peaked_tiny, tmp_path_factory):
+    out = tmp_path_factory.mktemp("ppo_learn")
+    return ppo.train_ppo(small_config(peaked_tiny, out, steps=8, batch_size=16, gold_every=4, sample_every=4))
+
+
+def test_reward_rises_with_bounded_kl(learning_run):
+    h = learning_run["history"]
+    first, last = h[0]["objective/scores"], sum(m["objective/scores"] for m in h[-3:]) / 3
+    assert first < 0.35 and last > first + 0.3, [m["objective/scores"] for m in h]
+    assert all(m["objective/kl"] < 10 for m in h)
+    assert h[0]["objective/kl"] == pytest.approx(0.0, abs=1e-4)  # the first rollout is the reference's
+    for name in ("objective/entropy", "objective/rlhf_reward", "objective/kl_coef", "policy/approxkl",
+                 "policy/clipfrac", "loss/policy", "loss/value", "loss/ptx", "val/clipfrac", "val/mean",
+                 "response/length", "response/eos_rate", "time/tokens_per_s", "time/episodes_per_s"):
+        assert all(math.isfinite(m[name]) for m in h), name
+    assert 0 <= h[0]["objective/gold"] <= 1 and "objective/gold" not in h[1]
+    assert h[0]["response/length"] == 8 and h[0]["response/eos_rate"] == 0  # the random model never stops
+    # rlhf_reward = score - missing-EOS penalty - kl_coef * KL, summed over the episode
+    assert h[0]["objective/rlhf_reward"] == pytest.approx(h[0]["objective/scores"] - 1.0 - 0.01 * h[0]["objective/kl"], abs=1e-4)
+
+
+def test_final_policy_loads_and_generates(learning_run, peaked_tiny):
+    model, tok = load_model(learning_run["policy_dir"], dtype="float32")
+    ref, _ = load_model(peaked_tiny, dtype="float32")
+    assert not torch.equal(model.model.norm.weight, ref.model.norm.weight)
+    enc = tok(["Tell me about topic number 3."], return_tensors="pt")
+    out = model.generate(**enc, max_new_tokens=4, do_sample=False)
+    assert out.shape == (1, enc.input_ids.shape[1] + 4)
+
+
+def test_huge_kl_coef_keeps_the_policy_near_the_reference(learning_run, peaked_tiny, tmp_path):
+    m = ppo.train_ppo(small_config(peaked_tiny, tmp_path, steps=8, batch_size=16, kl_coef=10.0))
+    kl_huge = [abs(h["objective/kl"]) for h in m["history"]]
+    kl_small = [h["objective/kl"] for h in learning_run["history"]]
+    assert max(kl_huge[-3:]) < 0.5 and sum(kl_small[-3:]) / 3 > 4 * max(kl_huge[-3:]), (kl_huge, kl_small)
+
+
+def interrupting_reward(calls_before_interrupt):
+    calls = []
+
+    def reward(prompts, responses):
+        calls.append(1)
+        if len(calls) > calls_before_interrupt:
+            raise KeyboardInterrupt
+        return newline_reward(prompts, responses)
+    return reward
+
+
+def test_ctrl_c_saves_and_resume_continues_exactly(peaked_tiny, tmp_path):
+    kw = dict(steps=4, adaptive_kl=True, target_kl=0.5, kl_horizon=100, ema_decay=0.9, mini_batch_size=4,
+              micro_batch_size=2, ppo_epochs=2)
+    full = ppo.train_ppo(small_config(peaked_tiny, tmp_path / "full", **kw))
+    part = ppo.train_ppo(small_config(peaked_tiny, tmp_path / "cut", reward_fn=interrupting_reward(2), **kw))
+    assert part["stopped"] == "interrupted" and len(part["history"]) == 2 and part["policy_dir"] is None
+    rest = ppo.train_ppo(small_config(peaked_tiny, tmp_path / "cut", resume=True, **kw))
+    assert rest["stopped"] is None and len(rest["history"]) == 4
+    drop_time = lambda h: {k: v for k, v in h.items() if not k.startswith("time/")}  # noqa: E731
+    assert [drop_time(h) for h in rest["history"]] == [drop_time(h) for h in full["history"]]
+    assert full["history"][-1]["objective/kl_coef"] != 0.01  # the adaptive controller moved (and was restored)
+    a, _ = load_model(full["policy_dir"], dtype="float32")
+    b, _ = load_model(rest["policy_dir"], dtype="float32")
+    assert all(torch.equal(x, y) for x, y in zip(a.state_dict().values(), b.state_dict().values()))
+
+
+def test_non_finite_score_stops_and_keeps_last_good_checkpoint(peaked_tiny, tmp_path):
+    calls = []
+
+    def reward(prompts, responses):
+        calls.append(1)
+        return [float("nan") if len(calls) == 3 else 0.5] * len(responses)
+
+    m = ppo.train_ppo(small_config(peaked_tiny, tmp_path, steps=5, reward_fn=reward, save_every=1))
+    assert m["stopped"] == "non-finite" and len(m["history"]) == 2 and m["policy_dir"] is None
+    import json
+    state = json.loads((tmp_path / "checkpoint" / "state.json").read_text())
+    assert state["step"] == 2
+    from safetensors.torch import load_file
+    weights = load_file(str(tmp_path / "checkpoint" / "model.safetensors"))
+    assert all(torch.isfinite(w).all() for w in weights.values())
+
+
+def test_lora_reference_is_the_adapter_free_model(peaked_tiny, tmp_path):
+    pytest.importorskip("peft")
+    m = ppo.train_ppo(small_config(peaked_tiny, tmp_path, steps=3, use_lora=True, learning_rate=1e-3))
+    h = m["history"]
+    assert h[0]["objective/kl"] == 0.0  # LoRA's B starts at zero: policy == reference exactly
+    assert h[-1]["objective/kl"] != 0.0  # the adapters learned something
+    merged, _ = load_model(m["policy_dir"], dtype="float32")
+    base, _ = load_model(peaked_tiny, dtype="float32")
+    w = "model.layers.0.self_attn.q_proj.weight"
+    assert not torch.equal(merged.state_dict()[w], base.state_dict()[w])
+
+
+def test_shared_backbone_and_ptx(peaked_tiny, tmp_path):
+    texts = ["Tell me about topic number 1.\nIt is a number."] * 4
+    m = ppo.train_ppo(small_config(peaked_tiny, tmp_path, steps=2, share_backbone=True, ptx_coef=0.5,
+                                   ptx_texts=texts))
+    h = m["history"]
+    assert all(math.isfinite(x["loss/ptx"]) and x["loss/ptx"] > 0 for x in h)
+    assert h[0]["val/mean"] == 0.0  # a scripted reward starts the value head at zero
+
+
+def test_value_model_starts_as_the_reward_model(tmp_path):
+    from labkit.reward import RewardModel
+
+    lm, tok = load_model("tiny", dtype="float32", seed=3)
+    rm = RewardModel.from_causal_lm(lm)
+    torch.nn.init.normal_(rm.head.weight, std=0.5)
+    rm.bias.fill_(0.25)
+    rm.save_pretrained(tmp_path / "rm", tokenizer=tok)
+    config = ppo.PPOConfig(policy="tiny", reward_model=str(tmp_path / "rm"), dashboard=False)
+    model, reference, reward_model, _, _ = ppo.build_models(config, torch.device("cpu"))
+    enc = tok(["Hello there, how are you?", "Hi"], return_tensors="pt", padding=True)
+    expected = rm.token_values(enc.input_ids, enc.attention_mask)
+    got = model.value_model.token_values(enc.input_ids, enc.attention_mask)
+    assert torch.allclose(got, expected, atol=1e-5)
+    assert model.value_model is not reward_model and not reward_model.head.weight.requires_grad
+    assert not any(p.requires_grad for p in reference.parameters())
