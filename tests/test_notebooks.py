@@ -1,0 +1,109 @@
+"""The six notebooks: committed clean, and each runs top to bottom on its own in smoke mode.
+
+Smoke mode injects a cell after the ``parameters`` cell (the papermill convention) that
+switches to the tiny model, tiny sizes, simulated labelers (``annotation_mode="auto"``:
+nothing waits for a human) and a fresh run folder, so every notebook must also build what an
+earlier notebook would have left.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+
+import nbformat
+import pytest
+
+NOTEBOOKS = Path(__file__).resolve().parents[1] / "notebooks"
+NAMES = ["00_tour", "01_demonstrations_sft", "02_rankings_reward_model", "03_ppo", "04_evaluation",
+         "05_beyond_ppo"]
+
+# Tiny sizes per notebook (on top of model="tiny", annotation_mode="auto", out_dir=tmp_path).
+SMOKE = {
+    "00_tour": dict(n_answers=2, max_new_tokens=8),
+    "01_demonstrations_sft": dict(n_write=2, n_demos=16, sft_max_steps=4, n_samples=3, max_new_tokens=8),
+    "02_rankings_reward_model": dict(n_rm_prompts=12, n_human=2, k=4, max_new_tokens=8, sft_max_steps=1,
+                                     rm_max_steps=2, n_check=8),
+    "03_ppo": dict(ppo_steps=2, batch_size=4, max_new_tokens=8, beta_steps=1, kl_coefs=(0.01, 0.5),
+                   n_rm_prompts=8, sft_max_steps=1, rm_max_steps=1, n_best_of=6, best_of_ns=(1, 2, 4)),
+    "04_evaluation": dict(n_eval=6, max_new_tokens=8, n_compare=3, n_rm_prompts=8, sft_max_steps=1,
+                          rm_max_steps=1, ppo_steps=1, batch_size=4),
+    "05_beyond_ppo": dict(steps=1, batch_size=4, num_generations=2, max_new_tokens=8, dpo_steps=2, n_eval=4,
+                          n_rm_prompts=8, sft_max_steps=1, rm_max_steps=2),
+}
+
+
+def load(name: str):
+    return nbformat.read(NOTEBOOKS / f"{name}.ipynb", as_version=4)
+
+
+def parameters_index(nb) -> int:
+    tagged = [i for i, c in enumerate(nb.cells) if "parameters" in c.metadata.get("tags", [])]
+    assert len(tagged) == 1, f"expected exactly one cell tagged 'parameters', found {len(tagged)}"
+    return tagged[0]
+
+
+def test_notebook_list_is_complete():
+    assert sorted(p.stem for p in NOTEBOOKS.glob("*.ipynb")) == NAMES
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_committed_clean_with_parameters_summary_exercises(name):
+    nb = load(name)
+    nbformat.validate(nb)
+    for i, cell in enumerate(nb.cells):
+        if cell.cell_type == "code":
+            assert cell.outputs == [], f"{name} cell {i} holds outputs"
+            assert cell.execution_count is None, f"{name} cell {i} has an execution count"
+    i = parameters_index(nb)
+    params = nb.cells[i]
+    assert params.cell_type == "code"
+    assert all(c.cell_type == "markdown" for c in nb.cells[:i]), "the parameters cell must be the first code cell"
+    for name_ in ("model", "out_dir", "annotation_mode"):
+        assert f"\n{name_} = " in "\n" + params.source, f"{name}: parameters cell lacks {name_!r}"
+    assert 'model = "smollm2-135m"' in params.source, "the default model is the bundled one"
+    # every smoke override names a real parameter (a renamed parameter must not go unnoticed)
+    for key in SMOKE[name]:
+        assert f"\n{key} = " in "\n" + params.source, f"{name}: smoke override {key!r} is not a parameter"
+    headings = [line.strip() for c in nb.cells if c.cell_type == "markdown" for line in c.source.splitlines()]
+    assert "## Summary" in headings and "## Exercises" in headings, f"{name} lacks a Summary or Exercises section"
+    last = nb.cells[-1]
+    assert last.cell_type == "markdown" and "## Exercises" in last.source, "the notebook ends with the exercises"
+
+
+def inject(nb, overrides: dict):
+    """Insert a cell after the parameters cell that overrides them (papermill's convention)."""
+    i = parameters_index(nb)
+    source = "\n".join(f"{k} = {v!r}" for k, v in overrides.items())
+    cell = nbformat.v4.new_code_cell(source)
+    cell.metadata["tags"] = ["injected-parameters"]
+    nb.cells.insert(i + 1, cell)
+    return nb
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", NAMES)
+def test_notebook_runs_in_smoke_mode(name, tmp_path):
+    from nbclient import NotebookClient
+
+    if name == "05_beyond_ppo":
+        pytest.importorskip("labkit.beyond", reason="labkit.beyond is not in this checkout")
+    nb = inject(load(name), dict(model="tiny", out_dir=str(tmp_path / "runs"), annotation_mode="auto",
+                                 **SMOKE[name]))
+    t0 = time.perf_counter()
+    try:
+        NotebookClient(nb, timeout=300, kernel_name="python3",
+                       resources={"metadata": {"path": str(tmp_path)}}).execute()
+    finally:  # kept for inspection (pytest keeps the last few tmp_path folders)
+        (tmp_path / f"{name}.executed.ipynb").write_text(json.dumps(nb))
+    print(f"{name}: {time.perf_counter() - t0:.1f}s")
+    errors = [o for c in nb.cells if c.cell_type == "code" for o in c.outputs if o.output_type == "error"]
+    assert not errors
+    # the run folder holds what the notebook built (the next notebooks reuse it)
+    built = {p.name for p in (tmp_path / "runs").iterdir()} if (tmp_path / "runs").exists() else set()
+    expected = {"00_tour": set(), "01_demonstrations_sft": {"sft", "feedback.sqlite"},
+                "02_rankings_reward_model": {"sft", "rm", "feedback.sqlite"},
+                "03_ppo": {"sft", "rm", "ppo"}, "04_evaluation": {"sft", "rm", "ppo"},
+                "05_beyond_ppo": {"sft", "rm", "ppo", "rloo", "grpo", "dpo"}}[name]
+    assert expected <= built, f"{name} left {sorted(built)}, expected at least {sorted(expected)}"
