@@ -1,6 +1,6 @@
 """How often do simulated labelers agree? Calibrates labkit.labelers.DEFAULT_NOISE.
 
-InstructGPT (Ouyang et al. 2022, §5.1) reports that its training labelers agreed with each
+InstructGPT (Ouyang et al. 2022, §3.4) reports that its training labelers agreed with each
 other on 72.6 ± 1.5% of comparisons. This script ranks a fixed candidate set (K = 4
 responses of mixed quality per prompt: the hand-written demonstration, rewrites of it that
 break instructions, truncate it, go off topic or refuse, and real samples from the bundled

@@ -1,8 +1,8 @@
 """Labelers: machine-checkable instructions, a gold scorer, and a pool of noisy simulated labelers.
 
 InstructGPT's comparisons came from about 40 contractors who agreed with each other on
-about 73% of pairs (Ouyang et al. 2022, §5.1 / Appendix B). A workshop has a handful of
-people at best, so labkit stands in for the rest with simulated labelers built in two layers:
+about 73% of pairs (Ouyang et al. 2022, §3.4). A workshop has a handful of
+people at best, so labkit stands in for the rest with simulated labelers built in three layers:
 
 1. **Checks** (``run_check``): one small pure function per instruction kind listed in
    ``docs/dataset_format.md`` (word limits, bullet counts, lowercase, JSON, ...).
@@ -21,8 +21,9 @@ people at best, so labkit stands in for the rest with simulated labelers built i
              = (S ? 1 : unsafe_factor) * rep * Σ w_c·c / Σ w_c   over the defined c in {IF, H, Q}
 
    where ``rep`` is 1 minus the share of repeated word 4-grams / repeated lines (a degenerate
-   loop scores near 0 however well it fits the format), ``L`` rewards a sensible length (short answers are fine for
-   classification, closed QA, extraction and one-of prompts; very long ones decay) and ``R`` is
+   loop scores near 0 however well it fits the format), ``L`` rewards a sensible length
+   (short answers are fine for classification, closed QA, extraction, one-of and "just the
+   name" prompts; very long ones decay) and ``R`` is
    a cheap relevance signal: whether the response shares content words (crude stems, stop
    words and generic instruction verbs left out) with the prompt; a poem about a lighthouse
    need not say "lighthouse", so sharing none lowers R to ``relevance_floor``, not to 0.
@@ -415,7 +416,7 @@ class GoldLabeler:
 # Calibrated with benchmarks/labeler_agreement.py on the fixed candidate set in
 # tests/fixtures/labeler_candidates.json (120 prompts x K=4: demonstration, model samples,
 # rewrites) so that two labelers of the default pool agree on ~73% of pairs; InstructGPT
-# (§5.1) reports 72.6 ± 1.5% agreement between its training labelers.
+# (§3.4) reports 72.6 ± 1.5% agreement between its training labelers.
 DEFAULT_NOISE = 0.33
 
 
