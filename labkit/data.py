@@ -156,7 +156,8 @@ def _check_split_arg(split: str | None) -> None:
 def load_prompts(split: str | None = None, path: str | Path | None = None) -> Records:
     """Prompt records of the embedded set (or of ``path``: a JSONL file or a folder of them).
 
-    >>> len(load_prompts("sft")), load_prompts("eval")[0]["category"]
+    >>> sft = load_prompts("sft")                      # the embedded SFT split
+    >>> mine = load_prompts(path="my_prompts.jsonl")    # same format, validated the same way
     """
     _check_split_arg(split)
     seen: dict[str, tuple[str, int]] = {}
