@@ -5,7 +5,7 @@ responses per prompt that labelers rank (InstructGPT §3.5: K = 4..9), evaluatio
 
 - **Left padding.** A batch of prompts of different lengths is padded on the left, so every
   prompt ends at the same column and the first new token of every row is sampled at the
-  same step (BRIEF §4). Position ids and the attention mask skip the padding (the HF
+  same step. Position ids and the attention mask skip the padding (the HF
   ``generate`` loop derives them from ``attention_mask``).
 - **KV cache.** Each step feeds one new token per row and reuses cached keys/values, so a
   64-token response costs 64 small forward passes, not 64 growing ones.

@@ -36,6 +36,7 @@ __all__ = ["LiveDashboard", "progress", "in_notebook", "downsample"]
 # Summary numbers the HF Trainer logs once at the end of training; they are not curves.
 TRAINER_SUMMARY_KEYS = {"train_runtime", "train_samples_per_second", "train_steps_per_second",
                         "total_flos", "train_loss", "epoch"}
+TIMING_SUFFIXES = ("_runtime", "_samples_per_second", "_steps_per_second")
 
 
 def in_notebook() -> bool:
@@ -235,8 +236,7 @@ class LiveDashboard:
     def callback(self):
         """A ``transformers.TrainerCallback`` feeding this dashboard from ``Trainer`` logs.
 
-        Names are mapped so train and eval curves share panels: ``loss`` -> ``loss/train``,
-        ``eval_loss`` -> ``loss/eval``, ``eval_<x>`` -> ``eval/<x>``, other keys unchanged.
+        Names are mapped by :func:`trainer_metrics` so train and eval curves share panels.
         """
         from transformers import TrainerCallback
 
@@ -254,16 +254,18 @@ class LiveDashboard:
 
 
 def trainer_metrics(logs: Mapping[str, object]) -> dict[str, object]:
-    """Rename HF ``Trainer`` log keys for the dashboard; drops the end-of-training summary."""
+    """Rename HF ``Trainer`` log keys so train and eval curves share a panel.
+
+    ``loss`` -> ``loss/train``, ``eval_loss`` -> ``loss/eval``, ``eval_<x>`` -> ``<x>/eval``
+    (plotted next to ``<x>``); timing numbers and the end-of-training summary are dropped.
+    """
     out = {}
     for key, value in logs.items():
-        if key in TRAINER_SUMMARY_KEYS:
+        if key in TRAINER_SUMMARY_KEYS or key.endswith(TIMING_SUFFIXES):
             continue
         if key == "loss":
             key = "loss/train"
-        elif key == "eval_loss":
-            key = "loss/eval"
         elif key.startswith("eval_"):
-            key = "eval/" + key[len("eval_"):]
+            key = key[len("eval_"):] + "/eval"
         out[key] = value
     return out

@@ -143,18 +143,22 @@ def test_trainer_callback_on_log():
     state = SimpleNamespace(global_step=7)
     cb.on_log(None, state, None, logs={"loss": 2.5, "learning_rate": 1e-4, "epoch": 0.3})
     state.global_step = 9
-    cb.on_log(None, state, None, logs={"eval_loss": 2.0, "eval_mean_token_accuracy": 0.4})
+    cb.on_log(None, state, None, logs={"eval_loss": 2.0, "eval_mean_token_accuracy": 0.4, "eval_runtime": 3.0})
     cb.on_log(None, state, None, logs={"train_runtime": 12.0, "train_loss": 2.4})
     assert dash.history == {"loss/train": [(7.0, 2.5)], "learning_rate": [(7.0, 1e-4)],
-                            "loss/eval": [(9.0, 2.0)], "eval/mean_token_accuracy": [(9.0, 0.4)]}
+                            "loss/eval": [(9.0, 2.0)], "mean_token_accuracy/eval": [(9.0, 0.4)]}
     from transformers import TrainerCallback
 
     assert isinstance(cb, TrainerCallback)
 
 
 def test_trainer_metrics_mapping():
-    assert trainer_metrics({"loss": 1, "eval_loss": 2, "eval_x": 3, "grad_norm": 4, "total_flos": 5}) == {
-        "loss/train": 1, "loss/eval": 2, "eval/x": 3, "grad_norm": 4}
+    assert trainer_metrics({"loss": 1, "eval_loss": 2, "eval_x": 3, "grad_norm": 4, "total_flos": 5,
+                            "eval_steps_per_second": 6, "x": 7}) == {
+        "loss/train": 1, "loss/eval": 2, "x/eval": 3, "grad_norm": 4, "x": 7}
+    dash = LiveDashboard("t", headless=True)
+    dash.log(0, trainer_metrics({"x": 1, "eval_x": 2}))
+    assert dash.panels() == {"x": ["x", "x/eval"]}  # train and eval curves of x share a panel
 
 
 def test_progress_wraps_tqdm():
