@@ -6,9 +6,11 @@ prompt, which gives C(K,2) comparisons; all of them go into one batch element, s
 passes serve C(K,2) comparisons. After training, a bias is set so that the labelers'
 demonstrations score 0 on average.
 
->>> rm = RewardModel.from_causal_lm(load_model("tiny", dtype="float32")[0])
->>> rm.score(tok, ["Say hi."], ["Hi!"])           # [0.013...]
->>> train_reward_model(RewardConfig(base="runs/sft", rankings=store))  # -> "runs/rm"
+>>> model, tok = load_model("tiny", dtype="float32")
+>>> rm = RewardModel.from_causal_lm(model)           # untrained head: rewards are noise
+>>> rm.score(tok, ["Say hi."], ["Hi!"])              # one float per (prompt, response)
+>>> out = train_reward_model(RewardConfig(base="runs/sft", rankings=store, out_dir="runs/rm"))
+>>> rm, tok = load_reward_model(out)
 """
 
 from __future__ import annotations
@@ -98,12 +100,18 @@ class RewardModel(nn.Module):
                           f"max_length={max_length} and lost the start of their prompt")
         was_training = self.training
         self.eval()
-        out: list[float] = []
+        # Longest first, so each batch holds texts of similar length (little padding) and the
+        # largest batch comes first (an out-of-memory error shows up at once).
+        order = sorted(range(len(ids)), key=lambda i: -len(ids[i]))
+        out = [0.0] * len(ids)
         starts = range(0, len(ids), batch_size)
         for s in tqdm(starts, desc="scoring", disable=not progress or len(starts) < 2, leave=False):
-            input_ids, mask = pad_right(ids[s:s + batch_size], tokenizer.pad_token_id)
+            rows = order[s:s + batch_size]
+            input_ids, mask = pad_right([ids[i] for i in rows], tokenizer.pad_token_id)  # (b, T)
             with autocast(device):
-                out += self(input_ids.to(device), mask.to(device)).tolist()
+                rewards = self(input_ids.to(device), mask.to(device)).tolist()
+            for i, r in zip(rows, rewards):
+                out[i] = r
         self.train(was_training)
         return out
 

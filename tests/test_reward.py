@@ -163,6 +163,8 @@ def test_save_load_round_trip_gives_identical_scores(tiny, tmp_path):
     rm.bias.zero_()
     assert rm2.bias.item() == pytest.approx(0.123456789, abs=1e-7) and rm2.bias.dtype == torch.float32
     assert rm2.score(tok2, prompts, responses, progress=False) == before
+    # Batches are sorted by length inside score(); the order of the results must not change.
+    assert rm2.score(tok2, prompts, responses, batch_size=2, progress=False) == pytest.approx(before, abs=1e-4)
     assert not any(p.suffix in (".bin", ".pt", ".pth") for p in tmp_path.iterdir())  # safetensors only
 
 
@@ -341,3 +343,25 @@ def test_sources_pairs_jsonl_and_feedback_store(tmp_path):
     (rec,) = as_rankings(store)
     assert rec["responses"] == ["one", "two", "three"] and rec["tiers"] == [[2], [0, 1]]
     assert rec["prompt_id"] == "rm-0001" and rec["prompt"] == "Count."
+
+
+def test_non_finite_loss_stops_and_keeps_the_last_good_weights(tmp_path, monkeypatch):
+    import labkit.reward as reward
+
+    calls = {"n": 0}
+    real_loss = reward.ranking_loss
+
+    def loss_nan_on_third_step(rewards, ranks):
+        calls["n"] += 1
+        loss = real_loss(rewards, ranks)
+        return loss * float("nan") if calls["n"] == 3 else loss
+
+    monkeypatch.setattr(reward, "ranking_loss", loss_nan_on_third_step)
+    config = RewardConfig(base="tiny", rankings=keyword_rankings(40), out_dir=str(tmp_path), batch_size=4,
+                          eval_fraction=0.0, normalize=False, live=False, progress=False)
+    with pytest.raises(FloatingPointError, match="step 3"):
+        train_reward_model(config)
+    m = json.loads((tmp_path / "metrics.json").read_text())
+    assert m["train/steps_done"] == 2 and "non-finite" in m["train/stopped"]
+    rm, _ = load_reward_model(tmp_path, dtype="float32", device="cpu")
+    assert all(torch.isfinite(p).all() for p in rm.parameters())
