@@ -573,6 +573,8 @@ def train_reward_model(config: RewardConfig) -> str:
     cfg = {k: v for k, v in asdict(config).items() if k not in ("rankings", "demonstrations")}
     (out / "metrics.json").write_text(json.dumps({"config": cfg, **metrics}, indent=2))
     if dash is not None:
+        if "eval/accuracy" in metrics:
+            dash.log(step, {"accuracy/eval": metrics["eval/accuracy"]})
         dash.close()
         dash.save(out / "curves.html")
     if stopped and stopped.startswith("step"):
