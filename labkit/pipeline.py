@@ -174,7 +174,7 @@ def run(config: RunConfig) -> dict:
     """Run (or resume) the whole pipeline; returns the figures also written to metrics.json."""
     from labkit.data import load_prompts
     from labkit.feedback import FeedbackStore
-    from labkit.ppo import PPOConfig, train_ppo
+    from labkit.ppo import PPOConfig
     from labkit.reward import RewardConfig, train_reward_model
     from labkit.sft import SFTConfig, train_sft
 
@@ -199,10 +199,10 @@ def run(config: RunConfig) -> dict:
         r.stage(f"rm_r{k}", lambda: {"path": train_reward_model(RewardConfig(
             base=sft_dir, rankings=store, out_dir=rm_dir, seed=config.seed, device=config.device, **config.rm))})
         ppo_dir = r.dir / f"ppo_r{k}"
-        ppo_result = r.stage(f"ppo_r{k}", lambda: train_ppo(PPOConfig(
+        ppo_result = r.stage(f"ppo_r{k}", lambda: ppo_stage(PPOConfig(
             policy=policy, reference=sft_dir, reward_model=rm_dir, output_dir=str(ppo_dir),
             seed=config.seed, **config.ppo)))
-        policy = ppo_result["policy_path"]
+        policy = ppo_result["policy_dir"]
         r.stage(f"eval_ppo_r{k}", lambda: eval_stage(r, f"ppo_r{k}", policy, records))
 
     final = f"ppo_r{config.rounds}"
@@ -211,6 +211,23 @@ def run(config: RunConfig) -> dict:
     json_dump(metrics, r.dir / "metrics.json")
     write_run_report(r, metrics, records)
     return metrics
+
+
+def ppo_stage(config) -> dict:
+    """Run PPO; keep its per-step history in ``history.json`` and the last metrics in the state."""
+    from labkit.ppo import train_ppo
+
+    result = train_ppo(config)
+    history = result.pop("history")
+    curves: dict[str, list] = {}
+    for row in history:
+        for name, value in row.items():
+            if name != "step" and isinstance(value, (int, float)):
+                curves.setdefault(name, []).append((row["step"], value))
+    json_dump({"history": curves}, Path(config.output_dir) / "history.json")
+    if result.get("stopped") or not result.get("policy_dir"):
+        raise RuntimeError(f"PPO stopped early ({result.get('stopped')}); see {config.output_dir}")
+    return result
 
 
 def compare_stage(run: Run, records: list[dict], sft_dir: str, policy: str, rm_dir: str, final: str) -> dict:

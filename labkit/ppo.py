@@ -241,6 +241,7 @@ class PPOConfig:
 
     # models and data
     policy: str = "smollm2-135m"  # SFT model folder (or built-in name); also the frozen reference
+    reference: str | None = None  # frozen reference folder; None: the policy's starting weights (later rounds pass the SFT folder)
     reward_model: str | None = None  # RewardModel folder (labkit.reward); None: use reward_fn
     reward_fn: Callable[[list[str], list[str]], list[float]] | None = field(default=None, repr=False)  # scripted reward(prompts, responses) instead of an RM
     prompts: list | None = field(default=None, repr=False)  # prompt records or strings; None: load_prompts("ppo")
@@ -307,6 +308,9 @@ class PPOConfig:
             raise ValueError("need temperature > 0, steps >= 1, ppo_epochs >= 1, max_new_tokens >= 1")
         if self.ema_decay is not None and not 0 < self.ema_decay < 1:
             raise ValueError("ema_decay must lie in (0, 1)")
+        if self.use_lora and self.reference not in (None, self.policy):
+            raise ValueError("with use_lora the reference is the policy with its adapters off; "
+                             "a separate reference folder needs use_lora=False")
 
     @property
     def num_mini_batches(self) -> int:
@@ -368,6 +372,11 @@ def build_models(config: PPOConfig, device: torch.device):
         lora = LoraConfig(r=config.lora_r, lora_alpha=config.lora_alpha, lora_dropout=0.0,
                           target_modules="all-linear", task_type="CAUSAL_LM")
         policy = get_peft_model(policy, lora)  # reference = this model with adapters disabled
+    elif config.reference is not None and config.reference != config.policy:
+        # iterated rounds (InstructGPT §3.1): the policy starts from the last PPO policy while
+        # the KL penalty keeps pointing at the SFT model
+        reference, _ = load_model(config.reference, dtype="float32", device=device, seed=config.seed)
+        reference.requires_grad_(False).eval()
     else:  # a frozen copy of the SFT weights (a copy is faster than loading them again)
         reference = copy.deepcopy(policy).requires_grad_(False).eval()
 

@@ -19,7 +19,7 @@ import json
 import math
 import time
 import warnings
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 from typing import Any
 
@@ -570,13 +570,15 @@ def train_reward_model(config: RewardConfig) -> str:
 
     # 6. Save: model, tokenizer, metrics, curves.
     rm.save_pretrained(out, tokenizer=tok, base=str(config.base))
-    cfg = {k: v for k, v in asdict(config).items() if k not in ("rankings", "demonstrations")}
+    # not asdict(): `rankings` may hold a live FeedbackStore, which cannot be deep-copied
+    cfg = {f.name: getattr(config, f.name) for f in fields(config) if f.name not in ("rankings", "demonstrations")}
     (out / "metrics.json").write_text(json.dumps({"config": cfg, **metrics}, indent=2))
     if dash is not None:
         if "eval/accuracy" in metrics:
             dash.log(step, {"accuracy/eval": metrics["eval/accuracy"]})
         dash.close()
         dash.save(out / "curves.html")
+        dash.save(out / "history.json")  # the curves as numbers, for reports
     if stopped and stopped.startswith("step"):
         raise FloatingPointError(f"reward model training stopped at {stopped}; last good weights in {out}")
     return str(out)
