@@ -151,6 +151,9 @@ def rankings_stage(run: Run, round_: int, policy_path: str, store) -> dict:
                        temperature=cfg.sample_temperature, top_p=1.0, batch_size=cfg.batch_size,
                        seed=cfg.seed + 1000 * round_)
     pool = labelers.labeler_pool(cfg.n_labelers, seed=cfg.seed)
+    tag = f"round{round_}"
+    # a resumed stage must not rank twice what a crashed one already stored
+    stored = {(x["prompt_id"], x["annotator"]) for x in store.rankings() if x["models"] and x["models"][0] == tag}
     n_rankings, agree = 0, []
     for i, (rec, s) in enumerate(zip(prompts, samples)):
         responses = [y if y.strip() else "(empty response)" for y in s["responses"]]
@@ -160,8 +163,9 @@ def rankings_stage(run: Run, round_: int, policy_path: str, store) -> dict:
         tiers_list = []
         for lab in who:
             tiers = lab.rank(rec, responses, truncated=s["truncated"])
-            store.add_ranking(rec["id"], responses, tiers, annotator=f"sim:{lab.name}", prompt=rec["prompt"],
-                              models=[f"round{round_}"] * len(responses))
+            if (rec["id"], f"sim:{lab.name}") not in stored:
+                store.add_ranking(rec["id"], responses, tiers, annotator=f"sim:{lab.name}", prompt=rec["prompt"],
+                                  models=[tag] * len(responses))
             tiers_list.append(tiers)
             n_rankings += 1
         if len(tiers_list) == 2:
@@ -298,7 +302,12 @@ def write_run_report(run: Run, metrics: dict, records: list[dict]) -> Path:
     summary_cols = ["model", "gold/mean", "helpful/instruction_following", "honest/closed_qa_accuracy",
                     "harmless/refusal_rate_harmful", "harmless/refusal_rate_lookalike",
                     "response/words_mean", "response/stop_rate"]
-    summary = [{"model": n, **{c: evals[n].get(c) for c in summary_cols[1:]}} for n in names]
+    short = {"gold/mean": "gold", "helpful/instruction_following": "follows all checks",
+             "honest/closed_qa_accuracy": "closed-QA correct", "harmless/refusal_rate_harmful": "refuses harmful",
+             "harmless/refusal_rate_lookalike": "refuses look-alike", "response/words_mean": "words",
+             "response/stop_rate": "stops"}
+    summary = [{"model": n, **{short[c]: evals[n].get(c) for c in summary_cols[1:]}} for n in names]
+    summary_cols = ["model"] + [short[c] for c in summary_cols[1:]]
     comps = metrics.get("comparisons") or {}
     wins = [{"comparison": k, "win_rate": v["win_rate"], "ci95": tuple(v["ci95"]), "wins": v["wins"],
              "ties": v["ties"], "losses": v["losses"]} for k, v in comps.items() if isinstance(v, dict)]
@@ -310,12 +319,17 @@ def write_run_report(run: Run, metrics: dict, records: list[dict]) -> Path:
                 ("Gold score per category", [rp.category_figure({n: evals[n]["gold/per_category"] for n in names},
                                                                  "Gold score per category (eval split)")])]
     curves = []
-    for folder, title in [(run.dir / "sft", "SFT")] + [
-            (run.dir / f"rm_r{k}", f"Reward model, round {k}") for k in range(1, run.config.rounds + 1)] + [
-            (run.dir / f"ppo_r{k}", f"PPO, round {k}") for k in range(1, run.config.rounds + 1)]:
+    rounds = range(1, run.config.rounds + 1)
+    key_curves = {"sft": ["loss/train", "loss/eval", "learning_rate"],
+                  "rm": None,  # the RM logs few curves: show them all
+                  "ppo": ["objective/rlhf_reward", "objective/scores", "objective/gold", "objective/kl",
+                          "objective/entropy", "loss/policy", "loss/value", "policy/clipfrac", "response/length"]}
+    for folder, title, kind in [(run.dir / "sft", "SFT", "sft")] + [
+            (run.dir / f"rm_r{k}", f"Reward model, round {k}", "rm") for k in rounds] + [
+            (run.dir / f"ppo_r{k}", f"PPO, round {k}", "ppo") for k in rounds]:
         hist = _history(folder)
         if hist:
-            curves.append(rp.curves_figure(hist, title))
+            curves.append(rp.curves_figure(hist, title, key_curves[kind]))
     sections.append(("Training curves", curves or ["<p class='muted'>(no curves recorded)</p>"]))
     over = []
     for k in range(1, run.config.rounds + 1):
