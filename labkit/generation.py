@@ -66,7 +66,7 @@ def _cut_at_eos(tokens: list[int], eos_id: int) -> tuple[list[int], bool]:
 @torch.no_grad()
 def generate(model, tokenizer, prompts: Sequence[str], max_new_tokens: int = 64,
              temperature: float = 0.7, top_p: float = 0.9, do_sample: bool = True,
-             batch_size: int = 16, seed: int | None = None, return_truncated: bool = False,
+             batch_size: int = 32, seed: int | None = None, return_truncated: bool = False,
              max_prompt_length: int | None = None, show_progress: bool = True,
              desc: str = "generate"):
     """Responses (str) to raw user ``prompts``; with ``return_truncated`` also a list of bools

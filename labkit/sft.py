@@ -55,6 +55,7 @@ class SFTConfig:
     weight_decay: float = 0.0  # AdamW weight decay
     batch_size: int = 8  # demonstrations per forward pass
     grad_accum: int = 1  # forward passes per optimizer step (effective batch = batch_size * grad_accum)
+    group_by_length: bool = True  # batch demos of similar length (less padding; order still shuffled)
     max_length: int = 256  # tokens per example (prompt + response + EOS); longer ones are cut and counted
     eval_fraction: float = 0.1  # share of demonstrations held out for eval loss
     eval_steps: int | None = None  # evaluate every N steps; None: about 4 times per run (and once at the start)
@@ -177,6 +178,7 @@ def _trainer_args(config: SFTConfig, precision: str, device, steps_per_epoch: in
         per_device_train_batch_size=config.batch_size,
         per_device_eval_batch_size=config.batch_size,
         gradient_accumulation_steps=config.grad_accum,
+        train_sampling_strategy="group_by_length" if config.group_by_length else "random",
         max_grad_norm=config.max_grad_norm,
         max_length=config.max_length,
         completion_only_loss=True,  # loss on the response (+ EOS) tokens only
@@ -293,4 +295,5 @@ def train_sft(config: SFTConfig) -> str:
     }
     (out / "sft_metrics.json").write_text(json.dumps(metrics, indent=2))
     dashboard.save(out / "sft_curves.html")
+    dashboard.save(out / "history.json")  # the curves as numbers, for reports
     return str(out)

@@ -18,7 +18,7 @@ def tiny():
 def force_next_token(model, token_id: int):
     """Make the model predict ``token_id`` at every position (a new lm_head with a large bias)."""
     hidden = model.config.hidden_size
-    head = torch.nn.Linear(hidden, model.config.vocab_size, bias=True)
+    head = torch.nn.Linear(hidden, model.config.vocab_size, bias=True, device=model.device)
     with torch.no_grad():
         head.weight.zero_()
         head.bias.fill_(-10.0)
