@@ -74,12 +74,16 @@ def measure(candidates: list[dict], n_labelers: int, seed: int) -> dict:
                      "with_gold_mean": sum(r["with_gold"].values()) / len(r["with_gold"]),
                      "tie_rate": r["tie_rate"]})
     default = L.measure_agreement(candidates, L.labeler_pool(n_labelers, seed=seed))
+    # spread over pools with other noise seeds: how precise is one measurement?
+    by_seed = [L.measure_agreement(candidates, L.labeler_pool(n_labelers, seed=seed + s))["inter_labeler"]
+               for s in range(5)]
     kinds: dict[str, list[float]] = {}
     gold = L.GoldLabeler()
     for c in candidates:
         for kind, text, t in zip(c["kinds"], c["responses"], c["truncated"]):
             kinds.setdefault(kind.rstrip("0123456789"), []).append(gold.score(c["record"], text, t))
     return {"grid": rows, "default_noise": L.DEFAULT_NOISE, "default_pool": default,
+            "default_by_pool_seed": by_seed,
             "gold_score_by_kind": {k: sum(v) / len(v) for k, v in sorted(kinds.items())},
             "n_prompts": len(candidates), "n_labelers": n_labelers}
 
@@ -113,8 +117,12 @@ def main() -> None:
     for r in result["grid"]:
         mark = "  <- default" if abs(r["noise"] - L.DEFAULT_NOISE) < 1e-9 else ""
         print(f"{r['noise']:>6.2f}  {r['inter_labeler']:>13.3f}  {r['with_gold_mean']:>8.3f}  {r['tie_rate']:>6.3f}{mark}")
-    d = result["default_pool"]
-    print("\ndefault pool, agreement with gold: " + ", ".join(f"{k} {v:.3f}" for k, v in d["with_gold"].items()))
+    d, by_seed = result["default_pool"], result["default_by_pool_seed"]
+    mean = sum(by_seed) / len(by_seed)
+    std = (sum((x - mean) ** 2 for x in by_seed) / (len(by_seed) - 1)) ** 0.5
+    print(f"\ndefault noise {L.DEFAULT_NOISE}: inter-labeler agreement {mean:.3f} ± {std:.3f} "
+          f"(mean ± std over {len(by_seed)} pool seeds)")
+    print("default pool, agreement with gold: " + ", ".join(f"{k} {v:.3f}" for k, v in d["with_gold"].items()))
     print("mean gold score by candidate kind: " + ", ".join(f"{k} {v:.2f}" for k, v in result["gold_score_by_kind"].items()))
     RESULT.parent.mkdir(parents=True, exist_ok=True)
     RESULT.write_text(json.dumps(result, indent=1) + "\n")

@@ -417,7 +417,7 @@ class GoldLabeler:
 # tests/fixtures/labeler_candidates.json (120 prompts x K=4: demonstration, model samples,
 # rewrites) so that two labelers of the default pool agree on ~73% of pairs; InstructGPT
 # (§3.4) reports 72.6 ± 1.5% agreement between its training labelers.
-DEFAULT_NOISE = 0.33
+DEFAULT_NOISE = 0.31
 
 
 def _unit_noise(*key) -> float:
