@@ -169,7 +169,9 @@ def rankings_stage(run: Run, round_: int, policy_path: str, store) -> dict:
             tiers_list.append(tiers)
             n_rankings += 1
         if len(tiers_list) == 2:
-            agree.append(labelers.pairwise_agreement(*tiers_list))
+            a = labelers.pairwise_agreement(*tiers_list)
+            if a == a:  # NaN when the two rankings share no ordered pair
+                agree.append(a)
     return {"prompts": len(prompts), "rankings": n_rankings, "k": cfg.k,
             "inter_labeler_agreement": sum(agree) / len(agree) if agree else None}
 

@@ -1,0 +1,70 @@
+import json
+import subprocess
+import sys
+
+import pytest
+
+from labkit import cli, evaluate
+from labkit.pipeline import PRESETS, RunConfig, run
+
+
+def test_info_reports_dtype_cache_and_dataset_counts():
+    d = cli.info()
+    assert d["dtype"] in ("bfloat16", "float32")
+    assert d["dataset"]["split"]["sft"] >= 200 and d["dataset"]["demonstrations"] >= 200
+    out = subprocess.run([sys.executable, "-m", "labkit", "info", "--json"], capture_output=True, text=True, check=True)
+    assert json.loads(out.stdout)["versions"]["trl"].startswith("1.16")
+
+
+def test_presets_and_validation():
+    assert set(PRESETS) == {"tiny", "cpu", "gpu"}
+    cfg = RunConfig.preset("tiny", out="x", rounds=2)
+    assert cfg.model == "tiny" and cfg.rounds == 2 and cfg.out == "x"
+    with pytest.raises(ValueError, match="unknown preset"):
+        RunConfig.preset("huge")
+    with pytest.raises(ValueError, match="k must lie"):
+        RunConfig(k=12)
+
+
+def test_win_rate_counts_ties_half_and_gives_an_interval():
+    recs = [{"id": str(i), "prompt": "Say yes.", "category": "other", "checks": [{"type": "lowercase"}]}
+            for i in range(4)]
+    a = ["yes", "yes", "Yes", "yes"]
+    b = ["Yes", "yes", "Yes", "No"]
+    w = evaluate.win_rate(a, b, recs, judge=lambda r, y: float(y.islower()))
+    assert (w["wins"], w["ties"], w["losses"]) == (2, 2, 0)
+    assert w["win_rate"] == pytest.approx(0.75)
+    lo, hi = w["ci95"]
+    assert lo < 0.75 < hi <= 1.0
+
+
+def test_best_of_n_curve_picks_the_rm_favourite():
+    rm = [[0.1, 0.9, 0.5, 0.2], [0.3, 0.2, 0.8, 0.1]]
+    gold = [[1.0, 0.0, 0.5, 0.5], [0.2, 0.4, 0.6, 0.8]]
+    rows = evaluate.best_of_n_curve(rm, gold, ns=(1, 2, 4))
+    assert [r["kl"] for r in rows] == pytest.approx([0.0, 0.693147 - 0.5, 1.386294 - 0.75], abs=1e-5)
+    assert rows[0]["gold"] == pytest.approx((1.0 + 0.2) / 2)   # n=1: the first sample
+    assert rows[2]["rm"] == pytest.approx((0.9 + 0.8) / 2)     # n=4: the RM's best
+    assert rows[2]["gold"] == pytest.approx((0.0 + 0.6) / 2)   # ... which gold likes less
+
+
+@pytest.mark.slow
+def test_tiny_run_end_to_end_and_resume(tmp_path):
+    out = tmp_path / "run"
+    cfg = RunConfig.preset("tiny", out=str(out))
+    metrics = run(cfg)
+    saved = json.loads((out / "metrics.json").read_text())
+    assert saved["gold_mean"].keys() == {"base", "sft", "ppo_r1"}
+    for stage in ("eval_base", "sft", "rankings_r1", "rm_r1", "ppo_r1", "eval_ppo_r1", "compare"):
+        assert saved["stage_wall_s"][stage] > 0
+    assert saved["stages"]["rankings_r1"]["rankings"] >= 16
+    assert 0 <= saved["comparisons"]["gold/ppo_r1_vs_sft"]["win_rate"] <= 1
+    html = (out / "report.html").read_text()
+    assert "Win rates" in html and "Sample responses" in html
+    assert (out / "ppo_r1" / "policy").is_dir() and (out / "feedback.sqlite").exists()
+    # a second invocation resumes: every stage is skipped, nothing is ranked twice
+    n_before = saved["stages"]["rankings_r1"]["rankings"]
+    again = run(RunConfig.preset("tiny", out=str(out)))
+    assert again["stage_wall_s"] == metrics["stage_wall_s"]
+    from labkit.feedback import FeedbackStore
+    assert len(FeedbackStore(out / "feedback.sqlite").rankings()) == n_before
