@@ -19,7 +19,7 @@ import json
 import math
 import time
 import warnings
-from dataclasses import asdict, dataclass, fields
+from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Any
 
@@ -27,6 +27,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from labkit.live import LiveDashboard, progress
 from labkit.models import autocast, format_prompt, resolve_device, resolve_dtype
 
 CONFIG_FILE = "reward_model.json"
@@ -422,14 +423,6 @@ def _lr_at(step: int, total: int, config: RewardConfig) -> float:
     return config.lr * (config.min_lr_ratio + (1 - config.min_lr_ratio) * cosine)
 
 
-def _dashboard(config: RewardConfig):
-    try:
-        from labkit.live import LiveDashboard
-    except ImportError:  # the plots are a convenience; training does not depend on them
-        return None
-    return LiveDashboard("Reward model", headless=None if config.live else True)
-
-
 def train_step(rm: RewardModel, items: list[dict], pad_id: int, micro: int, device, use_autocast: bool):
     """Forward and backward one batch of prompts, ``micro`` prompts per pass; returns (loss, correct, pairs).
 
@@ -501,7 +494,7 @@ def train_reward_model(config: RewardConfig) -> str:
     if config.max_steps is not None:
         total_steps = min(total_steps, config.max_steps)
     micro = config.micro_batch_size or config.batch_size
-    dash = _dashboard(config)
+    dash = LiveDashboard("Reward model", headless=None if config.live else True)
     curve: dict[str, list[float]] = {"step": [], "loss": [], "accuracy": [], "lr": []}
     metrics: dict[str, Any] = {
         "data/n_rankings": len(records), "data/n_without_pairs": len(records) - len(usable),
@@ -511,12 +504,10 @@ def train_reward_model(config: RewardConfig) -> str:
     }
 
     # 4. Training loop: each step sees batch_size prompts with all their K responses.
-    from labkit.live import progress as _progress
-
     rm.train()
     step, stopped = 0, None
     gen = torch.Generator().manual_seed(config.seed)
-    bar = _progress(total=total_steps, desc="reward model", disable=not config.progress)
+    bar = progress(total=total_steps, desc="reward model", disable=not config.progress)
     t_train, cpu_train = time.time(), time.process_time()
     try:
         for epoch in range(config.epochs):
@@ -536,7 +527,7 @@ def train_reward_model(config: RewardConfig) -> str:
                 step += 1
                 for key, v in (("step", step), ("loss", loss), ("accuracy", correct / pairs), ("lr", lr)):
                     curve[key].append(v)
-                if dash is not None and (step % config.log_every == 0 or step == total_steps):
+                if step % config.log_every == 0 or step == total_steps:
                     dash.log(step, {"loss/ranking": loss, "accuracy/train": correct / pairs, "lr": lr})
                 bar.update(1)
                 bar.set_postfix(loss=f"{loss:.4f}")
@@ -573,12 +564,11 @@ def train_reward_model(config: RewardConfig) -> str:
     # not asdict(): `rankings` may hold a live FeedbackStore, which cannot be deep-copied
     cfg = {f.name: getattr(config, f.name) for f in fields(config) if f.name not in ("rankings", "demonstrations")}
     (out / "metrics.json").write_text(json.dumps({"config": cfg, **metrics}, indent=2))
-    if dash is not None:
-        if "eval/accuracy" in metrics:
-            dash.log(step, {"accuracy/eval": metrics["eval/accuracy"]})
-        dash.close()
-        dash.save(out / "curves.html")
-        dash.save(out / "history.json")  # the curves as numbers, for reports
+    if "eval/accuracy" in metrics:
+        dash.log(step, {"accuracy/eval": metrics["eval/accuracy"]})
+    dash.close()
+    dash.save(out / "curves.html")
+    dash.save(out / "history.json")  # the curves as numbers, for reports
     if stopped and stopped.startswith("step"):
         raise FloatingPointError(f"reward model training stopped at {stopped}; last good weights in {out}")
     return str(out)

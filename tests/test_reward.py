@@ -4,6 +4,7 @@ import itertools
 import json
 import math
 import random
+from pathlib import Path
 
 import pytest
 import torch
@@ -365,3 +366,15 @@ def test_non_finite_loss_stops_and_keeps_the_last_good_weights(tmp_path, monkeyp
     assert m["train/steps_done"] == 2 and "non-finite" in m["train/stopped"]
     rm, _ = load_reward_model(tmp_path, dtype="float32", device="cpu")
     assert all(torch.isfinite(p).all() for p in rm.parameters())
+
+
+def test_trains_directly_from_a_feedback_store(tmp_path):
+    feedback = pytest.importorskip("labkit.feedback")
+    store = feedback.FeedbackStore(tmp_path / "fb.sqlite")
+    for i, r in enumerate(keyword_rankings(6)):
+        store.add_ranking(f"rm-{i:04d}", r["responses"], r["tiers"], annotator="sim", prompt=r["prompt"])
+    config = RewardConfig(base="tiny", rankings=store, out_dir=str(tmp_path / "rm"), batch_size=2, max_steps=2,
+                          eval_fraction=0.34, normalize=False, live=False, progress=False)
+    m = json.loads((Path(train_reward_model(config)) / "metrics.json").read_text())
+    assert m["data/n_rankings"] == 6 and m["data/n_eval"] == 2 and m["train/steps_done"] == 2
+    assert m["config"]["base"] == "tiny" and "rankings" not in m["config"]
