@@ -189,6 +189,7 @@ class RLOOConfig:
     # precision and logging
     bf16: bool = True  # bf16 autocast where the hardware is fast, fp32 master weights
     dashboard: bool = True  # live plotly dashboard (labkit.live), saved in output_dir
+    callbacks: list = field(default_factory=list, repr=False)  # more transformers TrainerCallbacks
     extra_args: dict = field(default_factory=dict)  # more TRL config fields, passed unchanged
 
     def __post_init__(self):
@@ -231,6 +232,7 @@ class DPOConfig:
     max_length: int = 512  # prompt + response tokens; longer pairs are cut at the end
     bf16: bool = True  # bf16 autocast where the hardware is fast, fp32 master weights
     dashboard: bool = True  # live plotly dashboard (labkit.live), saved in output_dir
+    callbacks: list = field(default_factory=list, repr=False)  # more transformers TrainerCallbacks
     extra_args: dict = field(default_factory=dict)  # more TRL config fields, passed unchanged
 
     def __post_init__(self):
@@ -299,10 +301,16 @@ def _last(history: list[dict], key: str):
     return next((h[key] for h in reversed(history) if key in h), None)
 
 
-def _finish(method: str, trainer, tokenizer, out: Path, t0: float, dash, episodes: int, extra: dict) -> dict:
+def _callbacks(config, dash) -> list:
+    return ([dash.callback()] if dash is not None else []) + list(config.callbacks)
+
+
+def _finish(method: str, trainer, tokenizer, out: Path, t0: float, dash, episodes: int,
+            extra: Callable[[list[dict]], dict]) -> dict:
     """Save the policy as a ``load_model`` folder, the dashboard and metrics.json; return the metrics.
 
-    ``episodes`` counts responses trained on (RLOO/GRPO) or preference pairs (DPO).
+    ``wall_s`` is the time spent in ``trainer.train()``; ``episodes`` counts the responses trained
+    on (RLOO/GRPO) or the preference pairs (DPO); ``extra(history)`` adds method-specific figures.
     """
     wall = time.perf_counter() - t0
     policy_dir = out / "policy"
@@ -358,14 +366,14 @@ def _train_online(method: str, config: RLOOConfig) -> dict:
     dash = _dashboard(method.upper(), config.dashboard)
     # The policy goes in as a folder path: TRL rebuilds the reference from config._name_or_path.
     trainer = trainer_cls(model=policy, reward_funcs=reward, args=args, train_dataset=prompt_dataset(records),
-                          processing_class=tokenizer, callbacks=[dash.callback()] if dash is not None else None)
+                          processing_class=tokenizer, callbacks=_callbacks(config, dash))
     t0 = time.perf_counter()
     trainer.train()
 
     episodes = config.steps * config.batch_size
 
     def extra(history: list[dict]) -> dict:
-        # Each rollout logs the mean length of its responses.
+        # Each rollout logs the mean length of its responses; "tokens" = response tokens generated.
         lengths = [h["completions/mean_length"] for h in history if "completions/mean_length" in h]
         return {**{k: _last(history, k) for k in ("reward", "kl", "loss")},
                 "response_length": _last(history, "completions/mean_length"),
@@ -438,7 +446,7 @@ def train_dpo(config: DPOConfig) -> dict:
                          **config.extra_args)
     dash = _dashboard("DPO", config.dashboard)
     trainer = trl.DPOTrainer(model=policy, args=args, train_dataset=Dataset.from_list(rows),
-                             processing_class=tokenizer, callbacks=[dash.callback()] if dash is not None else None)
+                             processing_class=tokenizer, callbacks=_callbacks(config, dash))
     t0 = time.perf_counter()
     trainer.train()
 
