@@ -15,6 +15,20 @@ responses per prompt that labelers rank (InstructGPT §3.5: K = 4..9), evaluatio
 - **Stop at EOS.** A response ends at the chat template's end-of-turn token
   ``<|im_end|>`` (``tokenizer.eos_token_id``); a response that hits ``max_new_tokens``
   first is *truncated*, which PPO penalises and the gold labeler notices.
+
+Measured with the bundled model's architecture, 64 new tokens per prompt (no early stop),
+CPU with 2 threads on a Xeon with AMX (uncontended), seconds:
+
+==================  =====  =====  =====  =====
+prompts x batch     8x8    32x8   32x16  32x32
+==================  =====  =====  =====  =====
+bf16 weights        6.7    26.8   19.6   17.5
+fp32 weights        6.0    25.6   20.4   18.6
+==================  =====  =====  =====  =====
+
+Per step, decoding is bound by the fixed costs of a forward pass, so larger batches pay
+off (32 prompts in one batch: 1.5x faster than four batches of 8), hence ``batch_size=32``.
+Both rows run under bf16 autocast; the dtype the weights are stored in hardly matters.
 """
 
 from __future__ import annotations
