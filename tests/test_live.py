@@ -187,3 +187,15 @@ def test_in_a_real_kernel_the_figure_updates_in_place():
     fig = shown[0]["data"]["application/vnd.plotly.v1+json"]
     assert list(fig["data"][0]["y"]) == [0, 2, 4, 6, 8]  # the last update's state
     assert any(o.get("text", "").strip() == "False 5" for o in outputs if o["output_type"] == "stream")
+
+
+def test_figure_widget_option_updates_one_widget_in_place(fake_display):
+    pytest.importorskip("anywidget")
+    dash = LiveDashboard("w", headless=False, widget=True, min_interval=0.0)
+    for step in range(3):
+        dash.log(step, {"a": step * 10})
+    dash.close()
+    assert len(fake_display) == 1  # one widget displayed, then updated in place
+    widget = fake_display[0][1]
+    assert type(widget).__name__ == "FigureWidget"
+    assert list(widget.data[0].y) == [0.0, 10.0, 20.0] and dash.renders == 3

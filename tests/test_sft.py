@@ -137,3 +137,24 @@ def test_resume_continues_from_the_last_checkpoint(tmp_path):
     split = models.load_model(str(tmp_path / "split"), dtype="float32")[0].state_dict()
     for k in full:
         torch.testing.assert_close(split[k], full[k], rtol=1e-4, atol=1e-5)
+
+
+def test_feedback_store_demonstrations_feed_sft(tmp_path, tok):
+    feedback = pytest.importorskip("labkit.feedback")
+    store = feedback.FeedbackStore(tmp_path / "fb.sqlite")
+    store.add_demonstration("sft-0001", "Say hello.", "Hello!", annotator="ann")
+    ex = build_examples(tok, store.demonstrations())
+    assert ex == build_examples(tok, DEMOS[:1])
+
+
+def test_non_finite_loss_stops_training_without_a_checkpoint():
+    from types import SimpleNamespace
+
+    from labkit.sft import _nan_guard
+
+    guard = _nan_guard()
+    control = SimpleNamespace(should_training_stop=False, should_save=True)
+    guard.on_log(None, SimpleNamespace(global_step=3), control, logs={"loss": 2.0})
+    assert not control.should_training_stop and guard.bad_step is None
+    guard.on_log(None, SimpleNamespace(global_step=4), control, logs={"loss": float("nan")})
+    assert control.should_training_stop and not control.should_save and guard.bad_step == 4
