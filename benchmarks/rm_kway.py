@@ -18,12 +18,14 @@ C(K,2) pairs per micro-batch, gradient accumulation over the prompts). Before tr
 both compute the mean pairwise loss over all comparisons in fp32 with their own code;
 same weights and data must give the same number.
 
-    python benchmarks/rm_kway.py                       # "small" model (16M, built in code), ~3 min
-    python benchmarks/rm_kway.py --model smollm2-135m  # the bundled model, ~10x longer
+    python benchmarks/rm_kway.py                       # "small" model (16M, built in code), ~4 min
+    python benchmarks/rm_kway.py --model smollm2-135m --prompts 4  # the bundled model, much longer
 
 Writes ``benchmarks/results/rm_kway.json``. Times are measured both as wall time and as
 this process's CPU time (all threads): on a machine shared with other jobs the wall time
-also counts waiting for a core, the CPU time does not. The load average before and after
+also counts waiting for a core, the CPU time does not. The default is one torch thread:
+with several, idle threads spin while they wait for busy ones, and that spinning is
+counted as CPU time too, more so the busier the machine is. The load average before and after
 each run is recorded next to the timings.
 """
 
@@ -35,6 +37,7 @@ import math
 import os
 import platform
 import random
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -209,14 +212,16 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--prompts-per-step", type=int, default=4, help="prompts per optimiser step")
     p.add_argument("--max-length", type=int, default=256)
     p.add_argument("--lr", type=float, default=1e-5)
-    p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--threads", type=int, default=1,
+                   help="torch threads; 1 keeps the CPU-time column clean of thread spin-waits on a shared machine")
     p.add_argument("--fp32", action="store_true", help="no bf16 autocast for either side")
     p.add_argument("--repeats", type=int, default=1, help="timed runs per trainer and K; the fastest counts")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", default=str(RESULTS))
     args = p.parse_args(argv)
     torch.set_num_threads(args.threads)
-    result = {"machine": machine_info(), "settings": vars(args), "runs": []}
+    command = " ".join(["python benchmarks/rm_kway.py", *(sys.argv[1:] if argv is None else argv)])
+    result = {"machine": machine_info(), "command": command, "settings": vars(args), "runs": []}
     with tempfile.TemporaryDirectory() as tmp:
         work = Path(tmp)
         init = work / "init"
