@@ -60,7 +60,7 @@ from pathlib import Path
 from labkit import models
 from labkit.live import LiveDashboard
 
-__all__ = ["SFTConfig", "train_sft", "build_examples", "expected_tokens", "split_demonstrations",
+__all__ = ["SFTConfig", "train_sft", "make_trainer", "build_examples", "expected_tokens", "split_demonstrations",
            "resolve_precision"]
 
 PRECISIONS = ("auto", "bf16", "fp32")

@@ -158,3 +158,19 @@ def test_non_finite_loss_stops_training_without_a_checkpoint():
     assert not control.should_training_stop and guard.bad_step is None
     guard.on_log(None, SimpleNamespace(global_step=4), control, logs={"loss": float("nan")})
     assert control.should_training_stop and not control.should_save and guard.bad_step == 4
+
+
+def test_every_embedded_demonstration_trains_on_the_generation_tokens(tmp_path):
+    """TRL tokenises prompt + completion jointly; for all embedded demos that equals our split view."""
+    data = pytest.importorskip("labkit.data")
+    demos = data.load_demonstrations()
+    trainer, info = make_trainer(SFTConfig(model="tiny", out_dir=str(tmp_path), eval_fraction=0.0,
+                                           live=False, progress=False), *models.load_model("tiny", dtype="float32"))
+    tok = trainer.processing_class
+    expected = {}
+    for ex in build_examples(tok, demos):
+        ids, labels = expected_tokens(tok, ex)
+        expected[tuple(ids)] = labels
+    assert len(trainer.train_dataset) == len(demos) and info["n_truncated"] == 0
+    for row in trainer.train_dataset:
+        assert expected[tuple(row["input_ids"])] == row["labels"]
