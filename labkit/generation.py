@@ -107,7 +107,7 @@ def generate(model, tokenizer, prompts: Sequence[str], max_new_tokens: int = 64,
     gen_config = GenerationConfig(
         max_new_tokens=max_new_tokens, do_sample=do_sample,
         temperature=temperature if do_sample else None, top_p=top_p if do_sample else None,
-        top_k=0 if do_sample else None,  # nucleus sampling only, as in the paper's samples
+        top_k=0 if do_sample else None,  # 0 turns HF's default top-k=50 off: top-p alone
         eos_token_id=eos_id, pad_token_id=pad_id, use_cache=True,
     )
     order = sorted(range(len(ids)), key=lambda i: len(ids[i]))  # similar lengths share a batch
@@ -117,21 +117,23 @@ def generate(model, tokenizer, prompts: Sequence[str], max_new_tokens: int = 64,
     was_training = model.training
     model.eval()
     devices = [device] if device.type == "cuda" else []
-    with torch.random.fork_rng(devices=devices, enabled=seed is not None):
-        if seed is not None:
-            torch.manual_seed(seed)
-        for batch in progress(batches, desc=desc, disable=not show_progress, leave=False):
-            input_ids, attention_mask = _left_pad([ids[i] for i in batch], pad_id)  # (B, T)
-            input_ids, attention_mask = input_ids.to(device), attention_mask.to(device)
-            with autocast(device):
-                out = model.generate(input_ids=input_ids, attention_mask=attention_mask,
-                                     generation_config=gen_config)  # (B, T + new)
-            new_tokens = out[:, input_ids.shape[1]:].tolist()  # (B, <= max_new_tokens)
-            for i, tokens in zip(batch, new_tokens):
-                tokens, cut = _cut_at_eos(tokens, eos_id)
-                responses[i] = tokenizer.decode(tokens, skip_special_tokens=True)
-                truncated[i] = cut
-    model.train(was_training)
+    try:
+        with torch.random.fork_rng(devices=devices, enabled=seed is not None):
+            if seed is not None:
+                torch.manual_seed(seed)
+            for batch in progress(batches, desc=desc, disable=not show_progress, leave=False):
+                input_ids, attention_mask = _left_pad([ids[i] for i in batch], pad_id)  # (B, T)
+                input_ids, attention_mask = input_ids.to(device), attention_mask.to(device)
+                with autocast(device):
+                    out = model.generate(input_ids=input_ids, attention_mask=attention_mask,
+                                         generation_config=gen_config)  # (B, T + new)
+                new_tokens = out[:, input_ids.shape[1]:].tolist()  # (B, <= max_new_tokens)
+                for i, tokens in zip(batch, new_tokens):
+                    tokens, cut = _cut_at_eos(tokens, eos_id)
+                    responses[i] = tokenizer.decode(tokens, skip_special_tokens=True)
+                    truncated[i] = cut
+    finally:
+        model.train(was_training)
     return (responses, truncated) if return_truncated else responses
 
 
