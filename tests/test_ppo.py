@@ -173,7 +173,7 @@ def test_config_checks():
         ppo.PPOConfig(policy="tiny", reward_fn=len, batch_size=10, mini_batch_size=4)
     with pytest.raises(ValueError, match="micro_batch_size"):
         ppo.PPOConfig(policy="tiny", reward_fn=len, batch_size=8, mini_batch_size=8, micro_batch_size=3)
-    assert ppo.PPOConfig(policy="tiny", reward_fn=len).num_mini_batches == 2
+    assert ppo.PPOConfig(policy="tiny", reward_fn=len, batch_size=16, mini_batch_size=8).num_mini_batches == 2
 
 
 # ----------------------------------------------------------------------------- smoke runs
