@@ -236,8 +236,9 @@ class AdaptiveKLController:
 class PPOConfig:
     """Everything :func:`train_ppo` needs. Sizes count episodes (one prompt + one response).
 
-    Defaults aim at about 10 minutes for the bundled 135M model on a 2-core laptop CPU
-    (12 steps x 8 episodes x up to 32 tokens); raise ``steps`` and ``batch_size`` where there is time.
+    Defaults keep a run of the bundled 135M model on a 2-core laptop CPU short (8 steps x 8
+    episodes x up to 40 tokens; an estimated 1.5-2 minutes a step there); raise ``steps`` and
+    ``batch_size`` where there is time.
     """
 
     # models and data
@@ -249,7 +250,7 @@ class PPOConfig:
     output_dir: str = "runs/ppo"  # policy/, checkpoint/, samples.jsonl, dashboard
     seed: int = 0  # seeds python, numpy and torch (each process adds its rank)
     # episodes and optimisation
-    steps: int = 12  # PPO steps (each: rollout of batch_size episodes, then ppo_epochs of updates)
+    steps: int = 8  # PPO steps (each: rollout of batch_size episodes, then ppo_epochs of updates)
     batch_size: int = 8  # episodes per step, summed over processes
     mini_batch_size: int = 4  # episodes per optimizer step, summed over processes
     micro_batch_size: int = 4  # episodes per forward/backward on one process (gradient accumulation)
@@ -259,7 +260,7 @@ class PPOConfig:
     max_grad_norm: float = 1.0  # clip the global gradient norm to this
     # generation
     max_prompt_length: int = 256  # longer prompts lose tokens from the left (counted and reported)
-    max_new_tokens: int = 32  # response length limit
+    max_new_tokens: int = 40  # response length limit
     temperature: float = 0.7  # sampling temperature; logits are divided by it in every log-prob too
     # rewards
     kl_coef: float = 0.05  # beta in r_t = -beta * KL_t (InstructGPT: 0.02)
