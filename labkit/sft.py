@@ -24,8 +24,9 @@ Measured (bundled SmolLM2-135M-Instruct, 230 embedded demonstrations: 207 train 
 - *Time per step, CPU, 2 threads*, on a Xeon with AMX (uncontended): bf16 autocast about
   5.0 s, fp32 about 5.9 s. The default run is 26 steps (1 epoch), about 2.5 minutes of
   training plus a few seconds per evaluation; 2 epochs take about 4.5 minutes. On the
-  2-core development machine (AVX-512-BF16, no AMX) the timings could not be taken
-  undisturbed (it was shared); expect them slower than the AMX figures.
+  2-core development machine (AVX-512-BF16, no AMX) the timings could only be taken while
+  it was shared: about 31 CPU-seconds per step for bf16 and 32 for fp32 (11 on the AMX
+  Xeon), so expect it 2-3x slower there, and bf16 gains little without AMX.
 - *Quality* (taken on a GPU; the arithmetic is the same), eval loss from 2.715 and the gold
   score on the 151-prompt eval split (greedy, 96 tokens; base model 0.496):
 
