@@ -24,14 +24,13 @@ from __future__ import annotations
 import contextlib
 import copy
 import json
-import math
 import random
 import shutil
 import signal
 import threading
 import time
 import warnings
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
 
