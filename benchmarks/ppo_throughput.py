@@ -40,7 +40,7 @@ Figures:
     python benchmarks/ppo_throughput.py                 # bundled SmolLM2-135M, ~10-15 min
     python benchmarks/ppo_throughput.py --model tiny    # the 3M tiny model, a quick check
     python benchmarks/ppo_throughput.py --threads 1     # on a busy shared machine (see below)
-    python benchmarks/ppo_throughput.py --methods labkit_shared --append   # add runs to the JSON
+    python benchmarks/ppo_throughput.py --methods labkit_shared --append   # add or replace runs in the JSON
 
 On a machine whose load average exceeds its core count, two torch threads per process can be
 10x slower than one (the threads wait for each other); ``--threads 1`` measures more stably.
@@ -423,7 +423,7 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--dtypes", default="bf16,fp32")
     ap.add_argument("--timeout", type=int, default=900, help="seconds per run")
     ap.add_argument("--out", default=str(RESULTS))
-    ap.add_argument("--append", action="store_true", help="keep the other methods' runs already in --out")
+    ap.add_argument("--append", action="store_true", help="keep the other (method, dtype) runs already in --out")
     ap.add_argument("--keep-work", action="store_true", help="keep the temporary folder of models and logs")
     args = ap.parse_args(argv)
 
@@ -476,8 +476,10 @@ def main(argv: list[str] | None = None) -> dict:
                    **summarise(run, args.batch_size, peaks["bf16"])}
             rows.append(row)
             print(table([row]).splitlines()[-1], flush=True)
-    if earlier is not None:  # runs of other methods from an earlier invocation (their own load averages)
-        rows = [dict(r, invocation="earlier") for r in earlier["runs"] if r["method"] not in methods] + rows
+    if earlier is not None:  # other (method, dtype) runs from earlier invocations (their own load averages)
+        done = {(r["method"], r["dtype"]) for r in rows}
+        kept = [r for r in earlier["runs"] if (r["method"], r["dtype"]) not in done]
+        rows = [dict(r, invocation=r.get("invocation", earlier["machine"]["loadavg_start"])) for r in kept] + rows
     for r in rows:
         r.pop("best", None)
     for method in dict.fromkeys(r["method"] for r in rows):  # mark each method's faster dtype
@@ -498,7 +500,8 @@ def main(argv: list[str] | None = None) -> dict:
         print(f"{k}: {v:.2f}x")
     result = {
         "benchmark": "ppo_throughput", "machine": {**info, "loadavg_end": os.getloadavg()},
-        "earlier_invocation": earlier["machine"] if earlier is not None else None,
+        "earlier_invocations": ((earlier.get("earlier_invocations") or []) + [earlier["machine"]]
+                                if earlier is not None else []),
         "matmul_peak_flops": peaks, "model": args.model, "params": shared["params"],
         "settings": {k: base[k] for k in ("batch_size", "micro_batch_size", "response_length", "ppo_epochs",
                                           "steps", "warmup", "rloo_generations", "threads")}
