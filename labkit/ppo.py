@@ -236,7 +236,7 @@ class PPOConfig:
     """Everything :func:`train_ppo` needs. Sizes count episodes (one prompt + one response).
 
     Defaults keep a run of the bundled 135M model on a 2-core laptop CPU short (8 steps x 8
-    episodes x up to 40 tokens; an estimated 1.5-2 minutes a step there); raise ``steps`` and
+    episodes x up to 40 tokens; an estimated 1-1.5 minutes a step there); raise ``steps`` and
     ``batch_size`` where there is time.
     """
 
