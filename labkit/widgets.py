@@ -91,6 +91,15 @@ class _Queue:
         done = self.store.done_ids(annotator, self.kind) if annotator.strip() else set()
         self.left = [it for it in self.items if _item_id(it) not in done]
 
+    def resume(self, annotator: str, current: dict | None) -> bool:
+        """Re-read what ``annotator`` finished; True if ``current`` is still open (it stays first)."""
+        self.refresh(annotator)
+        if current is None or current not in self.left:
+            return False
+        self.left.remove(current)
+        self.left.insert(0, current)
+        return True
+
     @property
     def done(self) -> int:
         return len(self.items) - len(self.left)
@@ -271,11 +280,7 @@ class RankingWidget(anywidget.AnyWidget):
         return row
 
     def _resume(self) -> None:
-        keep = self._current
-        self._queue.refresh(self.annotator)
-        if keep is not None and keep in self._queue.left:  # a name typed mid-item keeps the item
-            self._queue.left.remove(keep)
-            self._queue.left.insert(0, keep)
+        if self._queue.resume(self.annotator, self._current):  # a name typed mid-item keeps the item
             self.done = self._queue.done
             return
         self._next()
@@ -496,11 +501,7 @@ class DemonstrationWidget(W.VBox):
         return row
 
     def _resume(self) -> None:
-        keep = self._current
-        self._queue.refresh(self.annotator)
-        if keep is not None and keep in self._queue.left:
-            self._queue.left.remove(keep)
-            self._queue.left.insert(0, keep)
+        if self._queue.resume(self.annotator, self._current):
             self._draw_progress()
             return
         self._next()
@@ -630,11 +631,7 @@ class ComparisonWidget(W.VBox):
         return row
 
     def _resume(self) -> None:
-        keep = self._current
-        self._queue.refresh(self.annotator)
-        if keep is not None and keep in self._queue.left:
-            self._queue.left.remove(keep)
-            self._queue.left.insert(0, keep)
+        if self._queue.resume(self.annotator, self._current):
             self._draw_progress()
             return
         self._next()
