@@ -76,16 +76,9 @@ TORCH_SPEC = "torch==2.13.0"
 def machine_info(threads: int) -> dict:
     import torch
 
-    from labkit.models import cpu_has_fast_bf16
+    from labkit.models import cpu_has_fast_bf16, cpu_name
 
-    cpu = "unknown"
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
+    cpu = cpu_name()
     return {"cpu": cpu, "cores": os.cpu_count(), "torch_threads": threads, "torch": torch.__version__,
             "os": platform.platform(), "python": platform.python_version(), "fast_bf16": cpu_has_fast_bf16(),
             "loadavg_start": os.getloadavg(),

@@ -44,7 +44,7 @@ from pathlib import Path
 
 import torch
 
-from labkit.models import build_tiny, cpu_has_fast_bf16, fast_dtype, load_model
+from labkit.models import build_tiny, cpu_has_fast_bf16, cpu_name, fast_dtype, load_model
 from labkit.reward import (RewardConfig, RewardModel, collate, encode, load_reward_model, ranking_loss,
                            tiers_to_ranks, train_reward_model)
 
@@ -55,14 +55,7 @@ SMALL = dict(hidden_size=256, intermediate_size=768, num_hidden_layers=4, num_at
 
 
 def machine_info() -> dict:
-    cpu = "unknown"
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
+    cpu = cpu_name()
     return {"cpu": cpu, "cores": os.cpu_count(), "torch_threads": torch.get_num_threads(),
             "torch": torch.__version__, "os": platform.platform(), "python": platform.python_version(),
             "fast_bf16": cpu_has_fast_bf16(), "loadavg_start": os.getloadavg()}

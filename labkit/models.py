@@ -68,6 +68,17 @@ def cpu_has_fast_bf16() -> bool:
     return any(f in flags for f in ("amx_bf16", "avx512_bf16"))
 
 
+def cpu_name() -> str:
+    """The CPU's model name from /proc/cpuinfo ("unknown" where there is none)."""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return "unknown"
+
+
 def fast_dtype(device: str | torch.device = "auto") -> torch.dtype:
     """bf16 where the hardware runs it fast, fp32 otherwise."""
     device = resolve_device(device)
