@@ -438,15 +438,23 @@ def rollout(model: PolicyAndValue, tokenizer, prompts: list[str], config: PPOCon
                            temperature=config.temperature, top_k=0, top_p=1.0,  # plain sampling:
                            eos_token_id=tokenizer.eos_token_id,  # log-probs below match it
                            pad_token_id=tokenizer.pad_token_id)
-    chunks = []
+    chunks, logprobs, entropy = [], [], []
     for s in range(0, len(prompts), config.micro_batch_size):
         with autocast(device, enabled=config.bf16):
             out = model.policy.generate(input_ids=queries[s:s + config.micro_batch_size],
                                         attention_mask=query_mask[s:s + config.micro_batch_size],
-                                        generation_config=gen)
-        chunks.append(out[:, queries.shape[1]:])
+                                        generation_config=gen, output_logits=True, return_dict_in_generate=True)
+        resp = out.sequences[:, queries.shape[1]:]  # (b, r)
+        # The logits the tokens were sampled from give the behaviour policy's log-probs (the
+        # "old" log-probs of the ratio) without a second forward pass over the episode.
+        logits = torch.stack(out.logits, 1).float() / config.temperature  # (b, r, V)
+        chunks.append(resp)
+        logprobs.append(logprobs_from_logits(logits, resp))
+        entropy.append(entropy_from_logits(logits))
+        del out, logits
     R = max(c.shape[1] for c in chunks)
-    responses = torch.cat([F.pad(c, (0, R - c.shape[1]), value=tokenizer.pad_token_id) for c in chunks])  # (B, R)
+    pad = lambda xs, v: torch.cat([F.pad(x, (0, R - x.shape[1]), value=v) for x in xs])  # noqa: E731
+    responses = pad(chunks, tokenizer.pad_token_id)  # (B, R)
     # The response runs up to and including the first EOS; anything after it is padding.
     is_eos = responses == tokenizer.eos_token_id  # (B, R)
     after_eos = (is_eos.long().cumsum(1) - is_eos.long()) > 0  # (B, R): strictly after the first EOS
@@ -455,23 +463,28 @@ def rollout(model: PolicyAndValue, tokenizer, prompts: list[str], config: PPOCon
     return {"prompts": prompts, "responses": responses, "response_mask": response_mask,
             "input_ids": torch.cat([queries, responses], 1),  # (B, Tq + R)
             "attention_mask": torch.cat([query_mask, response_mask], 1),  # (B, Tq + R)
+            "logprobs": pad(logprobs, 0.0), "entropy": pad(entropy, 0.0),  # (B, R): masked later
             "has_eos": is_eos.any(1), "n_truncated_prompts": n_cut,
             "texts": tokenizer.batch_decode(responses, skip_special_tokens=True)}
 
 
 @torch.no_grad()
 def rollout_forward(model: PolicyAndValue, reference: nn.Module | None, batch: dict, config: PPOConfig) -> dict:
-    """logprobs, ref_logprobs, values and entropy (B, R) of the sampled responses: one forward each."""
+    """values and ref_logprobs (B, R) of the sampled responses: one forward per model.
+
+    The policy's own log-probs came with generation; a shared backbone still runs the policy
+    (its values read the policy's hidden states), a separate value model runs alone.
+    """
     R = batch["responses"].shape[1]
     device = batch["responses"].device
-    out = {"logprobs": [], "ref_logprobs": [], "values": [], "entropy": []}
+    out = {"ref_logprobs": [], "values": []}
     for s in range(0, len(batch["responses"]), config.micro_batch_size):
         ids, am, resp = (batch[k][s:s + config.micro_batch_size] for k in ("input_ids", "attention_mask", "responses"))
         with autocast(device, enabled=config.bf16):
-            logits, values = model(ids, am, R)  # (b, R, V), (b, R)
-            logits = logits.float() / config.temperature  # sampling temperature, in every log-prob
-            out["logprobs"].append(logprobs_from_logits(logits, resp))
-            out["entropy"].append(entropy_from_logits(logits))
+            if model.value_model is not None:
+                values = model.value_model.token_values(ids, am)[:, -R - 1:-1]  # (b, R)
+            else:
+                _, values = model(ids, am, R)
             out["values"].append(values.float())
             out["ref_logprobs"].append(reference_logprobs(model, reference, ids, am, resp, R, config.temperature))
     return {k: torch.cat(v) for k, v in out.items()}
@@ -819,7 +832,7 @@ def train_ppo(config: PPOConfig) -> dict:
             check_finite(accelerator, scores, "reward score")
             t_score = time.perf_counter() - t0
 
-            # 3. logprobs, ref_logprobs, values: one forward per model over the whole episode
+            # 3. ref_logprobs and values: one forward of the reference and of the value model
             t0 = time.perf_counter()
             batch.update(rollout_forward(model, reference, batch, config))
             t_forward = time.perf_counter() - t0

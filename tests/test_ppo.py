@@ -331,3 +331,26 @@ def test_value_model_starts_as_the_reward_model(tmp_path):
     assert torch.allclose(got, expected, atol=1e-5)
     assert model.value_model is not reward_model and not reward_model.head.weight.requires_grad
     assert not any(p.requires_grad for p in reference.parameters())
+
+
+@pytest.mark.parametrize("share_backbone", [False, True])
+def test_generation_logprobs_equal_a_full_forward(peaked_tiny, share_backbone):
+    """The rollout keeps the log-probs and entropy of the logits it sampled from; a separate
+    forward pass over the finished episodes (left padding, EOS masking) gives the same numbers."""
+    config = small_config(peaked_tiny, "unused", temperature=0.7, bf16=False, micro_batch_size=3, batch_size=6, mini_batch_size=6,
+                          share_backbone=share_backbone)
+    model, reference, _, tok, _ = ppo.build_models(config, torch.device("cpu"))
+    torch.manual_seed(0)
+    prompts = [p["prompt"] for p in PROMPTS[:5]] + ["Hi"]  # mixed lengths: left padding
+    batch = ppo.rollout(model, tok, prompts, config, torch.device("cpu"))
+    batch.update(ppo.rollout_forward(model, reference, batch, config))
+    R, mask = batch["responses"].shape[1], batch["response_mask"].bool()
+    with torch.no_grad():
+        logits, values = model(batch["input_ids"], batch["attention_mask"], R)
+    logits = logits / config.temperature
+    assert torch.allclose(batch["logprobs"][mask], ppo.logprobs_from_logits(logits, batch["responses"])[mask],
+                          atol=1e-4)
+    assert torch.allclose(batch["entropy"][mask], ppo.entropy_from_logits(logits)[mask], atol=1e-4)
+    assert torch.allclose(batch["values"], values, atol=1e-5)
+    # the reference starts as the policy: its log-probs equal the policy's
+    assert torch.allclose(batch["ref_logprobs"][mask], batch["logprobs"][mask], atol=1e-4)
