@@ -41,7 +41,8 @@ class RunConfig:
     sample_temperature: float = 1.0     # diverse samples make informative comparisons
     eval_limit: int | None = None       # evaluate on the first N eval prompts; None = all
     eval_max_new_tokens: int = 96       # response length limit at evaluation (greedy)
-    batch_size: int = 16                # generation batch size
+    batch_size: int = 32                # generation batch size (bundled model, 2-core CPU: 64 samples x 64 tokens
+                                        # take 31 s at 16, 26 s at 32, 25 s at 64)
     n_samples: int = 6                  # sample responses shown in the report
     sft: dict = field(default_factory=dict)  # overrides for labkit.sft.SFTConfig
     rm: dict = field(default_factory=dict)   # overrides for labkit.reward.RewardConfig

@@ -372,7 +372,8 @@ class RewardConfig:
     max_steps: int | None = None  # stop after this many optimiser steps (smoke runs); None = all epochs
     batch_size: int = 8  # prompts per optimiser step, each with all its K responses (§3.5)
     micro_batch_size: int | None = None  # prompts per forward pass (gradient accumulation); None = batch_size
-    lr: float = 1e-5  # AdamW learning rate (the paper used 9e-6 at 6B, batch 64 prompts)
+    lr: float = 5e-5  # AdamW; the paper used 9e-6 at 6B. At 135M on ~200 rankings, 1e-5 left the RM near
+    # chance (held-out accuracy 0.54, gold agreement 0.49); 5e-5 reached 0.69 / 0.63 (1e-4: 0.68 / 0.71)
     min_lr_ratio: float = 0.1  # cosine decay to this fraction of lr, as in App. C.2
     warmup_steps: int = 0  # linear warm-up steps before the cosine
     weight_decay: float = 0.0  # AdamW weight decay
