@@ -103,7 +103,9 @@ def _strip_fence(text: str) -> str:
 
 def _one_of_form(text: str) -> str:
     text = " ".join(text.strip().lower().split())
-    return text[:-1].rstrip() if text.endswith(".") else text
+    text = text[:-1].rstrip() if text.endswith(".") else text
+    # a label echoed the way the prompt wrote it ("billing", **billing**, `billing`) is the label
+    return text.strip("\"'`*“”‘’ ")
 
 
 # ----------------------------------------------------------------------------- checks

@@ -28,6 +28,8 @@ CASES = [
     ({"type": "json", "keys": ["name", "age"]}, '```json\n{"name": "Bo", "age": 3}\n```', '{"name": "Bo"}'),
     ({"type": "json"}, "[1, 2, 3]", "{'single': 'quotes'}"),
     ({"type": "one_of", "options": ["positive", "negative"]}, " Positive. ", "positive sentiment"),
+    ({"type": "one_of", "options": ["billing", "other"]}, '"Billing"', '"billing" or "other"'),
+    ({"type": "one_of", "options": ["billing", "other"]}, "**other**", "other: billing"),
     ({"type": "no_commas"}, "no commas here", "yes, one"),
     ({"type": "max_chars", "n": 5}, "  abcde \n", "abcdef"),
     ({"type": "quoted"}, '"To be or not to be."', '"Half quoted'),
