@@ -178,7 +178,7 @@ class RLOOConfig:
     mini_batch_size: int = 8  # episodes per optimizer step
     micro_batch_size: int = 4  # episodes per forward/backward (gradient accumulation)
     num_iterations: int = 1  # passes over each batch (PPOConfig.ppo_epochs)
-    learning_rate: float = 1e-5  # AdamW, constant as in labkit.ppo
+    learning_rate: float = 3e-5  # AdamW, constant as in labkit.ppo
     adam_eps: float = 1e-5  # AdamW epsilon (labkit.ppo's default)
     max_grad_norm: float = 1.0  # clip the global gradient norm to this
     # generation and reward
