@@ -91,9 +91,11 @@ class LiveDashboard:
 
     def __init__(self, title: str = "labkit", metrics: list[str] | None = None,
                  headless: bool | None = None, max_points: int = 500, min_interval: float = 0.5,
-                 widget: bool = False, cols: int = 3):
+                 widget: bool = False, cols: int = 3, layout: Mapping[str, list[str]] | None = None):
         self.title = title
         self.metrics = list(metrics) if metrics is not None else None  # None: plot every metric logged
+        # panel title -> metric names; None: one panel per name prefix. Every metric is still recorded.
+        self.layout = {k: list(v) for k, v in layout.items()} if layout is not None else None
         self.headless = (not in_notebook()) if headless is None else bool(headless)
         self.max_points = max_points
         self.min_interval = min_interval
@@ -140,7 +142,11 @@ class LiveDashboard:
     # ------------------------------------------------------------------ figure
 
     def panels(self) -> dict[str, list[str]]:
-        """Panel title -> metric names: metrics sharing a ``prefix/`` share a panel."""
+        """Panel title -> metric names: the ``layout`` given (panels with data only), or else
+        metrics sharing a ``prefix/`` share a panel."""
+        if self.layout is not None:
+            return {title: [n for n in names if n in self.history] for title, names in self.layout.items()
+                    if any(n in self.history for n in names)}
         names = self.metrics if self.metrics is not None else list(self.history)
         groups: dict[str, list[str]] = {}
         for name in names:

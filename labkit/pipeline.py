@@ -369,9 +369,13 @@ def overoptimisation_figure(history: dict, title: str):
     kl, rm, gold = by_step("objective/kl"), by_step("objective/scores"), by_step("objective/gold")
     steps = sorted(set(kl) & set(gold))
     fig = go.Figure()
+    # Markers, not lines: each step samples other prompts, so KL is not monotone in the step and
+    # a line through the steps would zig-zag; the step is in the hover text.
     fig.add_trace(go.Scatter(x=[kl[s] for s in steps if s in rm], y=[rm[s] for s in steps if s in rm],
-                             mode="lines+markers", name="RM score (proxy)"))
-    fig.add_trace(go.Scatter(x=[kl[s] for s in steps], y=[gold[s] for s in steps], mode="lines+markers",
+                             text=[f"step {s:g}" for s in steps if s in rm], mode="markers",
+                             marker=dict(size=9), name="RM score (proxy)"))
+    fig.add_trace(go.Scatter(x=[kl[s] for s in steps], y=[gold[s] for s in steps], mode="markers",
+                             text=[f"step {s:g}" for s in steps], marker=dict(size=9, symbol="diamond"),
                              name="gold score", yaxis="y2"))
     fig.update_layout(title=title, xaxis_title="KL(policy ‖ SFT), nats", yaxis_title="RM score",
                       yaxis2=dict(title="gold score", overlaying="y", side="right"), template="plotly_white",

@@ -103,6 +103,14 @@ def test_metrics_argument_selects_what_is_plotted():
     assert "a" in dash.history
 
 
+def test_layout_argument_sets_panels_and_skips_empty_ones():
+    dash = LiveDashboard("t", headless=True, layout={"scores": ["s/rm", "s/gold"], "kl": ["kl"], "ptx": ["ptx"]})
+    dash.log(1, {"s/rm": 0.5, "kl": 0.1, "entropy": 40.0})
+    assert dash.panels() == {"scores": ["s/rm"], "kl": ["kl"]}  # "ptx" never logged
+    assert [a.text for a in dash.figure().layout.annotations] == ["scores", "kl"]
+    assert dash.history["entropy"] == [(1.0, 40.0)]  # recorded though not plotted
+
+
 def test_save_html_is_self_contained(tmp_path):
     dash = LiveDashboard("my run", headless=True)
     for step in range(20):
