@@ -630,7 +630,12 @@ class FeedbackStore:
         for r in rankings:
             key = (r["prompt_id"], tuple(sorted(r["responses"])))
             canon = texts.setdefault(key, sorted(r["responses"]))
-            to_canon = {i: canon.index(t) for i, t in enumerate(r["responses"])}
+            # Identical texts (a small model often samples the same short answer twice) take
+            # distinct slots of the canonical list, in the order this ranking lists them.
+            free: dict[str, list[int]] = {}
+            for j, t in enumerate(canon):
+                free.setdefault(t, []).append(j)
+            to_canon = {i: free[t].pop(0) for i, t in enumerate(r["responses"])}
             # An annotator who ranked the same item twice: the latest ranking counts.
             by_item.setdefault(key, {})[r["annotator"]] = [[to_canon[i] for i in t] for t in r["tiers"]]
         pair_rows: dict[tuple[str, str], list[dict]] = {}

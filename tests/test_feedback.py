@@ -200,6 +200,19 @@ def test_agreement_between_annotators_and_with_gold(store):
     assert gold["bob"]["agreement"] == pytest.approx(5 / 6)
 
 
+def test_agreement_with_repeated_response_texts(store):
+    """K samples may repeat a text; each copy keeps its own slot (no error, no lost response)."""
+    scores = {"same": 0.5, "good": 0.9, "bad": 0.1}
+    store.add_ranking("rm-0001", ["same", "good", "same", "bad"], [[1], [0, 2], [3]], "alice", prompt="P")
+    store.add_ranking("rm-0001", ["bad", "same", "same", "good"], [[3], [1], [2], [0]], "bob", prompt="P")
+    out = store.agreement(gold=lambda rec, r: scores[r], prompts=[{"id": "rm-0001"}])
+    (pair,) = out["pairs"]
+    assert pair["items"] == 1 and pair["pairs"] == 5  # alice's tie between the two copies is skipped
+    assert pair["agreement"] == pytest.approx(1.0)
+    gold = {g["annotator"]: g for g in out["gold"]}
+    assert gold["alice"]["agreement"] == 1.0 and gold["bob"]["pairs"] == 5
+
+
 def test_agreement_with_the_gold_labeler(store):
     labelers = pytest.importorskip("labkit.labelers")
     data = pytest.importorskip("labkit.data")
