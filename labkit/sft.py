@@ -261,12 +261,22 @@ def make_trainer(config: SFTConfig, model=None, tokenizer=None):
     args = _trainer_args(config, precision, device, steps_per_epoch, has_eval=bool(eval_ex))
     dashboard = LiveDashboard(f"SFT: {config.model}", headless=None if config.live else True)
     guard = _nan_guard()
-    trainer = SFTTrainer(
-        model=model, args=args, processing_class=tokenizer,
-        train_dataset=Dataset.from_list(train_ex),
-        eval_dataset=Dataset.from_list(eval_ex) if eval_ex else None,
-        callbacks=[dashboard.callback(), guard],
-    )
+    # SFTTrainer tokenises with `datasets`, which draws about ten bars per split: in a
+    # notebook they crowd out the training bar and the live plot, so they are off meanwhile.
+    from datasets.utils import logging as ds_logging
+
+    bars_were_on = ds_logging.is_progress_bar_enabled()
+    ds_logging.disable_progress_bar()
+    try:
+        trainer = SFTTrainer(
+            model=model, args=args, processing_class=tokenizer,
+            train_dataset=Dataset.from_list(train_ex),
+            eval_dataset=Dataset.from_list(eval_ex) if eval_ex else None,
+            callbacks=[dashboard.callback(), guard],
+        )
+    finally:
+        if bars_were_on:
+            ds_logging.enable_progress_bar()
     info = {"model": config.model, "precision": precision, "device": str(device), "n_train": len(train_ex),
             "n_eval": len(eval_ex), "n_truncated": n_truncated, "dashboard": dashboard, "guard": guard}
     return trainer, info
