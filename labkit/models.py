@@ -101,6 +101,12 @@ def resolve_dtype(dtype: str | torch.dtype = "auto", device: str | torch.device 
     return names[dtype]
 
 
+def position_ids(attention_mask: torch.Tensor) -> torch.Tensor:
+    """Positions (B, T) that count real tokens only, so a left-padded row numbers its first
+    real token 0 (HF decoders would otherwise count the pad columns)."""
+    return (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
+
+
 def autocast(device: str | torch.device = "auto", enabled: bool = True):
     """``torch.autocast`` with :func:`fast_dtype`; a no-op where that is fp32."""
     device = resolve_device(device)

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -173,7 +174,7 @@ def rankings_stage(run: Run, round_: int, policy_path: str, store) -> dict:
             n_rankings += 1
         if len(tiers_list) == 2:
             a = labelers.pairwise_agreement(*tiers_list)
-            if a == a:  # NaN when the two rankings share no ordered pair
+            if not math.isnan(a):  # NaN when the two rankings share no ordered pair
                 agree.append(a)
     return {"prompts": len(prompts), "rankings": n_rankings, "k": cfg.k,
             "inter_labeler_agreement": sum(agree) / len(agree) if agree else None}

@@ -39,7 +39,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from labkit.models import autocast, format_prompt, load_model, resolve_device
+from labkit.models import autocast, format_prompt, load_model, position_ids, resolve_device
 
 # ----------------------------------------------------------------------------- pure functions
 
@@ -338,24 +338,36 @@ class PolicyAndValue(nn.Module):
 
         ``n_response=None``: logits (B, T, V) of the whole sequence, for the PPO-ptx LM loss.
         """
-        position_ids = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)  # (B, T): left padding
+        positions = position_ids(attention_mask)  # (B, T): left padding
         if n_response is None:
             return self.policy(input_ids=input_ids, attention_mask=attention_mask,
-                               position_ids=position_ids, use_cache=False).logits  # (B, T, V)
+                               position_ids=positions, use_cache=False).logits  # (B, T, V)
         R = n_response
         if self.value_model is not None:
             # logits_to_keep: the unembedding (V = 49k columns) runs on the response only
-            logits = self.policy(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
+            logits = self.policy(input_ids=input_ids, attention_mask=attention_mask, position_ids=positions,
                                  use_cache=False, logits_to_keep=R + 1).logits[:, :-1]  # (B, R, V)
-            values = self.value_model.token_values(input_ids, attention_mask)[:, -R - 1:-1]  # (B, R)
-            return logits, values
+            return logits, self.values(input_ids, attention_mask, R)
+        hidden = self._response_hidden(input_ids, attention_mask, positions, R)  # (B, R, H)
+        return self.policy.get_output_embeddings()(hidden), self._head_values(hidden)
+
+    def values(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, n_response: int) -> torch.Tensor:
+        """Values (B, R) before each of the last R tokens, without the policy's unembedding."""
+        R = n_response
+        if self.value_model is not None:
+            return self.value_model.token_values(input_ids, attention_mask)[:, -R - 1:-1]  # (B, R)
+        hidden = self._response_hidden(input_ids, attention_mask, position_ids(attention_mask), R)
+        return self._head_values(hidden)
+
+    def _response_hidden(self, input_ids, attention_mask, positions, R: int) -> torch.Tensor:
+        """The policy's last hidden states (B, R, H) at the positions that predict the response."""
         hidden = self.policy.get_decoder()(input_ids=input_ids, attention_mask=attention_mask,
-                                           position_ids=position_ids, use_cache=False).last_hidden_state
-        hidden = hidden[:, -R - 1:-1]  # (B, R, H)
-        logits = self.policy.get_output_embeddings()(hidden)  # (B, R, V)
-        with torch.autocast(hidden.device.type, enabled=False):
-            values = F.linear(hidden.float(), self.value_head.weight.float()).squeeze(-1)  # (B, R)
-        return logits, values
+                                           position_ids=positions, use_cache=False).last_hidden_state
+        return hidden[:, -R - 1:-1]
+
+    def _head_values(self, hidden: torch.Tensor) -> torch.Tensor:
+        with torch.autocast(hidden.device.type, enabled=False):  # values in fp32, as the RM's head
+            return F.linear(hidden.float(), self.value_head.weight.float()).squeeze(-1)  # (B, R)
 
 
 def build_models(config: PPOConfig, device: torch.device):
@@ -453,7 +465,10 @@ def rollout(model: PolicyAndValue, tokenizer, prompts: list[str], config: PPOCon
         entropy.append(entropy_from_logits(logits))
         del out, logits
     R = max(c.shape[1] for c in chunks)
-    pad = lambda xs, v: torch.cat([F.pad(x, (0, R - x.shape[1]), value=v) for x in xs])  # noqa: E731
+
+    def pad(xs, value):  # chunks (b, r) -> (B, R)
+        return torch.cat([F.pad(x, (0, R - x.shape[1]), value=value) for x in xs])
+
     responses = pad(chunks, tokenizer.pad_token_id)  # (B, R)
     # The response runs up to and including the first EOS; anything after it is padding.
     is_eos = responses == tokenizer.eos_token_id  # (B, R)
@@ -472,8 +487,8 @@ def rollout(model: PolicyAndValue, tokenizer, prompts: list[str], config: PPOCon
 def rollout_forward(model: PolicyAndValue, reference: nn.Module | None, batch: dict, config: PPOConfig) -> dict:
     """values and ref_logprobs (B, R) of the sampled responses: one forward per model.
 
-    The policy's own log-probs came with generation; a shared backbone still runs the policy
-    (its values read the policy's hidden states), a separate value model runs alone.
+    The policy's own log-probs came with generation; a shared backbone still runs the policy's
+    decoder (its values read the policy's hidden states), a separate value model runs alone.
     """
     R = batch["responses"].shape[1]
     device = batch["responses"].device
@@ -481,22 +496,17 @@ def rollout_forward(model: PolicyAndValue, reference: nn.Module | None, batch: d
     for s in range(0, len(batch["responses"]), config.micro_batch_size):
         ids, am, resp = (batch[k][s:s + config.micro_batch_size] for k in ("input_ids", "attention_mask", "responses"))
         with autocast(device, enabled=config.bf16):
-            if model.value_model is not None:
-                values = model.value_model.token_values(ids, am)[:, -R - 1:-1]  # (b, R)
-            else:
-                _, values = model(ids, am, R)
-            out["values"].append(values.float())
+            out["values"].append(model.values(ids, am, R).float())  # (b, R)
             out["ref_logprobs"].append(reference_logprobs(model, reference, ids, am, resp, R, config.temperature))
     return {k: torch.cat(v) for k, v in out.items()}
 
 
 def reference_logprobs(model: PolicyAndValue, reference, input_ids, attention_mask, responses, R, temperature):
     """log pi_SFT of the response tokens (B, R): the frozen copy, or the policy with LoRA off."""
-    position_ids = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)  # (B, T)
     context = model.policy.disable_adapter() if reference is None else contextlib.nullcontext()
     with context:
         net = model.policy if reference is None else reference
-        logits = net(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
+        logits = net(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids(attention_mask),
                      use_cache=False, logits_to_keep=R + 1).logits[:, :-1]  # (B, R, V)
     return logprobs_from_logits(logits.float() / temperature, responses)
 

@@ -28,7 +28,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from labkit.live import LiveDashboard, progress
-from labkit.models import autocast, format_prompt, resolve_device, resolve_dtype
+from labkit.models import autocast, format_prompt, position_ids, resolve_device, resolve_dtype
 
 CONFIG_FILE = "reward_model.json"
 HEAD_FILE = "reward_head.safetensors"
@@ -69,11 +69,9 @@ class RewardModel(nn.Module):
         # Positions count real tokens only, so left and right padding give the same numbers
         # (HF decoders would otherwise number left-padded tokens from the pad columns). Without
         # left padding the decoder's default 0..T-1 is the same thing and cheaper (shared by rows).
-        position_ids = None
-        if not bool(attention_mask[:, 0].all()):
-            position_ids = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)  # (B, T)
+        positions = None if bool(attention_mask[:, 0].all()) else position_ids(attention_mask)  # (B, T)
         hidden = self.backbone(input_ids=input_ids, attention_mask=attention_mask,
-                               position_ids=position_ids, use_cache=False).last_hidden_state  # (B, T, H)
+                               position_ids=positions, use_cache=False).last_hidden_state  # (B, T, H)
         # The head runs in fp32 even under autocast: bf16 would round rewards to ~3 digits,
         # coarser than the differences between similar responses.
         with torch.autocast(hidden.device.type, enabled=False):
