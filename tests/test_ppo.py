@@ -337,8 +337,8 @@ def test_value_model_starts_as_the_reward_model(tmp_path):
 def test_generation_logprobs_equal_a_full_forward(peaked_tiny, share_backbone):
     """The rollout keeps the log-probs and entropy of the logits it sampled from; a separate
     forward pass over the finished episodes (left padding, EOS masking) gives the same numbers."""
-    config = small_config(peaked_tiny, "unused", temperature=0.7, bf16=False, micro_batch_size=3, batch_size=6, mini_batch_size=6,
-                          share_backbone=share_backbone)
+    config = small_config(peaked_tiny, "unused", temperature=0.7, bf16=False, batch_size=6, mini_batch_size=6,
+                          micro_batch_size=3, share_backbone=share_backbone)
     model, reference, _, tok, _ = ppo.build_models(config, torch.device("cpu"))
     torch.manual_seed(0)
     prompts = [p["prompt"] for p in PROMPTS[:5]] + ["Hi"]  # mixed lengths: left padding
