@@ -19,8 +19,9 @@ process (so each process's peak RSS is its own):
     comparison for (c).
 
 Equal settings: model, prompts (the embedded ``ppo`` split, chat-formatted), episodes per step
-(``--batch-size``), one optimizer step per batch, micro-batch size (also the rollout forward
-batch), response length limit (``--response-length``, stop at EOS), sampling temperature 0.7,
+(``--batch-size``), one optimizer step per batch, micro-batch size, rollout batch (episodes per
+``generate()`` call and no-grad forward: labkit's ``rollout_batch_size``, TRL 1.9's
+``local_rollout_forward_batch_size``; RLOO generates the whole batch in one call), response length limit (``--response-length``, stop at EOS), sampling temperature 0.7,
 PPO epochs, missing-EOS penalty, learning rate. Each trainer runs ``--warmup`` steps that are
 not timed, then ``--steps`` timed steps, once under bf16 autocast (fp32 master weights) and
 once in plain fp32; the table reports both and marks the faster.
@@ -171,7 +172,8 @@ def worker_labkit(spec: dict) -> dict:
                            ppo_epochs=spec["ppo_epochs"], max_new_tokens=spec["response_length"],
                            temperature=0.7, learning_rate=1e-5, kl_coef=0.05, missing_eos_penalty=1.0,
                            bf16=spec["dtype"] == "bf16", gold_every=0, sample_every=0, save_every=0,
-                           dashboard=False, progress=False, max_prompt_length=1024, share_backbone=shared)
+                           dashboard=False, progress=False, max_prompt_length=1024, share_backbone=shared,
+                           rollout_batch_size=spec["rollout_batch_size"])
     per_step = spec["batch_size"] // spec["micro_batch_size"] * spec["ppo_epochs"]
     result = ppo.train_ppo(config)
     hist = result["history"][spec["warmup"]:]
@@ -261,6 +263,7 @@ from trl.experimental.ppo import PPOConfig, PPOTrainer
 tok = AutoTokenizer.from_pretrained(spec["policy"])
 tok.padding_side = "left"  # generation needs left padding
 B, micro, R, W, S = (spec[k] for k in ("batch_size", "micro_batch_size", "response_length", "warmup", "steps"))
+rollout_batch = spec["rollout_batch_size"]
 steps = W + S
 rows = [tok(t, add_special_tokens=False)["input_ids"] for t in spec["formatted"]]
 rows = (rows * (B * steps // len(rows) + 1))[:B * steps]
@@ -301,7 +304,7 @@ ref = AutoModelForCausalLM.from_pretrained(spec["policy"], dtype=torch.float32)
 value = AutoModelForSequenceClassification.from_pretrained(spec["rm_seqcls"], num_labels=1, dtype=torch.float32)
 reward = AutoModelForSequenceClassification.from_pretrained(spec["rm_seqcls"], num_labels=1, dtype=torch.float32)
 config = PPOConfig(output_dir=spec["out_dir"], per_device_train_batch_size=micro, gradient_accumulation_steps=B // micro,
-                   num_mini_batches=1, total_episodes=B * steps, local_rollout_forward_batch_size=micro,
+                   num_mini_batches=1, total_episodes=B * steps, local_rollout_forward_batch_size=rollout_batch,
                    response_length=R, stop_token="eos", temperature=0.7, missing_eos_penalty=1.0, kl_coef=0.05,
                    num_ppo_epochs=spec["ppo_epochs"], learning_rate=1e-5, bf16=spec["dtype"] == "bf16",
                    use_cpu=True, report_to="none", num_sample_generations=0, save_strategy="no",
@@ -407,6 +410,8 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--batch-size", type=int, default=8, help="episodes per PPO step")
     ap.add_argument("--micro-batch-size", type=int, default=4, help="episodes per forward/backward")
     ap.add_argument("--response-length", type=int, default=32, help="max new tokens per response")
+    ap.add_argument("--rollout-batch-size", type=int, default=None,
+                    help="episodes per generate() call and no-grad forward (default: the whole batch)")
     ap.add_argument("--ppo-epochs", type=int, default=1)
     ap.add_argument("--steps", type=int, default=3, help="timed steps per run")
     ap.add_argument("--warmup", type=int, default=1, help="untimed steps before them")
@@ -438,6 +443,7 @@ def main(argv: list[str] | None = None) -> dict:
     base = {"policy": shared["policy"], "rm": shared["rm"], "rm_seqcls": shared["rm_seqcls"],
             "prompts": shared["prompts"], "formatted": shared["formatted"], "params": shared["params"],
             "batch_size": args.batch_size, "micro_batch_size": args.micro_batch_size,
+            "rollout_batch_size": args.rollout_batch_size or args.batch_size,
             "response_length": args.response_length, "ppo_epochs": args.ppo_epochs, "steps": args.steps,
             "warmup": args.warmup, "rloo_generations": args.rloo_generations, "threads": args.threads}
 
@@ -496,8 +502,8 @@ def main(argv: list[str] | None = None) -> dict:
         "earlier_invocations": ((earlier.get("earlier_invocations") or []) + [earlier["machine"]]
                                 if earlier is not None else []),
         "matmul_peak_flops": peaks, "model": args.model, "params": shared["params"],
-        "settings": {k: base[k] for k in ("batch_size", "micro_batch_size", "response_length", "ppo_epochs",
-                                          "steps", "warmup", "rloo_generations", "threads")}
+        "settings": {k: base[k] for k in ("batch_size", "micro_batch_size", "rollout_batch_size", "response_length",
+                                          "ppo_epochs", "steps", "warmup", "rloo_generations", "threads")}
         | {"temperature": 0.7, "mini_batch_size": args.batch_size, "stop": "eos", "missing_eos_penalty": 1.0},
         "formulas": {"episodes_per_s": "batch_size / mean step time (rollout + score + update), warm-up dropped",
                      "tokens_per_s": "generated response tokens (to the first EOS, inclusive) / step time",

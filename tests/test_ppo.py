@@ -338,7 +338,7 @@ def test_generation_logprobs_equal_a_full_forward(peaked_tiny, share_backbone):
     """The rollout keeps the log-probs and entropy of the logits it sampled from; a separate
     forward pass over the finished episodes (left padding, EOS masking) gives the same numbers."""
     config = small_config(peaked_tiny, "unused", temperature=0.7, bf16=False, batch_size=6, mini_batch_size=6,
-                          micro_batch_size=3, share_backbone=share_backbone)
+                          micro_batch_size=3, rollout_batch_size=4, share_backbone=share_backbone)  # chunks 4 + 2
     model, reference, _, tok, _ = ppo.build_models(config, torch.device("cpu"))
     torch.manual_seed(0)
     prompts = [p["prompt"] for p in PROMPTS[:5]] + ["Hi"]  # mixed lengths: left padding
@@ -351,6 +351,60 @@ def test_generation_logprobs_equal_a_full_forward(peaked_tiny, share_backbone):
     assert torch.allclose(batch["logprobs"][mask], ppo.logprobs_from_logits(logits, batch["responses"])[mask],
                           atol=1e-4)
     assert torch.allclose(batch["entropy"][mask], ppo.entropy_from_logits(logits)[mask], atol=1e-4)
-    assert torch.allclose(batch["values"], values, atol=1e-5)
+    assert torch.allclose(batch["values"][mask], values[mask], atol=1e-5)
     # the reference starts as the policy: its log-probs equal the policy's
     assert torch.allclose(batch["ref_logprobs"][mask], batch["logprobs"][mask], atol=1e-4)
+
+
+def test_unpadded_drops_only_the_padding_all_rows_share():
+    pad = 0
+    batch = {"input_ids": torch.tensor([[pad, pad, 5, 6, 7, 8, pad], [pad, 4, 5, 6, 7, pad, pad], [pad, pad, 3, 9, 9, pad, pad]]),
+             "attention_mask": torch.tensor([[0, 0, 1, 1, 1, 1, 0], [0, 1, 1, 1, 1, 0, 0], [0, 0, 1, 1, 1, 0, 0]]),
+             "responses": torch.tensor([[7, 8, pad], [7, pad, pad], [9, pad, pad]]),
+             "response_mask": torch.tensor([[1, 1, 0], [1, 0, 0], [1, 0, 0]])}
+    ids, am, r = ppo.unpadded(batch, torch.tensor([0, 1]))
+    assert r == 2 and ids.tolist() == [[pad, 5, 6, 7, 8], [4, 5, 6, 7, pad]]  # one shared pad column each side
+    assert am.tolist() == [[0, 1, 1, 1, 1], [1, 1, 1, 1, 0]]
+    ids, am, r = ppo.unpadded(batch, torch.tensor([2]))
+    assert r == 1 and ids.tolist() == [[3, 9, 9]] and am.tolist() == [[1, 1, 1]]
+
+
+def end_responses_early(batch, lengths, pad_id):
+    """Cut response i to lengths[i] tokens, padding the rest as the rollout pads after an EOS."""
+    R = batch["responses"].shape[1]
+    Tq = batch["input_ids"].shape[1] - R
+    for i, n in enumerate(lengths):
+        batch["responses"][i, n:] = pad_id
+        batch["response_mask"][i, n:] = 0
+        batch["input_ids"][i, Tq + n:] = pad_id
+        batch["attention_mask"][i, Tq + n:] = 0
+
+
+def test_micro_batch_split_does_not_change_the_update(peaked_tiny):
+    """Losses are token means over the minibatch, so 1 micro-batch of 6 and 3 of 2 (grouped by
+    length, padding trimmed) give the same parameters after the optimizer step."""
+    from accelerate import Accelerator
+
+    results = []
+    for micro in (6, 2):
+        config = small_config(peaked_tiny, "unused", temperature=0.7, bf16=False, batch_size=6, mini_batch_size=6,
+                              micro_batch_size=micro, max_new_tokens=6)
+        model, reference, _, tok, _ = ppo.build_models(config, torch.device("cpu"))
+        torch.manual_seed(0)
+        prompts = [p["prompt"] for p in PROMPTS[:4]] + ["Hi", "A much longer prompt than the others, with more words"]
+        batch = ppo.rollout(model, tok, prompts, config, torch.device("cpu"))
+        end_responses_early(batch, [6, 2, 4, 1, 6, 3], tok.pad_token_id)  # as if EOS had come there
+        batch.update(ppo.rollout_forward(model, reference, batch, config))
+        scores = torch.linspace(-1, 1, 6)
+        rewards, _ = ppo.shape_rewards(scores, batch["logprobs"], batch["ref_logprobs"], batch["response_mask"], 0.05)
+        adv, ret = ppo.compute_gae(rewards, batch["values"], batch["response_mask"])
+        adv = ppo.masked_whiten(adv, batch["response_mask"])
+        optimizer = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=1.0)
+        torch.manual_seed(1)
+        ppo.ppo_update(model, model, optimizer, Accelerator(cpu=True), batch, adv, ret, config, None, None)
+        results.append((batch["response_mask"].sum(1), [p.detach().clone() for p in model.parameters()]))
+    (lengths_a, params_a), (lengths_b, params_b) = results
+    assert torch.equal(lengths_a, lengths_b) and len(set(lengths_a.tolist())) > 1  # same episodes, mixed lengths
+    for a, b in zip(params_a, params_b):
+        assert torch.allclose(a, b, atol=1e-5)
+    assert any(not torch.equal(a, b) for a, b in zip(params_a, ppo.build_models(config, torch.device("cpu"))[0].parameters()))
