@@ -28,7 +28,8 @@ once in plain fp32; the table reports both and marks the faster.
 
 Figures:
 
-- episodes/s = episodes per step / mean step time (rollout + scoring + update).
+- episodes/s = episodes per step / median step time (rollout + scoring + update), over the
+  timed steps of all ``--repeats`` runs of a method (the methods take turns).
 - tokens/s = generated response tokens (up to and including EOS) / step time.
 - train share of the machine's peak (MFU of the update phase) = training FLOPs / update-phase
   time / measured bf16 matmul peak, with **training FLOPs = 6 x trained parameters x trained
@@ -58,6 +59,7 @@ import os
 import platform
 import resource
 import shutil
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -374,16 +376,34 @@ def run_worker(python: str, script: list[str], spec: dict, work: Path, name: str
     return {**info, **json.loads(out_path.read_text())}
 
 
+POOLED = ("step_s", "train_s", "generate_s", "rollout_s", "response_tokens", "trained_tokens")
+
+
+def pool(runs: list[dict]) -> dict:
+    """One method's repeats as one run: per-step lists joined, the largest peak RSS, each repeat kept."""
+    ok = [r for r in runs if "error" not in r]
+    if not ok:
+        return runs[-1]
+    out = {k: [x for r in ok for x in r[k]] for k in POOLED if k in ok[0]}
+    out.update({"trained_params": ok[0]["trained_params"], "peak_rss_mib": max(r["peak_rss_mib"] for r in ok),
+                "repeats": runs})
+    for k in ("versions", "mixed_precision"):
+        if k in ok[0]:
+            out[k] = ok[0][k]
+    return out
+
+
 def summarise(run: dict, batch_size: int, peak_bf16: float) -> dict:
-    """Per-run figures from per-step measurements (warm-up steps already dropped)."""
+    """Figures from per-step measurements (warm-up steps already dropped). Step and update times
+    are medians over the timed steps: a shared machine's slow spells skew a mean."""
     if "error" in run:
         return run
     n = len(run["step_s"])
-    step = sum(run["step_s"]) / n
-    train = sum(run["train_s"]) / n
+    step = statistics.median(run["step_s"])
+    train = statistics.median(run["train_s"])
     flops = 6 * run["trained_params"] * sum(run["trained_tokens"]) / n  # per step
     return {**run, "episodes_per_s": batch_size / step, "tokens_per_s": sum(run["response_tokens"]) / n / step,
-            "step_s_mean": step, "train_s_mean": train, "rollout_s_mean": step - train,
+            "step_s_median": step, "train_s_median": train, "rollout_s_median": step - train,
             "train_flops_per_step": flops, "train_flops_per_episode": flops / batch_size,
             "train_tflops": flops / train / 1e12, "mfu_train_bf16_peak": flops / train / peak_bf16,
             "response_tokens_mean": sum(run["response_tokens"]) / n / batch_size}
@@ -399,7 +419,7 @@ def table(rows: list[dict]) -> str:
             continue
         best = " *" if r.get("best") else ""
         lines.append(f"{r['method']:<16}{r['dtype']:<6}{r['episodes_per_s']:>11.3f}{r['tokens_per_s']:>10.1f}"
-                     f"{r['step_s_mean']:>8.2f}{r['train_s_mean']:>9.2f}{r['response_tokens_mean']:>9.1f}"
+                     f"{r['step_s_median']:>8.2f}{r['train_s_median']:>9.2f}{r['response_tokens_mean']:>9.1f}"
                      f"{100 * r['mfu_train_bf16_peak']:>10.1f}%{r.get('peak_rss_mib', float('nan')):>13.0f}{best}")
     return "\n".join(lines)
 
@@ -414,7 +434,8 @@ def main(argv: list[str] | None = None) -> dict:
                     help="episodes per generate() call and no-grad forward (default: the whole batch)")
     ap.add_argument("--ppo-epochs", type=int, default=1)
     ap.add_argument("--steps", type=int, default=3, help="timed steps per run")
-    ap.add_argument("--warmup", type=int, default=1, help="untimed steps before them")
+    ap.add_argument("--warmup", type=int, default=2, help="untimed steps before them")
+    ap.add_argument("--repeats", type=int, default=2, help="runs of each method, taken in turn; steps pooled")
     ap.add_argument("--rloo-generations", type=int, default=2, help="RLOO responses per prompt")
     ap.add_argument("--threads", type=int, default=os.cpu_count(), help="torch threads in every process")
     ap.add_argument("--methods", default="labkit,trl19_ppo,trl116_rloo,labkit_shared")
@@ -456,25 +477,30 @@ def main(argv: list[str] | None = None) -> dict:
         print(f"TRL 1.9 venv: {'ready' if trl19_python else 'FAILED'} ({time.perf_counter() - t0:.0f}s)")
         (work / "trl19_driver.py").write_text(TRL19_DRIVER)
 
-    rows = []
-    for method in methods:
-        for dtype in args.dtypes.split(","):
-            spec = dict(base, dtype=dtype, out_dir=str(work / f"{method}_{dtype}"),
-                        share_backbone=method == "labkit_shared")
-            name = f"{method}_{dtype}"
-            print(f"running {name} ...", flush=True)
-            if method == "trl19_ppo":
-                if trl19_python is None:
-                    run = {"error": f"TRL 1.9 could not be installed: {trl19_error}"}
+    # Repeats run the methods in turn (a, b, c, a, b, c, ...), so a slow spell of a shared machine
+    # falls on all of them; each method's timed steps from all repeats are pooled.
+    raw: dict[tuple[str, str], list[dict]] = {}
+    for rep in range(args.repeats):
+        for method in methods:
+            for dtype in args.dtypes.split(","):
+                spec = dict(base, dtype=dtype, out_dir=str(work / f"{method}_{dtype}_{rep}"),
+                            share_backbone=method == "labkit_shared")
+                name = f"{method}_{dtype}_{rep}"
+                print(f"running {name} ...", flush=True)
+                if method == "trl19_ppo":
+                    if trl19_python is None:
+                        run = {"error": f"TRL 1.9 could not be installed: {trl19_error}"}
+                    else:
+                        run = run_worker(trl19_python, [str(work / "trl19_driver.py")], spec, work, name, args.timeout)
                 else:
-                    run = run_worker(trl19_python, [str(work / "trl19_driver.py")], spec, work, name, args.timeout)
-            else:
-                run = run_worker(sys.executable, [str(Path(__file__).resolve()), "--worker", method], spec, work,
-                                 name, args.timeout)
-            row = {"method": method, "dtype": dtype, "started": time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime()),
-                   **summarise(run, args.batch_size, peaks["bf16"])}
-            rows.append(row)
-            print(table([row]).splitlines()[-1], flush=True)
+                    run = run_worker(sys.executable, [str(Path(__file__).resolve()), "--worker", method], spec, work,
+                                     name, args.timeout)
+                run["started"] = time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime())
+                raw.setdefault((method, dtype), []).append(run)
+                row = {"method": method, "dtype": dtype, **summarise(run, args.batch_size, peaks["bf16"])}
+                print(table([row]).splitlines()[-1], flush=True)
+    rows = [{"method": m, "dtype": d, **summarise(pool(runs), args.batch_size, peaks["bf16"])}
+            for (m, d), runs in raw.items()]
     if earlier is not None:  # other (method, dtype) runs from earlier invocations (their own load averages)
         done = {(r["method"], r["dtype"]) for r in rows}
         kept = [r for r in earlier["runs"] if (r["method"], r["dtype"]) not in done]
@@ -504,12 +530,14 @@ def main(argv: list[str] | None = None) -> dict:
         "matmul_peak_flops": peaks, "model": args.model, "params": shared["params"],
         "settings": {k: base[k] for k in ("batch_size", "micro_batch_size", "rollout_batch_size", "response_length",
                                           "ppo_epochs", "steps", "warmup", "rloo_generations", "threads")}
-        | {"temperature": 0.7, "mini_batch_size": args.batch_size, "stop": "eos", "missing_eos_penalty": 1.0},
-        "formulas": {"episodes_per_s": "batch_size / mean step time (rollout + score + update), warm-up dropped",
+        | {"temperature": 0.7, "mini_batch_size": args.batch_size, "stop": "eos", "missing_eos_penalty": 1.0,
+           "repeats": args.repeats},
+        "formulas": {"episodes_per_s": "batch_size / median step time (rollout + score + update) over the timed "
+                                       "steps of all repeats, warm-up dropped",
                      "tokens_per_s": "generated response tokens (to the first EOS, inclusive) / step time",
                      "train_flops": "6 x trained params x trained tokens (policy + value model; RLOO: policy); "
                                     "trained tokens = non-padding prompt+response tokens in grad-carrying forwards",
-                     "mfu_train_bf16_peak": "train_flops / update-phase time / measured bf16 matmul peak",
+                     "mfu_train_bf16_peak": "train_flops / median update-phase time / measured bf16 matmul peak",
                      "peak_rss_mib": "ru_maxrss of the trainer's own process"},
         "runs": [{k: v for k, v in r.items()} for r in rows], "best_ratios": ratios,
         "trl19_setup": {"venv": str(TRL19_VENV.relative_to(HERE.parent)), "commands": setup_log,
