@@ -496,6 +496,8 @@ def main(argv: list[str] | None = None) -> dict:
                     run = run_worker(sys.executable, [str(Path(__file__).resolve()), "--worker", method], spec, work,
                                      name, args.timeout)
                 run["started"] = time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime())
+                if not args.keep_work:  # checkpoints of policy, value model and optimizer: ~2 GiB a run
+                    shutil.rmtree(spec["out_dir"], ignore_errors=True)
                 raw.setdefault((method, dtype), []).append(run)
                 row = {"method": method, "dtype": dtype, **summarise(run, args.batch_size, peaks["bf16"])}
                 print(table([row]).splitlines()[-1], flush=True)

@@ -453,14 +453,14 @@ def rollout(model: PolicyAndValue, tokenizer, prompts: list[str], config: PPOCon
     gen = GenerationConfig(max_new_tokens=config.max_new_tokens, do_sample=True,
                            temperature=config.temperature, top_k=0, top_p=1.0,  # plain sampling:
                            eos_token_id=tokenizer.eos_token_id,  # log-probs below match it
-                           pad_token_id=tokenizer.pad_token_id)
+                           pad_token_id=tokenizer.pad_token_id, output_logits=True, return_dict_in_generate=True)
     # Few, large generate() calls: on a CPU a decoding step costs about as much for 8 rows as for 4.
     gen_batch = config.rollout_batch_size or len(prompts)
     chunks, logprobs, entropy = [], [], []
     for s in range(0, len(prompts), gen_batch):
         with autocast(device, enabled=config.bf16):
             out = model.policy.generate(input_ids=queries[s:s + gen_batch], attention_mask=query_mask[s:s + gen_batch],
-                                        generation_config=gen, output_logits=True, return_dict_in_generate=True)
+                                        generation_config=gen)
         resp = out.sequences[:, queries.shape[1]:]  # (g, r)
         step_logits = torch.stack(out.logits, 1)  # (g, r, V)
         del out
