@@ -237,7 +237,7 @@ class PPOConfig:
 
     Defaults keep a run of the bundled 135M model on a 2-core laptop CPU short (8 steps x 8
     episodes x up to 40 tokens; about 20 s a step there); raise ``steps`` and ``batch_size``
-    where there is time (``labkit run --preset cpu`` uses 10 steps of 16 episodes).
+    where there is time (``labkit run --preset cpu`` uses 20 steps of 16 episodes).
     """
 
     # models and data
