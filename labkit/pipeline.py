@@ -380,6 +380,8 @@ def overoptimisation_figure(history: dict, title: str):
                              text=[f"step {s:g}" for s in steps], marker=dict(size=9, symbol="diamond"),
                              name="gold score", yaxis="y2"))
     fig.update_layout(title=title, xaxis_title="KL(policy ‖ SFT), nats", yaxis_title="RM score",
-                      yaxis2=dict(title="gold score", overlaying="y", side="right"), template="plotly_white",
+                      yaxis2=dict(title="gold score", overlaying="y", side="right", showgrid=False, tickmode="auto",
+                                  tickformat=".2f"), template="plotly_white",
+                      legend=dict(orientation="h", yanchor="bottom", y=1.02, xanchor="right", x=1),
                       height=380)
     return fig
