@@ -21,10 +21,11 @@ process (so each process's peak RSS is its own):
 Equal settings: model, prompts (the embedded ``ppo`` split, chat-formatted), episodes per step
 (``--batch-size``), one optimizer step per batch, micro-batch size, rollout batch (episodes per
 ``generate()`` call and no-grad forward: labkit's ``rollout_batch_size``, TRL 1.9's
-``local_rollout_forward_batch_size``; RLOO generates the whole batch in one call), response length limit (``--response-length``, stop at EOS), sampling temperature 0.7,
-PPO epochs, missing-EOS penalty, learning rate. Each trainer runs ``--warmup`` steps that are
-not timed, then ``--steps`` timed steps, once under bf16 autocast (fp32 master weights) and
-once in plain fp32; the table reports both and marks the faster.
+``local_rollout_forward_batch_size``; RLOO generates the whole batch in one call), response
+length limit (``--response-length``, stop at EOS), sampling temperature 0.7, PPO epochs,
+missing-EOS penalty, learning rate. Each trainer runs ``--warmup`` steps that are not timed,
+then ``--steps`` timed steps, once under bf16 autocast (fp32 master weights) and once in
+plain fp32; the table reports both and marks the faster.
 
 Figures:
 

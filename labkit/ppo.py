@@ -321,6 +321,10 @@ class PPOConfig:
     def num_mini_batches(self) -> int:
         return self.batch_size // self.mini_batch_size
 
+    def rollout_chunk(self, n: int) -> int:
+        """Episodes per generate() call or no-grad forward when ``n`` are on this process."""
+        return self.rollout_batch_size or n
+
 
 # ----------------------------------------------------------------------------- models
 
@@ -455,7 +459,7 @@ def rollout(model: PolicyAndValue, tokenizer, prompts: list[str], config: PPOCon
                            eos_token_id=tokenizer.eos_token_id,  # log-probs below match it
                            pad_token_id=tokenizer.pad_token_id, output_logits=True, return_dict_in_generate=True)
     # Few, large generate() calls: on a CPU a decoding step costs about as much for 8 rows as for 4.
-    gen_batch = config.rollout_batch_size or len(prompts)
+    gen_batch = config.rollout_chunk(len(prompts))
     chunks, logprobs, entropy = [], [], []
     for s in range(0, len(prompts), gen_batch):
         with autocast(device, enabled=config.bf16):
@@ -501,7 +505,7 @@ def rollout_forward(model: PolicyAndValue, reference: nn.Module | None, batch: d
     """
     B, R = batch["responses"].shape
     device = batch["responses"].device
-    size = config.rollout_batch_size or B
+    size = config.rollout_chunk(B)
     out = {"ref_logprobs": [], "values": []}
     for s in range(0, B, size):
         idx = torch.arange(s, min(s + size, B), device=device)
@@ -544,7 +548,7 @@ def score_responses(batch: dict, reward_model, rm_tokenizer, reward_fn, config) 
     if reward_fn is not None:
         scores = reward_fn(prompts, texts)
     else:
-        scores = reward_model.score(rm_tokenizer, prompts, texts, batch_size=config.rollout_batch_size or len(texts),
+        scores = reward_model.score(rm_tokenizer, prompts, texts, batch_size=config.rollout_chunk(len(texts)),
                                     progress=False)
     return torch.tensor([float(s) for s in scores], dtype=torch.float32, device=batch["responses"].device)
 
