@@ -45,21 +45,21 @@ Measured (bundled SmolLM2-135M-Instruct, 230 embedded demonstrations: 207 train 
   better model when the time is there (as the paper found, more epochs keep helping).
 
 >>> from labkit.sft import SFTConfig, train_sft
->>> path = train_sft(SFTConfig(model="tiny", out_dir="runs/sft-tiny", max_steps=10))
->>> model, tok = labkit.models.load_model(path)
+>>> result = train_sft(SFTConfig(model="tiny", out_dir="runs/sft-tiny", max_steps=10))
+>>> model, tok = labkit.models.load_model(result["model_dir"])
 """
 
 from __future__ import annotations
 
-import json
 import math
 import random
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from pathlib import Path
 
 from labkit import models
 from labkit.live import LiveDashboard
+from labkit.stage import finish, interrupt_flag, trainer_guards
 
 __all__ = ["SFTConfig", "train_sft", "make_trainer", "build_examples", "expected_tokens", "split_demonstrations",
            "resolve_precision"]
@@ -72,10 +72,10 @@ class SFTConfig:
     """Stage 1 settings; the defaults fine-tune the bundled 135M model in minutes on a laptop CPU."""
 
     model: str = models.BUNDLED  # "smollm2-135m", "tiny", a local folder or a Hugging Face id
-    out_dir: str = "runs/sft"  # checkpoints, the final model (+ tokenizer), curves and metrics
+    out_dir: str = "runs/sft"  # checkpoints, model/ (the final model + tokenizer) and the stage files
     demonstrations: list[dict] | None = None  # None: the embedded SFT demos; else records with prompt + response
     epochs: float = 1.0  # passes over the training demos (the paper: 16; val loss overfits after 1)
-    lr: float = 1e-4  # peak learning rate, AdamW
+    learning_rate: float = 1e-4  # peak learning rate, AdamW
     lr_scheduler: str = "cosine"  # cosine decay, as in InstructGPT §3.5 / Appendix C.1
     warmup: float = 0.1  # warm-up steps as a fraction of all steps (or a count if >= 1)
     weight_decay: float = 0.0  # AdamW weight decay
@@ -94,7 +94,7 @@ class SFTConfig:
     max_grad_norm: float = 1.0  # gradient clipping
     seed: int = 0  # data split, shuffling and init of anything random
     device: str = "auto"  # "auto", "cpu", "cuda", ...
-    live: bool = True  # live plot in the notebook (always recorded; saved to out_dir/sft_curves.html)
+    dashboard: bool = True  # live plot in the notebook (always recorded; saved to out_dir/dashboard.html)
     progress: bool = True  # show the Trainer's progress bar
 
     def __post_init__(self):
@@ -171,23 +171,6 @@ def _load_demonstrations(config: SFTConfig) -> list[dict]:
 
 # ----------------------------------------------------------------------------- training
 
-def _nan_guard():
-    """A callback that stops training at a non-finite loss, before that step can be checkpointed."""
-    from transformers import TrainerCallback
-
-    class NonFiniteLossGuard(TrainerCallback):
-        bad_step: int | None = None
-
-        def on_log(self, args, state, control, logs=None, **kwargs):
-            loss = (logs or {}).get("loss")
-            if loss is not None and not math.isfinite(float(loss)):
-                self.bad_step = state.global_step
-                control.should_training_stop = True
-                control.should_save = False
-
-    return NonFiniteLossGuard()
-
-
 def _trainer_args(config: SFTConfig, precision: str, device, steps_per_epoch: int, has_eval: bool):
     from trl import SFTConfig as TRLSFTConfig
 
@@ -197,7 +180,7 @@ def _trainer_args(config: SFTConfig, precision: str, device, steps_per_epoch: in
         output_dir=config.out_dir,
         num_train_epochs=config.epochs,
         max_steps=config.max_steps,
-        learning_rate=config.lr,
+        learning_rate=config.learning_rate,
         lr_scheduler_type=config.lr_scheduler,
         warmup_steps=config.warmup,
         weight_decay=config.weight_decay,
@@ -259,8 +242,7 @@ def make_trainer(config: SFTConfig, model=None, tokenizer=None):
 
     steps_per_epoch = math.ceil(len(train_ex) / (config.batch_size * config.grad_accum))
     args = _trainer_args(config, precision, device, steps_per_epoch, has_eval=bool(eval_ex))
-    dashboard = LiveDashboard(f"SFT: {config.model}", headless=None if config.live else True)
-    guard = _nan_guard()
+    dashboard = LiveDashboard(f"SFT: {config.model}", headless=None if config.dashboard else True)
     # SFTTrainer tokenises with `datasets`, which draws about ten bars per split: in a
     # notebook they crowd out the training bar and the live plot, so they are off meanwhile.
     from datasets.utils import logging as ds_logging
@@ -272,64 +254,63 @@ def make_trainer(config: SFTConfig, model=None, tokenizer=None):
             model=model, args=args, processing_class=tokenizer,
             train_dataset=Dataset.from_list(train_ex),
             eval_dataset=Dataset.from_list(eval_ex) if eval_ex else None,
-            callbacks=[dashboard.callback(), guard],
+            callbacks=[dashboard.callback()],
         )
     finally:
         if bars_were_on:
             ds_logging.enable_progress_bar()
     info = {"model": config.model, "precision": precision, "device": str(device), "n_train": len(train_ex),
-            "n_eval": len(eval_ex), "n_truncated": n_truncated, "dashboard": dashboard, "guard": guard}
+            "n_eval": len(eval_ex), "n_truncated": n_truncated, "dashboard": dashboard}
     return trainer, info
 
 
-def train_sft(config: SFTConfig) -> str:
-    """Fine-tune ``config.model`` on demonstrations; returns ``out_dir``, loadable with ``load_model``.
+def train_sft(config: SFTConfig) -> dict:
+    """Fine-tune ``config.model`` on demonstrations; returns the stage result (``labkit.stage``),
+    whose ``model_dir`` (``out_dir/model``) ``load_model`` reads.
 
-    >>> path = train_sft(SFTConfig(model="tiny", out_dir="runs/sft-tiny", max_steps=10))
+    >>> result = train_sft(SFTConfig(model="tiny", out_dir="runs/sft-tiny", max_steps=10))
+    >>> model, tok = load_model(result["model_dir"])
     """
     from transformers.trainer_utils import get_last_checkpoint
 
     out = Path(config.out_dir)
     out.mkdir(parents=True, exist_ok=True)
 
-    # 1. Data and trainer: TRL SFTTrainer, completion-only loss, explicit precision, live plot, NaN guard.
+    # 1. Data and trainer: TRL SFTTrainer, completion-only loss, explicit precision, live plot.
     trainer, info = make_trainer(config)
-    dashboard, guard = info.pop("dashboard"), info.pop("guard")
+    dashboard = info.pop("dashboard")
     tok = trainer.processing_class
 
-    # 2. Train, resuming from the last checkpoint in out_dir if asked and present.
+    # 2. Train, resuming from the last checkpoint in out_dir if asked and present. A Ctrl-C
+    #    ends the current step and checkpoints it; a non-finite loss stops before checkpointing.
     last = get_last_checkpoint(str(out)) if config.resume and any(out.glob("checkpoint-*")) else None
     if last:
         print(f"labkit.sft: resuming from {last}")
     t0 = time.time()
-    result = trainer.train(resume_from_checkpoint=last)
+    with interrupt_flag() as flag:
+        guard = trainer_guards(flag)
+        trainer.add_callback(guard)
+        result = trainer.train(resume_from_checkpoint=last)
     seconds = time.time() - t0
-    dashboard.close()
-    if guard.bad_step is not None:
-        raise FloatingPointError(
-            f"non-finite training loss at step {guard.bad_step}; training stopped. The last good "
-            f"weights are in the latest checkpoint under {out} (not overwritten).")
 
-    # 3. Save the final model + tokenizer (safetensors), curves and metrics.
-    trainer.save_model(str(out))
-    tok.save_pretrained(str(out))
+    # 3. Save the final model + tokenizer (safetensors) unless the run stopped early; then the stage files.
     history = trainer.state.log_history
+    metrics = {
+        "precision": info["precision"], "device": info["device"], "data/n_train": info["n_train"],
+        "data/n_eval": info["n_eval"], "data/n_truncated": info["n_truncated"],
+        "train/steps": trainer.state.global_step, "train/epochs": trainer.state.epoch,
+        "time/train_s": seconds, "time/steps_per_s": result.metrics.get("train_steps_per_second"),
+        "loss/train": result.metrics.get("train_loss"), "train/resumed_from": last,
+    }
+    if guard.stopped is not None:
+        where = f"the latest checkpoint under {out}"
+        return finish(config, metrics, dashboard, None, guard.stopped, f"{guard.message}; last good weights: {where}")
+    trainer.save_model(str(out / "model"))
+    tok.save_pretrained(str(out / "model"))
     evals = [h for h in history if "eval_loss" in h]
     if info["n_eval"] and (not evals or evals[-1].get("step") != trainer.state.global_step):
         evals.append({"eval_loss": trainer.evaluate()["eval_loss"], "step": trainer.state.global_step})
     eval_losses = [h["eval_loss"] for h in evals]
-    metrics = {
-        **info,
-        "steps": trainer.state.global_step, "epochs": trainer.state.epoch,
-        "train_seconds": seconds, "steps_per_second": result.metrics.get("train_steps_per_second"),
-        "train_loss": result.metrics.get("train_loss"),
-        "train_losses": [h["loss"] for h in history if "loss" in h],
-        "eval_loss_start": eval_losses[0] if eval_losses else None,
-        "eval_loss_end": eval_losses[-1] if eval_losses else None,
-        "resumed_from": last,
-        "config": {k: v for k, v in asdict(config).items() if k != "demonstrations"},
-    }
-    (out / "sft_metrics.json").write_text(json.dumps(metrics, indent=2))
-    dashboard.save(out / "sft_curves.html")
-    dashboard.save(out / "history.json")  # the curves as numbers, for reports
-    return str(out)
+    metrics["eval/loss_start"] = eval_losses[0] if eval_losses else None
+    metrics["eval/loss"] = eval_losses[-1] if eval_losses else None
+    return finish(config, metrics, dashboard, out / "model")

@@ -1,11 +1,14 @@
 """Stage 1 SFT: data format, completion-only masking, precision, a tiny smoke run and resume."""
 
 import json
+import os
+import signal
 
 import pytest
 import torch
 
 from labkit import models
+from labkit.stage import read_history, trainer_guards
 from labkit.sft import (SFTConfig, build_examples, expected_tokens, make_trainer, resolve_precision,
                         split_demonstrations, train_sft)
 
@@ -19,7 +22,7 @@ DEMOS = [
     {"prompt": "Write a long story.", "response": "Once upon a time " * 30},
 ]
 TINY_RUN = dict(model="tiny", demonstrations=DEMOS, batch_size=2, max_length=48, eval_fraction=0.2,
-                lr=3e-3, warmup=0, lr_scheduler="constant", live=False, progress=False)
+                learning_rate=3e-3, warmup=0, lr_scheduler="constant", dashboard=False, progress=False)
 
 
 @pytest.fixture(scope="module")
@@ -108,19 +111,22 @@ def test_precision_really_autocasts(tmp_path, precision, dtype):
 
 def test_tiny_sft_smoke_loss_down_and_folder_loads(tmp_path):
     before = {k: v.clone() for k, v in models.load_model("tiny", dtype="float32")[0].state_dict().items()}
-    path = train_sft(SFTConfig(out_dir=str(tmp_path / "sft"), max_steps=8, save_steps=100, **TINY_RUN))
-    metrics = json.loads((tmp_path / "sft" / "sft_metrics.json").read_text())
-    losses = metrics["train_losses"]
+    result = train_sft(SFTConfig(out_dir=str(tmp_path / "sft"), max_steps=8, save_steps=100, **TINY_RUN))
+    metrics = json.loads((tmp_path / "sft" / "metrics.json").read_text())
+    assert metrics == json.loads(json.dumps(result))
+    losses = [v for _, v in read_history(tmp_path / "sft")["loss/train"]]
     assert len(losses) == 8 and all(l == l for l in losses)  # finite (no NaN)
     assert sum(losses[-2:]) / 2 < sum(losses[:2]) / 2 - 0.5  # clearly down on 5 memorisable demos
-    assert metrics["eval_loss_end"] < metrics["eval_loss_start"]
-    assert metrics["n_truncated"] == 1 and metrics["steps"] == 8
-    model, tok = models.load_model(path, dtype="float32")
+    assert metrics["eval/loss"] < metrics["eval/loss_start"]
+    assert metrics["data/n_truncated"] == 1 and metrics["train/steps"] == 8
+    assert result["stopped"] is None and result["model_dir"] == str(tmp_path / "sft" / "model")
+    model, tok = models.load_model(result["model_dir"], dtype="float32")
     after = model.state_dict()
     changed = [k for k in before if not torch.equal(before[k], after[k])]
     assert len(changed) >= len(before) // 2
-    assert (tmp_path / "sft" / "model.safetensors").exists()
-    assert (tmp_path / "sft" / "sft_curves.html").exists()
+    assert (tmp_path / "sft" / "model" / "model.safetensors").exists()
+    for name in ("config.json", "history.json", "dashboard.html"):
+        assert (tmp_path / "sft" / name).exists()
     assert tok.eos_token_id == models.load_tokenizer().eos_token_id
 
 
@@ -131,10 +137,10 @@ def test_resume_continues_from_the_last_checkpoint(tmp_path):
     train_sft(SFTConfig(out_dir=str(tmp_path / "split"), max_steps=2, **cfg))
     assert (tmp_path / "split" / "checkpoint-2").exists()
     train_sft(SFTConfig(out_dir=str(tmp_path / "split"), max_steps=4, **cfg))
-    metrics = json.loads((tmp_path / "split" / "sft_metrics.json").read_text())
-    assert metrics["resumed_from"].endswith("checkpoint-2") and metrics["steps"] == 4
-    full = models.load_model(str(tmp_path / "full"), dtype="float32")[0].state_dict()
-    split = models.load_model(str(tmp_path / "split"), dtype="float32")[0].state_dict()
+    metrics = json.loads((tmp_path / "split" / "metrics.json").read_text())
+    assert metrics["train/resumed_from"].endswith("checkpoint-2") and metrics["train/steps"] == 4
+    full = models.load_model(str(tmp_path / "full" / "model"), dtype="float32")[0].state_dict()
+    split = models.load_model(str(tmp_path / "split" / "model"), dtype="float32")[0].state_dict()
     for k in full:
         torch.testing.assert_close(split[k], full[k], rtol=1e-4, atol=1e-5)
 
@@ -150,14 +156,48 @@ def test_feedback_store_demonstrations_feed_sft(tmp_path, tok):
 def test_non_finite_loss_stops_training_without_a_checkpoint():
     from types import SimpleNamespace
 
-    from labkit.sft import _nan_guard
-
-    guard = _nan_guard()
+    guard = trainer_guards({"set": False})
     control = SimpleNamespace(should_training_stop=False, should_save=True)
     guard.on_log(None, SimpleNamespace(global_step=3), control, logs={"loss": 2.0})
-    assert not control.should_training_stop and guard.bad_step is None
+    assert not control.should_training_stop and guard.stopped is None
     guard.on_log(None, SimpleNamespace(global_step=4), control, logs={"loss": float("nan")})
-    assert control.should_training_stop and not control.should_save and guard.bad_step == 4
+    assert control.should_training_stop and not control.should_save and guard.stopped == "non-finite"
+    assert "step 4" in guard.message
+
+
+def test_a_raised_interrupt_flag_checkpoints_the_step_and_stops():
+    from types import SimpleNamespace
+
+    flag = {"set": False}
+    guard = trainer_guards(flag)
+    control = SimpleNamespace(should_training_stop=False, should_save=False)
+    guard.on_step_end(None, SimpleNamespace(global_step=2), control)
+    assert not control.should_training_stop and guard.stopped is None
+    flag["set"] = True
+    guard.on_step_end(None, SimpleNamespace(global_step=3), control)
+    assert control.should_training_stop and control.should_save and guard.stopped == "interrupted"
+
+
+def test_ctrl_c_during_sft_saves_a_checkpoint_and_returns_interrupted(tmp_path, monkeypatch):
+    """A SIGINT in the middle of training ends the step, checkpoints it, and the run resumes from it."""
+    from transformers import TrainerCallback
+
+    class CtrlCAtStep2(TrainerCallback):
+        def on_step_begin(self, args, state, control, **kwargs):
+            if state.global_step == 1:
+                os.kill(os.getpid(), signal.SIGINT)
+
+    cfg = SFTConfig(out_dir=str(tmp_path / "sft"), max_steps=4, save_steps=100,
+                    **dict(TINY_RUN, eval_fraction=0.0))
+    trainer, info = make_trainer(cfg)
+    trainer.add_callback(CtrlCAtStep2())
+    monkeypatch.setattr("labkit.sft.make_trainer", lambda config: (trainer, info))
+    result = train_sft(cfg)
+    monkeypatch.undo()
+    assert result["stopped"] == "interrupted" and result["model_dir"] is None
+    assert (tmp_path / "sft" / "checkpoint-2").exists()
+    resumed = train_sft(cfg)
+    assert resumed["stopped"] is None and resumed["train/resumed_from"].endswith("checkpoint-2")
 
 
 def test_every_embedded_demonstration_trains_on_the_generation_tokens(tmp_path):
@@ -165,7 +205,7 @@ def test_every_embedded_demonstration_trains_on_the_generation_tokens(tmp_path):
     data = pytest.importorskip("labkit.data")
     demos = data.load_demonstrations()
     trainer, info = make_trainer(SFTConfig(model="tiny", out_dir=str(tmp_path), eval_fraction=0.0,
-                                           live=False, progress=False), *models.load_model("tiny", dtype="float32"))
+                                           dashboard=False, progress=False), *models.load_model("tiny", dtype="float32"))
     tok = trainer.processing_class
     expected = {}
     for ex in build_examples(tok, demos):
