@@ -107,6 +107,29 @@ def position_ids(attention_mask: torch.Tensor) -> torch.Tensor:
     return (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
 
 
+def last_index(mask: torch.Tensor) -> torch.Tensor:
+    """Index (B,) of the last position whose mask is 1, for left or right padding (0 for an all-zero row)."""
+    T = mask.shape[1]
+    positions = torch.arange(T, device=mask.device).expand_as(mask)  # (B, T)
+    return torch.where(mask.bool(), positions, 0).max(dim=1).values  # (B,)
+
+
+def pad_rows(rows: list[list[int]], pad_id: int, side: str = "right") -> tuple[torch.Tensor, torch.Tensor]:
+    """Token id lists -> ``input_ids`` (B, T) padded with ``pad_id`` on ``side`` ("right" for
+    training and scoring, "left" for generation) and ``attention_mask`` (B, T)."""
+    if side not in ("right", "left"):
+        raise ValueError(f"side must be 'right' or 'left', got {side!r}")
+    T = max(len(r) for r in rows)
+    input_ids = torch.full((len(rows), T), pad_id, dtype=torch.long)  # (B, T)
+    attention_mask = torch.zeros((len(rows), T), dtype=torch.long)  # (B, T)
+    for i, r in enumerate(rows):
+        if r:
+            cols = slice(0, len(r)) if side == "right" else slice(T - len(r), T)
+            input_ids[i, cols] = torch.tensor(r, dtype=torch.long)
+            attention_mask[i, cols] = 1
+    return input_ids, attention_mask
+
+
 def autocast(device: str | torch.device = "auto", enabled: bool = True):
     """``torch.autocast`` with :func:`fast_dtype`; a no-op where that is fp32."""
     device = resolve_device(device)

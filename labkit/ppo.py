@@ -39,7 +39,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from labkit.models import autocast, format_prompt, load_model, position_ids, resolve_device
+from labkit.models import autocast, format_prompt, last_index, load_model, position_ids, resolve_device
 
 # ----------------------------------------------------------------------------- pure functions
 
@@ -102,13 +102,6 @@ def kl_penalty(logprobs: torch.Tensor, ref_logprobs: torch.Tensor, kind: str = "
     if kind == "mse":
         return 0.5 * log_ratio.square()
     raise ValueError(f"unknown KL estimator {kind!r}; use 'k1', 'k3', 'abs' or 'mse'")
-
-
-def last_index(mask: torch.Tensor) -> torch.Tensor:
-    """Index (B,) of the last position whose mask is 1 (0 for an all-zero row)."""
-    T = mask.shape[1]
-    positions = torch.arange(T, device=mask.device).expand_as(mask)  # (B, T)
-    return torch.where(mask.bool(), positions, 0).max(dim=1).values  # (B,)
 
 
 def shape_rewards(scores: torch.Tensor, logprobs: torch.Tensor, ref_logprobs: torch.Tensor,
