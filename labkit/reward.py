@@ -9,8 +9,8 @@ demonstrations score 0 on average.
 >>> model, tok = load_model("tiny", dtype="float32")
 >>> rm = RewardModel.from_causal_lm(model)           # untrained head: rewards are noise
 >>> rm.score(tok, ["Say hi."], ["Hi!"])              # one float per (prompt, response)
->>> out = train_reward_model(RewardConfig(base="runs/sft", rankings=store, out_dir="runs/rm"))
->>> rm, tok = load_reward_model(out)
+>>> result = train_reward_model(RewardConfig(model="runs/sft/model", rankings=store, out_dir="runs/rm"))
+>>> rm, tok = load_reward_model(result["model_dir"])
 """
 
 from __future__ import annotations
@@ -19,7 +19,7 @@ import json
 import math
 import time
 import warnings
-from dataclasses import dataclass, fields
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -28,7 +28,10 @@ import torch.nn.functional as F
 from torch import nn
 
 from labkit.live import LiveDashboard, progress
-from labkit.models import autocast, format_prompt, position_ids, resolve_device, resolve_dtype
+from labkit.models import autocast, format_prompt, last_index, pad_rows, position_ids, resolve_device, resolve_dtype
+from labkit.rankings import (n_comparisons, normalize_tiers, ordered_pairs, pairwise_accuracy, scores_to_ranks,
+                             tiers_to_ranks)
+from labkit.stage import NonFiniteError, defer_interrupt, finish
 
 CONFIG_FILE = "reward_model.json"
 HEAD_FILE = "reward_head.safetensors"
@@ -81,7 +84,7 @@ class RewardModel(nn.Module):
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
         """Rewards (B,) read at the last non-padding token of each row (left or right padding)."""
         values = self.token_values(input_ids, attention_mask)  # (B, T)
-        return values.gather(1, last_token_index(attention_mask)[:, None]).squeeze(1)  # (B,)
+        return values.gather(1, last_index(attention_mask)[:, None]).squeeze(1)  # (B,)
 
     # ------------------------------------------------------------------ scoring text
     @torch.no_grad()
@@ -106,7 +109,7 @@ class RewardModel(nn.Module):
         starts = range(0, len(ids), batch_size)
         for s in tqdm(starts, desc="scoring", disable=not progress or len(starts) < 2, leave=False):
             rows = order[s:s + batch_size]
-            input_ids, mask = pad_right([ids[i] for i in rows], tokenizer.pad_token_id)  # (b, T)
+            input_ids, mask = pad_rows([ids[i] for i in rows], tokenizer.pad_token_id)  # (b, T)
             with autocast(device):
                 rewards = self(input_ids.to(device), mask.to(device)).tolist()
             for i, r in zip(rows, rewards):
@@ -172,13 +175,6 @@ def load_reward_model(path: str | Path, dtype: str | torch.dtype = "auto",
 
 # ----------------------------------------------------------------------------- tensors
 
-def last_token_index(attention_mask: torch.Tensor) -> torch.Tensor:
-    """Index (B,) of the last position whose mask is 1 (works for left or right padding)."""
-    T = attention_mask.shape[1]
-    positions = torch.arange(T, device=attention_mask.device).expand_as(attention_mask)  # (B, T)
-    return torch.where(attention_mask.bool(), positions, -1).max(dim=1).values  # (B,)
-
-
 def encode(tokenizer, prompts: list[str], responses: list[str], max_length: int = 1024):
     """Token ids of ``format_prompt(prompt) + response + EOS``, and how many were truncated.
 
@@ -195,17 +191,6 @@ def encode(tokenizer, prompts: list[str], responses: list[str], max_length: int 
     return ids, n_cut
 
 
-def pad_right(rows: list[list[int]], pad_id: int):
-    """Right-padded ``input_ids`` (B, T) and ``attention_mask`` (B, T)."""
-    T = max(len(r) for r in rows)
-    input_ids = torch.full((len(rows), T), pad_id, dtype=torch.long)  # (B, T)
-    mask = torch.zeros((len(rows), T), dtype=torch.long)  # (B, T)
-    for i, r in enumerate(rows):
-        input_ids[i, :len(r)] = torch.tensor(r, dtype=torch.long)
-        mask[i, :len(r)] = 1
-    return input_ids, mask
-
-
 def ranking_loss(rewards: torch.Tensor, ranks: torch.Tensor) -> torch.Tensor:
     """K-way ranking loss (InstructGPT eq. 1) from rewards (B, K) and tiers ranks (B, K).
 
@@ -219,9 +204,7 @@ def ranking_loss(rewards: torch.Tensor, ranks: torch.Tensor) -> torch.Tensor:
     if rewards.shape != ranks.shape or rewards.dim() != 2:
         raise ValueError(f"rewards and ranks must both be (B, K); got {tuple(rewards.shape)} "
                          f"and {tuple(ranks.shape)}")
-    valid = ranks >= 0  # (B, K)
-    # better[b, i, j]: response i is ranked strictly above response j, both real.
-    better = (ranks[:, :, None] < ranks[:, None, :]) & valid[:, :, None] & valid[:, None, :]  # (B, K, K)
+    better = ordered_pairs(ranks)  # (B, K, K): response i ranked strictly above response j, both real
     diff = rewards[:, :, None] - rewards[:, None, :]  # (B, K, K): r_i - r_j
     pair_loss = torch.where(better, -F.logsigmoid(diff), torch.zeros_like(diff))  # (B, K, K)
     n_pairs = better.sum(dim=(1, 2))  # (B,)
@@ -230,29 +213,6 @@ def ranking_loss(rewards: torch.Tensor, ranks: torch.Tensor) -> torch.Tensor:
     if not has_pair.any():
         return (rewards * 0.0).sum()
     return per_prompt[has_pair].mean()
-
-
-def pairwise_accuracy(rewards: torch.Tensor, ranks: torch.Tensor) -> tuple[int, int]:
-    """(correct, total) over ordered, non-tied pairs: how often r_better > r_worse."""
-    valid = ranks >= 0  # (B, K)
-    better = (ranks[:, :, None] < ranks[:, None, :]) & valid[:, :, None] & valid[:, None, :]  # (B, K, K)
-    correct = (rewards[:, :, None] > rewards[:, None, :]) & better  # (B, K, K)
-    return int(correct.sum()), int(better.sum())
-
-
-def tiers_to_ranks(tiers: list[list[int]], k: int) -> list[int]:
-    """Tiers (best first) of n responses -> ranks of length k (tier index; -1 pads n..k-1)."""
-    flat = [i for tier in tiers for i in tier]
-    n = len(flat)
-    if sorted(flat) != list(range(n)):
-        raise ValueError(f"tiers {tiers} must list each response index 0..{n - 1} exactly once")
-    if n > k:
-        raise ValueError(f"tiers cover {n} responses but k={k}")
-    ranks = [-1] * k
-    for t, tier in enumerate(tiers):
-        for i in tier:
-            ranks[i] = t
-    return ranks
 
 
 # ----------------------------------------------------------------------------- data
@@ -300,27 +260,11 @@ def _check_ranking(r, i: int, where: str) -> dict:
         raise ValueError(f"{at}: 'responses' must be a list of strings")
     if len(responses) < 2:
         raise ValueError(f"{at}: a ranking needs at least 2 responses (K={len(responses)})")
-    if not isinstance(tiers, list) or not all(isinstance(t, list) and t for t in tiers):
-        raise ValueError(f"{at}: 'tiers' must be a list of non-empty lists of response indices")
-    flat = [i for t in tiers for i in t]
-    if not all(isinstance(i, int) and not isinstance(i, bool) for i in flat):
-        raise ValueError(f"{at}: 'tiers' must hold integer response indices, got {tiers}")
-    bad = [i for i in flat if not 0 <= i < len(responses)]
-    if bad:
-        raise ValueError(f"{at}: 'tiers' refers to unknown responses {bad} (K={len(responses)})")
-    if len(set(flat)) != len(flat):
-        raise ValueError(f"{at}: 'tiers' lists a response twice: {tiers}")
-    if len(flat) != len(responses):
-        missing = sorted(set(range(len(responses))) - set(flat))
-        raise ValueError(f"{at}: 'tiers' must rank every response; unranked: {missing}")
-    return {"prompt": prompt, "responses": list(responses), "tiers": [list(t) for t in tiers],
-            "prompt_id": r.get("prompt_id")}
-
-
-def n_comparisons(tiers: list[list[int]]) -> int:
-    """Ordered, non-tied pairs in one ranking: C(K,2) minus the tied pairs."""
-    k = sum(len(t) for t in tiers)
-    return k * (k - 1) // 2 - sum(len(t) * (len(t) - 1) // 2 for t in tiers)
+    try:
+        tiers = normalize_tiers(tiers, len(responses))
+    except ValueError as e:
+        raise ValueError(f"{at}: {e}") from None
+    return {"prompt": prompt, "responses": list(responses), "tiers": tiers, "prompt_id": r.get("prompt_id")}
 
 
 def split_rankings(records: list[dict], eval_fraction: float, seed: int) -> tuple[list[dict], list[dict]]:
@@ -345,7 +289,7 @@ def collate(items: list[dict], pad_id: int):
         rows += it["ids"]
         slots += [b * K + k for k in range(len(it["ids"]))]
         ranks[b, :len(it["ranks"])] = torch.tensor(it["ranks"], dtype=torch.long)
-    input_ids, mask = pad_right(rows, pad_id)  # (N, T)
+    input_ids, mask = pad_rows(rows, pad_id)  # (N, T)
     return input_ids, mask, torch.tensor(slots), ranks
 
 
@@ -363,14 +307,14 @@ def batch_rewards(rm: RewardModel, input_ids, mask, slots, ranks) -> torch.Tenso
 class RewardConfig:
     """Stage 2 settings; the defaults run the bundled 135M model on a laptop CPU."""
 
-    base: str = "smollm2-135m"  # SFT output folder (InstructGPT §3.5), a model name, or an RM folder to continue
+    model: str = "smollm2-135m"  # SFT model folder (InstructGPT §3.5), a model name, or an RM folder to continue
     rankings: Any = None  # K-way records / preference pairs, a FeedbackStore (.rankings()), or a JSONL path
-    out_dir: str = "runs/reward_model"  # where the RM, tokenizer, metrics.json and curves.html go
+    out_dir: str = "runs/reward_model"  # model/ (the RM + tokenizer) and the stage files
     epochs: int = 1  # InstructGPT trains one epoch: the RM overfits after one (§3.5 / App. C.2)
     max_steps: int | None = None  # stop after this many optimiser steps (smoke runs); None = all epochs
     batch_size: int = 8  # prompts per optimiser step, each with all its K responses (§3.5)
     micro_batch_size: int | None = None  # prompts per forward pass (gradient accumulation); None = batch_size
-    lr: float = 5e-5  # AdamW; the paper used 9e-6 at 6B. At 135M on ~200 rankings, 1e-5 left the RM near
+    learning_rate: float = 5e-5  # AdamW; the paper used 9e-6 at 6B. At 135M on ~200 rankings, 1e-5 left the RM near
     # chance (held-out accuracy 0.54, gold agreement 0.49); 5e-5 reached 0.69 / 0.63 (1e-4: 0.68 / 0.71)
     min_lr_ratio: float = 0.1  # cosine decay to this fraction of lr, as in App. C.2
     warmup_steps: int = 0  # linear warm-up steps before the cosine
@@ -385,7 +329,7 @@ class RewardConfig:
     precision: str = "auto"  # "auto": fp32 master weights + bf16 autocast where fast; "fp32": no autocast
     device: str = "auto"  # "auto", "cpu", "cuda", ...
     seed: int = 0  # data order, held-out split and head init
-    live: bool = True  # live plot in notebooks (always recorded and saved to curves.html)
+    dashboard: bool = True  # live plot in notebooks (always recorded; saved to out_dir/dashboard.html)
     progress: bool = True  # progress bars
     log_every: int = 1  # optimiser steps between dashboard points
 
@@ -396,8 +340,8 @@ class RewardConfig:
             raise ValueError("micro_batch_size must lie in [1, batch_size]")
         if not 0 <= self.eval_fraction < 1:
             raise ValueError("eval_fraction must lie in [0, 1)")
-        if self.lr <= 0 or not 0 <= self.min_lr_ratio <= 1:
-            raise ValueError("lr must be > 0 and min_lr_ratio in [0, 1]")
+        if self.learning_rate <= 0 or not 0 <= self.min_lr_ratio <= 1:
+            raise ValueError("learning_rate must be > 0 and min_lr_ratio in [0, 1]")
         if self.precision not in ("auto", "fp32"):
             raise ValueError("precision must be 'auto' or 'fp32'")
         if self.max_steps is not None and self.max_steps < 1:
@@ -414,12 +358,13 @@ def _tokenize(tokenizer, records: list[dict], max_length: int) -> tuple[list[dic
 
 
 def _lr_at(step: int, total: int, config: RewardConfig) -> float:
-    """Linear warm-up, then cosine decay from lr to min_lr_ratio * lr (InstructGPT App. C.2)."""
+    """Linear warm-up, then cosine decay from learning_rate to min_lr_ratio of it (InstructGPT App. C.2)."""
+    lr = config.learning_rate
     if step < config.warmup_steps:
-        return config.lr * (step + 1) / config.warmup_steps
+        return lr * (step + 1) / config.warmup_steps
     progress = (step - config.warmup_steps) / max(1, total - config.warmup_steps)
     cosine = 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
-    return config.lr * (config.min_lr_ratio + (1 - config.min_lr_ratio) * cosine)
+    return lr * (config.min_lr_ratio + (1 - config.min_lr_ratio) * cosine)
 
 
 def train_step(rm: RewardModel, items: list[dict], pad_id: int, micro: int, device, use_autocast: bool):
@@ -436,7 +381,7 @@ def train_step(rm: RewardModel, items: list[dict], pad_id: int, micro: int, devi
             rewards = batch_rewards(rm, input_ids.to(device), mask.to(device), slots, ranks)  # (b, K)
         loss = ranking_loss(rewards, ranks.to(device)) * (len(chunk) / len(items))
         if not torch.isfinite(loss):
-            raise FloatingPointError(f"non-finite ranking loss ({loss.item()})")
+            raise NonFiniteError(f"non-finite ranking loss ({loss.item()})")
         loss.backward()
         total += loss.item()
         c, n = pairwise_accuracy(rewards.detach(), ranks.to(device))
@@ -444,11 +389,12 @@ def train_step(rm: RewardModel, items: list[dict], pad_id: int, micro: int, devi
     return total, correct, pairs
 
 
-def train_reward_model(config: RewardConfig) -> str:
-    """Train an RM on K-way rankings; returns the output folder (load with :func:`load_reward_model`).
+def train_reward_model(config: RewardConfig) -> dict:
+    """Train an RM on K-way rankings; returns the stage result (``labkit.stage``), whose
+    ``model_dir`` :func:`load_reward_model` reads.
 
-    >>> out = train_reward_model(RewardConfig(base="tiny", rankings=records, out_dir="runs/rm"))
-    >>> json.loads((Path(out) / "metrics.json").read_text())["eval/accuracy"]
+    >>> result = train_reward_model(RewardConfig(model="tiny", rankings=records, out_dir="runs/rm"))
+    >>> result["eval/accuracy"], result["model_dir"]
 
     Why a plain loop and not TRL's ``RewardTrainer``: that trainer only knows (chosen,
     rejected) pairs, one pair per example. InstructGPT's K-way batching (all K responses of
@@ -473,10 +419,10 @@ def train_reward_model(config: RewardConfig) -> str:
 
     # 2. Model: SFT backbone + fresh scalar head, fp32 master weights.
     torch.manual_seed(config.seed)
-    if (Path(config.base) / CONFIG_FILE).exists():
-        rm, tok = load_reward_model(config.base, dtype="float32", device=device)
+    if (Path(config.model) / CONFIG_FILE).exists():
+        rm, tok = load_reward_model(config.model, dtype="float32", device=device)
     else:
-        model, tok = load_model(config.base, dtype="float32", device=device, seed=config.seed)
+        model, tok = load_model(config.model, dtype="float32", device=device, seed=config.seed)
         rm = RewardModel.from_causal_lm(model)
         rm.bias.zero_()
     items, n_cut = _tokenize(tok, train, config.max_length)
@@ -487,14 +433,14 @@ def train_reward_model(config: RewardConfig) -> str:
     # 3. Optimiser and schedule.
     # Fused AdamW: one kernel per step instead of several per tensor (the HF Trainer's default too).
     fused = device.type in ("cpu", "cuda")
-    optimizer = torch.optim.AdamW(rm.parameters(), lr=config.lr, weight_decay=config.weight_decay, fused=fused)
+    optimizer = torch.optim.AdamW(rm.parameters(), lr=config.learning_rate, weight_decay=config.weight_decay, fused=fused)
     steps_per_epoch = math.ceil(len(items) / config.batch_size)
     total_steps = config.epochs * steps_per_epoch
     if config.max_steps is not None:
         total_steps = min(total_steps, config.max_steps)
     micro = config.micro_batch_size or config.batch_size
-    dash = LiveDashboard("Reward model", headless=None if config.live else True)
-    curve: dict[str, list[float]] = {"step": [], "loss": [], "accuracy": [], "lr": []}
+    dash = LiveDashboard("Reward model", headless=None if config.dashboard else True)
+    curve_loss: list[float] = []
     metrics: dict[str, Any] = {
         "data/n_rankings": len(records), "data/n_without_pairs": len(records) - len(usable),
         "data/n_train": len(train), "data/n_eval": len(held),
@@ -502,9 +448,10 @@ def train_reward_model(config: RewardConfig) -> str:
         "data/n_truncated": n_cut, "train/steps": total_steps,
     }
 
-    # 4. Training loop: each step sees batch_size prompts with all their K responses.
+    # 4. Training loop: each step sees batch_size prompts with all their K responses. A Ctrl-C
+    #    waits for the step to finish; a non-finite loss stops before the optimizer step.
     rm.train()
-    step, stopped = 0, None
+    step, stopped, message = 0, None, None
     gen = torch.Generator().manual_seed(config.seed)
     bar = progress(total=total_steps, desc="reward model", disable=not config.progress)
     t_train, cpu_train = time.time(), time.process_time()
@@ -514,41 +461,37 @@ def train_reward_model(config: RewardConfig) -> str:
             for s in range(0, len(order), config.batch_size):
                 if step >= total_steps:
                     break
-                lr = _lr_at(step, total_steps, config)
-                for group in optimizer.param_groups:
-                    group["lr"] = lr
-                batch = [items[i] for i in order[s:s + config.batch_size]]
-                optimizer.zero_grad(set_to_none=True)
-                loss, correct, pairs = train_step(rm, batch, tok.pad_token_id, micro, device, use_autocast)
-                if config.max_grad_norm > 0:
-                    torch.nn.utils.clip_grad_norm_(rm.parameters(), config.max_grad_norm)
-                optimizer.step()
+                with defer_interrupt():
+                    lr = _lr_at(step, total_steps, config)
+                    for group in optimizer.param_groups:
+                        group["lr"] = lr
+                    batch = [items[i] for i in order[s:s + config.batch_size]]
+                    optimizer.zero_grad(set_to_none=True)
+                    loss, correct, pairs = train_step(rm, batch, tok.pad_token_id, micro, device, use_autocast)
+                    if config.max_grad_norm > 0:
+                        torch.nn.utils.clip_grad_norm_(rm.parameters(), config.max_grad_norm)
+                    optimizer.step()
                 step += 1
-                for key, v in (("step", step), ("loss", loss), ("accuracy", correct / pairs), ("lr", lr)):
-                    curve[key].append(v)
+                curve_loss.append(loss)
                 if step % config.log_every == 0 or step == total_steps:
                     dash.log(step, {"loss/ranking": loss, "accuracy/train": correct / pairs, "lr": lr})
                 bar.update(1)
                 bar.set_postfix(loss=f"{loss:.4f}")
-    except FloatingPointError as e:  # BRIEF §5: stop with a message, keep the last good weights
+    except NonFiniteError as e:  # BRIEF §5: stop with a message, keep the last good weights
         optimizer.zero_grad(set_to_none=True)
-        stopped = f"step {step + 1}: {e}"
+        stopped, message = "non-finite", f"step {step + 1}: {e}; the weights of step {step} are kept"
     except KeyboardInterrupt:
-        stopped = f"interrupted at step {step}"
+        stopped, message = "interrupted", f"interrupted after step {step}; the weights of that step are saved"
     finally:
         bar.close()
     metrics["time/train_s"] = time.time() - t_train
     metrics["time/train_cpu_s"] = time.process_time() - cpu_train  # this process's CPU time, all threads
     metrics["time/per_epoch_s"] = metrics["time/train_s"] * steps_per_epoch / max(1, step)
     metrics["train/steps_done"] = step
-    metrics["train/curve"] = curve
-    if curve["loss"]:
-        k = max(1, len(curve["loss"]) // 10)
-        metrics["train/loss_first"] = curve["loss"][0]
-        metrics["train/loss_last"] = sum(curve["loss"][-k:]) / k  # mean of the last tenth
-    if stopped:
-        metrics["train/stopped"] = stopped
-        warnings.warn(f"reward model training stopped ({stopped}); saving the last good weights to {out}")
+    if curve_loss:
+        k = max(1, len(curve_loss) // 10)
+        metrics["loss/first"] = curve_loss[0]
+        metrics["loss/last"] = sum(curve_loss[-k:]) / k  # mean of the last tenth
 
     # 5. Demo-mean normalisation (§3.5), then held-out accuracy and gold agreement.
     rm.eval()
@@ -556,21 +499,12 @@ def train_reward_model(config: RewardConfig) -> str:
         metrics.update(normalize_bias(rm, tok, config))
     if held:
         metrics.update(evaluate_rankings(rm, tok, held, config))
+        dash.log(step, {"accuracy/eval": metrics["eval/accuracy"]})
     metrics["time/total_s"] = time.time() - t_start
 
-    # 6. Save: model, tokenizer, metrics, curves.
-    rm.save_pretrained(out, tokenizer=tok, base=str(config.base))
-    # not asdict(): `rankings` may hold a live FeedbackStore, which cannot be deep-copied
-    cfg = {f.name: getattr(config, f.name) for f in fields(config) if f.name not in ("rankings", "demonstrations")}
-    (out / "metrics.json").write_text(json.dumps({"config": cfg, **metrics}, indent=2))
-    if "eval/accuracy" in metrics:
-        dash.log(step, {"accuracy/eval": metrics["eval/accuracy"]})
-    dash.close()
-    dash.save(out / "curves.html")
-    dash.save(out / "history.json")  # the curves as numbers, for reports
-    if stopped and stopped.startswith("step"):
-        raise FloatingPointError(f"reward model training stopped at {stopped}; last good weights in {out}")
-    return str(out)
+    # 6. Save the RM and tokenizer in out_dir/model (the last good weights, also when stopped), and the stage files.
+    rm.save_pretrained(out / "model", tokenizer=tok, base=str(config.model))
+    return finish(config, metrics, dash, out / "model", stopped, message)
 
 
 def normalize_bias(rm: RewardModel, tokenizer, config: RewardConfig) -> dict:
@@ -635,19 +569,10 @@ def _gold_agreement(held: list[dict], rewards: torch.Tensor, ranks: torch.Tensor
         g[b, :len(rec["responses"])] = torch.tensor([gold.score(by_id[rec["prompt_id"]], x)
                                                       for x in rec["responses"]])
     rows = torch.tensor(known)
-    gold_ranks = _scores_to_ranks(g[rows])  # (B', K): higher gold score = better tier
+    gold_ranks = scores_to_ranks(g[rows])  # (B', K): higher gold score = better tier
     rm_correct, n = pairwise_accuracy(rewards[rows], gold_ranks)
     # The labelers' own rankings against gold, as a ceiling (a tie in their ranking counts as wrong).
     lab_correct, _ = pairwise_accuracy(-ranks[rows].float(), gold_ranks)
     return {"eval/gold_accuracy": rm_correct / n if n else float("nan"), "eval/gold_n_pairs": n,
             "eval/labeler_gold_accuracy": lab_correct / n if n else float("nan"),
             "eval/gold_n_unknown": len(held) - len(known)}
-
-
-def _scores_to_ranks(scores: torch.Tensor) -> torch.Tensor:
-    """Scores (B, K) with NaN padding -> ranks (B, K): 0 = highest score, equal scores tie, -1 = NaN."""
-    valid = ~scores.isnan()  # (B, K)
-    s = torch.where(valid, scores, torch.tensor(-math.inf))  # (B, K)
-    # rank = how many real scores lie strictly above: order kept, equal scores share a rank.
-    above = (s[:, None, :] > s[:, :, None]) & valid[:, None, :]  # (B, K, K): j above i
-    return torch.where(valid, above.sum(-1), -1)  # (B, K)

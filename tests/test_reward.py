@@ -13,6 +13,7 @@ from labkit.models import load_model
 from labkit.reward import (RewardConfig, RewardModel, as_rankings, batch_rewards, collate, encode,
                            load_reward_model, n_comparisons, pad_right, pairwise_accuracy,
                            ranking_loss, tiers_to_ranks, train_reward_model, train_step)
+from labkit.stage import read_history
 
 torch.set_num_threads(2)
 
@@ -242,22 +243,25 @@ def keyword_rankings(n: int, k: int = 4, seed: int = 0) -> list[dict]:
 
 def test_tiny_rm_learns_an_easy_preference(tmp_path):
     demos = [{"prompt": "Say hi.", "response": "hi there"}, {"prompt": "Fruit?", "response": "a banana"}]
-    config = RewardConfig(base="tiny", rankings=keyword_rankings(240), out_dir=str(tmp_path / "rm"),
-                          lr=1e-3, batch_size=8, eval_fraction=0.2, demonstrations=demos,
-                          live=False, progress=False)
-    out = train_reward_model(config)
+    config = RewardConfig(model="tiny", rankings=keyword_rankings(240), out_dir=str(tmp_path / "rm"),
+                          learning_rate=1e-3, batch_size=8, eval_fraction=0.2, demonstrations=demos,
+                          dashboard=False, progress=False)
+    result = train_reward_model(config)
     m = json.loads((tmp_path / "rm" / "metrics.json").read_text())
+    assert m == json.loads(json.dumps(result)) and result["stopped"] is None
     assert m["data/n_train"] == 192 and m["data/n_eval"] == 48 and m["train/steps_done"] == 24
-    assert all(math.isfinite(x) for x in m["train/curve"]["loss"])
-    assert m["train/loss_first"] == pytest.approx(math.log(2), abs=0.15)  # untrained: r_w - r_l near 0
-    assert m["train/loss_last"] < 0.2
+    losses = [v for _, v in read_history(tmp_path / "rm")["loss/ranking"]]
+    assert len(losses) == 24 and all(math.isfinite(x) for x in losses)
+    assert m["loss/first"] == pytest.approx(math.log(2), abs=0.15)  # untrained: r_w - r_l near 0
+    assert m["loss/last"] < 0.2
     assert m["eval/accuracy"] > 0.9  # chance is 0.5; held-out prompts were never trained on
-    rm, tok = load_reward_model(out, dtype="float32", device="cpu")
+    rm, tok = load_reward_model(result["model_dir"], dtype="float32", device="cpu")
     # Demo-mean normalisation: the demonstrations average 0 after training.
     scores = rm.score(tok, [d["prompt"] for d in demos], [d["response"] for d in demos], progress=False)
     assert sum(scores) / 2 == pytest.approx(0.0, abs=1e-4)
     assert m["reward/bias"] == pytest.approx(rm.bias.item(), abs=1e-6)
-    assert (tmp_path / "rm" / "curves.html").exists()
+    for name in ("config.json", "history.json", "dashboard.html"):
+        assert (tmp_path / "rm" / name).exists()
 
 
 def test_held_out_gold_agreement_uses_prompt_records(tmp_path):
@@ -278,11 +282,11 @@ def test_held_out_gold_agreement_uses_prompt_records(tmp_path):
             else:
                 tiers.append([i])
         records.append({"prompt": p["prompt"], "responses": responses, "tiers": tiers, "prompt_id": p["id"]})
-    config = RewardConfig(base="tiny", rankings=records, out_dir=str(tmp_path), eval_fraction=0.5, max_steps=1,
-                          batch_size=2, normalize=False, live=False, progress=False)
-    out = train_reward_model(config)
+    config = RewardConfig(model="tiny", rankings=records, out_dir=str(tmp_path), eval_fraction=0.5, max_steps=1,
+                          batch_size=2, normalize=False, dashboard=False, progress=False)
+    result = train_reward_model(config)
     m = json.loads((tmp_path / "metrics.json").read_text())
-    assert out == str(tmp_path) and m["data/n_eval"] == 3
+    assert result["model_dir"] == str(tmp_path / "model") and m["data/n_eval"] == 3
     assert m["eval/gold_n_pairs"] > 0 and m["eval/gold_n_unknown"] == 0
     assert m["eval/labeler_gold_accuracy"] == 1.0
     assert 0.0 <= m["eval/gold_accuracy"] <= 1.0
@@ -313,8 +317,8 @@ def test_empty_dataset_and_all_tied_raise(tmp_path):
         as_rankings([])
     with pytest.raises(ValueError, match="no rankings"):
         as_rankings(None)
-    config = RewardConfig(base="tiny", rankings=[{"prompt": "p", "responses": ["a", "b"], "tiers": [[0, 1]]}],
-                          out_dir=str(tmp_path), live=False, progress=False)
+    config = RewardConfig(model="tiny", rankings=[{"prompt": "p", "responses": ["a", "b"], "tiers": [[0, 1]]}],
+                          out_dir=str(tmp_path), dashboard=False, progress=False)
     with pytest.raises(ValueError, match="tie"):
         train_reward_model(config)
 
@@ -358,13 +362,13 @@ def test_non_finite_loss_stops_and_keeps_the_last_good_weights(tmp_path, monkeyp
         return loss * float("nan") if calls["n"] == 3 else loss
 
     monkeypatch.setattr(reward, "ranking_loss", loss_nan_on_third_step)
-    config = RewardConfig(base="tiny", rankings=keyword_rankings(40), out_dir=str(tmp_path), batch_size=4,
-                          eval_fraction=0.0, normalize=False, live=False, progress=False)
-    with pytest.raises(FloatingPointError, match="step 3"):
-        train_reward_model(config)
+    config = RewardConfig(model="tiny", rankings=keyword_rankings(40), out_dir=str(tmp_path), batch_size=4,
+                          eval_fraction=0.0, normalize=False, dashboard=False, progress=False)
+    result = train_reward_model(config)
+    assert result["stopped"] == "non-finite" and "step 3" in result["message"]
     m = json.loads((tmp_path / "metrics.json").read_text())
-    assert m["train/steps_done"] == 2 and "non-finite" in m["train/stopped"]
-    rm, _ = load_reward_model(tmp_path, dtype="float32", device="cpu")
+    assert m["train/steps_done"] == 2 and m["stopped"] == "non-finite"
+    rm, _ = load_reward_model(result["model_dir"], dtype="float32", device="cpu")
     assert all(torch.isfinite(p).all() for p in rm.parameters())
 
 
@@ -373,8 +377,34 @@ def test_trains_directly_from_a_feedback_store(tmp_path):
     store = feedback.FeedbackStore(tmp_path / "fb.sqlite")
     for i, r in enumerate(keyword_rankings(6)):
         store.add_ranking(f"rm-{i:04d}", r["responses"], r["tiers"], annotator="sim", prompt=r["prompt"])
-    config = RewardConfig(base="tiny", rankings=store, out_dir=str(tmp_path / "rm"), batch_size=2, max_steps=2,
-                          eval_fraction=0.34, normalize=False, live=False, progress=False)
-    m = json.loads((Path(train_reward_model(config)) / "metrics.json").read_text())
+    config = RewardConfig(model="tiny", rankings=store, out_dir=str(tmp_path / "rm"), batch_size=2, max_steps=2,
+                          eval_fraction=0.34, normalize=False, dashboard=False, progress=False)
+    result = train_reward_model(config)
+    m = json.loads((Path(result["out_dir"]) / "metrics.json").read_text())
     assert m["data/n_rankings"] == 6 and m["data/n_eval"] == 2 and m["train/steps_done"] == 2
-    assert m["config"]["base"] == "tiny" and "rankings" not in m["config"]
+    saved = json.loads((Path(result["out_dir"]) / "config.json").read_text())
+    assert saved["model"] == "tiny" and saved["rankings"] == "<FeedbackStore>"
+
+
+def test_ctrl_c_saves_the_last_finished_step_and_returns_interrupted(tmp_path, monkeypatch):
+    import os
+    import signal
+
+    import labkit.reward as reward
+
+    calls = {"n": 0}
+    real_step = reward.train_step
+
+    def ctrl_c_during_second_step(*args, **kwargs):
+        calls["n"] += 1
+        if calls["n"] == 2:
+            os.kill(os.getpid(), signal.SIGINT)  # held until the step is done, then honoured
+        return real_step(*args, **kwargs)
+
+    monkeypatch.setattr(reward, "train_step", ctrl_c_during_second_step)
+    config = RewardConfig(model="tiny", rankings=keyword_rankings(40), out_dir=str(tmp_path), batch_size=4,
+                          eval_fraction=0.0, normalize=False, dashboard=False, progress=False)
+    result = train_reward_model(config)
+    assert result["stopped"] == "interrupted" and result["train/steps_done"] == 2
+    rm, _ = load_reward_model(result["model_dir"], dtype="float32", device="cpu")
+    assert all(torch.isfinite(p).all() for p in rm.parameters())
