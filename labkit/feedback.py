@@ -678,3 +678,150 @@ def _mean_stats(rows: list[dict]) -> dict[str, float]:
     taus = [r["kendall_tau"] for r in rows if not math.isnan(r["kendall_tau"])]
     return {"agreement": agree / strict if strict else math.nan,
             "kendall_tau": sum(taus) / len(taus) if taus else math.nan, "pairs": strict}
+
+
+# ----------------------------------------------------------------------------- rooms and files
+
+# What one item is, for merging: every field but the row id and the commit time. Two copies of
+# the same file, or a store merged into another and exported again, give the same keys.
+CONTENT_FIELDS = {
+    "demonstration": ("item_id", "prompt_id", "prompt", "response", "annotator", "status", "seconds", "comment"),
+    "ranking": ("item_id", "prompt_id", "prompt", "responses", "response_ids", "models", "tiers", "annotator",
+                "status", "score", "flags", "comment", "seconds"),
+    "comparison": ("item_id", "prompt_id", "prompt", "response_a", "response_b", "model_a", "model_b", "choice",
+                   "a_shown_first", "annotator", "status", "seconds", "comment"),
+}
+_TABLES = {"demonstration": "demonstrations", "ranking": "rankings", "comparison": "comparisons"}
+
+
+def content_key(record: dict) -> str:
+    """The merge key of an exported record (``kind`` plus :data:`CONTENT_FIELDS`)."""
+    kind = record["kind"]
+    content = [kind] + [record.get(f) for f in CONTENT_FIELDS[kind]]
+    return hashlib.sha256(json.dumps(content, ensure_ascii=False).encode("utf-8")).hexdigest()
+
+
+def records(store: Any, annotator: str | None = None, simulated: bool = True) -> list[dict]:
+    """Every item of a store (or room client), skips included, as flat records with ``kind``.
+
+    ``simulated=False`` leaves out simulated labelers (annotators named ``sim:...``).
+    """
+    out = []
+    for kind, items in (("demonstration", store.demonstrations(annotator, status=None)),
+                        ("ranking", store.rankings(annotator, status=None)),
+                        ("comparison", store.comparisons(annotator, status=None))):
+        for item in items:
+            if not simulated and item["annotator"].startswith("sim:"):
+                continue
+            rec = {"kind": kind, **{f: item[f] for f in CONTENT_FIELDS[kind]}, "created": item["created"]}
+            if kind == "comparison" and rec["a_shown_first"] is not None:
+                rec["a_shown_first"] = bool(rec["a_shown_first"])
+            out.append(rec)
+    return out
+
+
+def export_jsonl(store: Any, out: str | os.PathLike, annotator: str | None = None,
+                 simulated: bool = True) -> int:
+    """Write every item of ``store`` (a path, store or room client) as JSON lines; return the count.
+
+    For rooms without a network: each laptop exports, the instructor merges (:func:`merge`).
+    The file is written next to ``out`` and renamed into place, so it is whole or absent.
+    """
+    store = open_store(store) if isinstance(store, (str, os.PathLike)) else store
+    rows = records(store, annotator, simulated)
+    out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.with_name(out.name + ".part")
+    with open(tmp, "w", encoding="utf-8") as f:
+        for r in rows:
+            f.write(json.dumps(r, ensure_ascii=False) + "\n")
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, out)
+    return len(rows)
+
+
+def _read_source(path: Path) -> list[dict]:
+    """Records of an exported JSONL file or of a store file; bad lines name the file and line."""
+    if not path.is_file():
+        raise ValueError(f"{path}: no such file")
+    if path.suffix.lower() not in (".jsonl", ".json"):
+        try:
+            store = FeedbackStore(path)
+            try:
+                return records(store)
+            finally:
+                store.close()
+        except sqlite3.DatabaseError as e:
+            raise ValueError(f"{path}: neither an exported .jsonl file nor a feedback store ({e})") from None
+    rows = []
+    with open(path, encoding="utf-8") as f:
+        for n, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            try:
+                rec = json.loads(line)
+            except ValueError as e:
+                raise ValueError(f"{path}, line {n}: not JSON ({e})") from None
+            if not isinstance(rec, dict) or rec.get("kind") not in CONTENT_FIELDS:
+                raise ValueError(f"{path}, line {n}: field 'kind' must be one of {list(CONTENT_FIELDS)}")
+            rows.append(rec)
+    return rows
+
+
+def merge(into: str | os.PathLike | FeedbackStore, sources: Iterable[str | os.PathLike]) -> dict[str, int]:
+    """Add the items of exported JSONL files or store files to ``into``; return how many per kind.
+
+    An item (:func:`content_key`) is added only as often as one source holds it more than
+    ``into`` already does, so merging a file twice, or a store and its export, adds nothing,
+    and a merge cut short is finished by running it again. Each item is validated by the store's own ``add_*``;
+    its original ``created`` time is kept.
+    """
+    from collections import Counter
+
+    store = into if isinstance(into, FeedbackStore) else FeedbackStore(into)
+    have = Counter(content_key(r) for r in records(store))
+    added = {kind: 0 for kind in CONTENT_FIELDS}
+    for source in sources:
+        path = Path(source)
+        if path.resolve() == store.path.resolve():
+            continue
+        rows = _read_source(path)
+        taken: Counter = Counter()
+        for n, rec in enumerate(rows, 1):
+            key = content_key(rec)
+            taken[key] += 1
+            if taken[key] <= have[key]:
+                continue
+            have[key] += 1
+            try:
+                row_id = _add_record(store, rec)
+            except (ValueError, TypeError) as e:
+                raise ValueError(f"{path}, item {n}: {e}") from None
+            if isinstance(rec.get("created"), (int, float)):
+                with store._write() as db:
+                    db.execute(f"UPDATE {_TABLES[rec['kind']]} SET created = ? WHERE id = ?", (rec["created"], row_id))
+            added[rec["kind"]] += 1
+    return added
+
+
+def _add_record(store: FeedbackStore, rec: dict) -> int:
+    fields = {f: rec.get(f) for f in CONTENT_FIELDS[rec["kind"]]}
+    if rec["kind"] == "demonstration":
+        return store.add_demonstration(**fields)
+    if rec["kind"] == "ranking":
+        return store.add_ranking(**fields)
+    return store.add_comparison(**fields)
+
+
+def open_store(path_or_url: str | os.PathLike, **kwargs) -> Any:
+    """A ``FeedbackStore`` for a path, a room client (``labkit.room.RoomClient``) for a room URL.
+
+    >>> store = open_store("runs/demo/feedback.sqlite")              # this machine
+    >>> store = open_store("http://192.168.1.20:8765/?token=...")    # the workshop room
+    """
+    if str(path_or_url).startswith(("http://", "https://")):
+        from labkit.room import RoomClient
+
+        return RoomClient(str(path_or_url), **kwargs)
+    return FeedbackStore(path_or_url, **kwargs)
