@@ -71,6 +71,24 @@ def main(argv: list[str] | None = None) -> int:
     p_run.add_argument("--rounds", type=int, default=1, help="iterations of rankings -> RM -> PPO")
     p_run.add_argument("--model", default=None, help="override the preset's model (name, folder or HF id)")
     p_run.add_argument("--fresh", action="store_true", help="start over instead of resuming the run folder")
+    p_room = sub.add_parser("room", help="the workshop room: one store shared by every laptop").add_subparsers(
+        dest="room_command", required=True)
+    p_serve = p_room.add_parser("serve", help="serve a feedback store to the room (token-protected JSON over HTTP)")
+    p_serve.add_argument("--store", required=True, help="the room's store file, e.g. room.sqlite")
+    p_serve.add_argument("--host", default="127.0.0.1",
+                         help="address to listen on (default: this machine only; 0.0.0.0 for the room's network)")
+    p_serve.add_argument("--port", type=int, default=8765, help="port (default 8765)")
+    p_serve.add_argument("--token", default=None, help="room token (default: the one the store kept, else random)")
+    p_fb = sub.add_parser("feedback", help="move feedback between stores as files (rooms without a network)"
+                          ).add_subparsers(dest="feedback_command", required=True)
+    p_export = p_fb.add_parser("export", help="write a store's demonstrations, rankings and comparisons as JSONL")
+    p_export.add_argument("store", help="a store file or a room URL")
+    p_export.add_argument("out", help="the JSONL file to write")
+    p_export.add_argument("--annotator", default=None, help="only this annotator's items")
+    p_export.add_argument("--no-simulated", action="store_true", help="leave out simulated labelers (sim:...)")
+    p_merge = p_fb.add_parser("merge", help="add exported JSONL files or other stores to a store, each item once")
+    p_merge.add_argument("into", help="the store file to add to (created if missing)")
+    p_merge.add_argument("inputs", nargs="+", help="exported .jsonl files or .sqlite stores")
     args = parser.parse_args(argv)
 
     if args.command == "info":
@@ -84,6 +102,23 @@ def main(argv: list[str] | None = None) -> int:
         metrics = run(cfg)
         print(f"labkit: wrote {cfg.out}/metrics.json and {cfg.out}/report.html "
               f"({metrics.get('wall_s', 0):.0f} s)")
+        return 0
+    if args.command == "room":
+        from labkit.room import serve
+
+        serve(args.store, host=args.host, port=args.port, token=args.token)
+        return 0
+    if args.command == "feedback" and args.feedback_command == "export":
+        from labkit.feedback import export_jsonl
+
+        n = export_jsonl(args.store, args.out, annotator=args.annotator, simulated=not args.no_simulated)
+        print(f"labkit: wrote {n} items to {args.out}")
+        return 0
+    if args.command == "feedback" and args.feedback_command == "merge":
+        from labkit.feedback import merge
+
+        added = merge(args.into, args.inputs)
+        print(f"labkit: added to {args.into}: " + ", ".join(f"{n} {kind}s" for kind, n in added.items()))
         return 0
     return 1
 
