@@ -1,0 +1,292 @@
+"""The workshop room: server refusals, client = local store, outbox through a killed server,
+and export / merge for rooms without a network. Loopback only; every server is a subprocess
+on a free port that the test kills itself."""
+
+import json
+import os
+import re
+import signal
+import socket
+import sqlite3
+import subprocess
+import sys
+import textwrap
+import time
+import urllib.error
+import urllib.request
+from collections import Counter
+
+import pytest
+
+from labkit.cli import main as cli
+from labkit.feedback import FeedbackStore, export_jsonl, merge, open_store, records
+from labkit.room import MAX_BODY, RoomClient
+
+XSS = "<img src=x onerror=alert(1)>"
+
+
+@pytest.fixture(autouse=True)
+def _cache(tmp_path, monkeypatch):
+    monkeypatch.setenv("LABKIT_CACHE", str(tmp_path / "cache"))  # outboxes stay in the test folder
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _serve(store, port: int, token: str = "room-token") -> tuple[subprocess.Popen, str]:
+    """Start `labkit room serve`, read its join URL, wait until it answers."""
+    proc = subprocess.Popen([sys.executable, "-m", "labkit", "room", "serve", "--store", str(store),
+                             "--port", str(port), "--token", token],
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    url = None
+    while url is None:
+        line = proc.stdout.readline()
+        assert line, "the room server exited before printing its join URL"
+        m = re.search(r"join URL (\S+)", line)
+        url = m and m.group(1)
+    assert url == f"http://127.0.0.1:{port}/?token={token}"
+    deadline = time.monotonic() + 20
+    while True:
+        try:
+            urllib.request.urlopen(f"http://127.0.0.1:{port}/api/ping?token={token}", timeout=1).read()
+            return proc, url
+        except OSError:
+            assert time.monotonic() < deadline and proc.poll() is None, "the room server did not come up"
+            time.sleep(0.1)
+
+
+def _stop(proc: subprocess.Popen) -> None:
+    if proc.poll() is None:
+        proc.kill()
+    proc.wait(timeout=10)
+    proc.stdout.close()
+
+
+@pytest.fixture(scope="module")
+def room(tmp_path_factory):
+    path = tmp_path_factory.mktemp("room") / "room.sqlite"
+    proc, url = _serve(path, _free_port())
+    yield url, path
+    _stop(proc)
+
+
+def _http(url: str, body: bytes | None = None, headers: dict | None = None) -> tuple[int, dict, bytes]:
+    req = urllib.request.Request(url, data=body, headers=headers or {}, method="POST" if body is not None else "GET")
+    try:
+        with urllib.request.urlopen(req, timeout=10) as r:
+            return r.status, dict(r.headers), r.read()
+    except urllib.error.HTTPError as e:
+        return e.code, dict(e.headers), e.read()
+
+
+def _written(path) -> tuple:
+    db = sqlite3.connect(path)
+    try:
+        return tuple(db.execute(f"SELECT COUNT(*) FROM {t}").fetchone()[0]
+                     for t in ("demonstrations", "rankings", "comparisons", "progress", "room_submissions"))
+    finally:
+        db.close()
+
+
+# ----------------------------------------------------------------------------- kill and restart
+
+WORKER = textwrap.dedent("""
+    import json, sys, time
+    from labkit.feedback import open_store
+
+    url, outbox, w, n, out = sys.argv[1:]
+    store = open_store(url, outbox=outbox)
+    acked, queued = [], []
+    for i in range(int(n)):
+        pid = f"w{w}-{i:02d}"
+        row = store.add_ranking(pid, [pid + " a", pid + " b", pid + " c"], [[i % 3], [(i + 1) % 3, (i + 2) % 3]],
+                                "seat" + w, prompt="prompt " + pid)
+        (acked if row is not None else queued).append(pid)
+        time.sleep(0.04)
+    left = store.flush(timeout=30)
+    with open(out, "w") as f:
+        json.dump({"acked": acked, "queued": queued, "left": left}, f)
+""")
+
+
+def test_outbox_survives_a_killed_server(tmp_path):
+    n_workers, n_items = 8, 25
+    path, port, outbox = tmp_path / "room.sqlite", _free_port(), tmp_path / "outbox.sqlite"
+    server, url = _serve(path, port)
+    workers = [subprocess.Popen([sys.executable, "-c", WORKER, url, str(outbox), str(w), str(n_items),
+                                 str(tmp_path / f"w{w}.json")]) for w in range(n_workers)]
+    try:
+        deadline = time.monotonic() + 30
+        while _written(path)[1] < 40:  # kill the room mid-stream, with every worker still submitting
+            assert time.monotonic() < deadline, "the workers did not start submitting"
+            time.sleep(0.02)
+        os.kill(server.pid, signal.SIGKILL)
+        _stop(server)
+        time.sleep(1.0)  # the room is down: submissions go to the outbox
+        server, _ = _serve(path, port)
+        for w in workers:
+            assert w.wait(timeout=60) == 0
+        # A later client of the same room on the same machine sends whatever is still waiting.
+        assert open_store(url, outbox=outbox).flush(timeout=20) == 0
+    finally:
+        for w in workers:
+            if w.poll() is None:
+                w.kill()
+        _stop(server)
+
+    results = [json.loads((tmp_path / f"w{w}.json").read_text()) for w in range(n_workers)]
+    acked = sum(len(r["acked"]) for r in results)
+    queued = sum(len(r["queued"]) for r in results)
+    stored = Counter(r["prompt_id"] for r in FeedbackStore(path).rankings())
+    expected = {f"w{w}-{i:02d}" for w in range(n_workers) for i in range(n_items)}
+    print(f"\nroom kill test: {acked} acknowledged, {queued} outboxed, {sum(stored.values())} stored, "
+          f"{sum(n - 1 for n in stored.values())} duplicates")
+    assert acked + queued == len(expected)
+    assert queued > 0, "the kill should have sent some submissions to the outbox"
+    assert set(stored) == expected and set(stored.values()) == {1}  # every one, exactly once
+    assert _written(path)[4] == len(expected)  # one submission id per ranking
+
+
+# ----------------------------------------------------------------------------- refusals
+
+def test_tokens_bodies_and_validation_are_enforced(room, tmp_path):
+    url, path = room
+    base = url.split("/?")[0]
+    before = _written(path)
+    good = json.dumps({"id": "x1", "kind": "ranking",
+                       "args": {"prompt_id": "p", "responses": ["a", "b"], "tiers": [[0], [1]], "annotator": "eve"}})
+    assert _http(f"{base}/api/submit", good.encode())[0] == 401
+    assert _http(f"{base}/api/submit?token=nope", good.encode())[0] == 403
+    assert _http(f"{base}/api/submit", good.encode(), {"Authorization": "Bearer nope"})[0] == 403
+    assert _http(f"{base}/api/rankings")[0] == 401
+    assert _http(f"{base}/api/rankings?token=nope")[0] == 403
+    status, headers, body = _http(f"{base}/")
+    assert status == 401 and headers["content-type"] == "application/json"
+
+    auth = {"X-Labkit-Token": "room-token"}
+    bad = {"id": "x2", "kind": "ranking",
+           "args": {"prompt_id": "p", "responses": ["a", "b", "c"], "tiers": [[0], [1]], "annotator": "eve"}}
+    with pytest.raises(ValueError) as local:
+        FeedbackStore(tmp_path / "local.sqlite").add_ranking(**bad["args"])
+    status, _, body = _http(f"{base}/api/submit", json.dumps(bad).encode(), auth)
+    assert status == 400 and json.loads(body)["error"] == str(local.value)
+    assert _http(f"{base}/api/submit", b"{not json", auth)[0] == 400
+    assert _http(f"{base}/api/submit", b'{"id": "x3", "kind": "drop_tables", "args": {}}', auth)[0] == 400
+    huge = dict(bad, id="x4", args=dict(bad["args"], tiers=[[0], [1], [2]], comment="x" * MAX_BODY))
+    assert _http(f"{base}/api/submit", json.dumps(huge).encode(), auth)[0] == 413
+    assert _written(path) == before  # nothing refused was written
+
+    # The client refuses the same things at once and queues none of them.
+    with pytest.raises(PermissionError):
+        open_store(base + "/?token=nope", outbox=tmp_path / "o.sqlite")
+    with pytest.raises(PermissionError):
+        open_store(base + "/", outbox=tmp_path / "o.sqlite")
+    client = open_store(url, outbox=tmp_path / "o.sqlite")
+    with pytest.raises(ValueError, match=re.escape(str(local.value))):
+        client.add_ranking(**bad["args"])
+    with pytest.raises(ValueError, match="limit"):
+        client.add_ranking(**huge["args"])
+    with pytest.raises(ValueError, match="score"):
+        client.add_ranking("p", ["a", "b"], [[0], [1]], "eve", score=8)
+    assert client.outbox.count() == 0 and _written(path) == before
+
+    # Untrusted text goes in and comes out verbatim, as JSON only.
+    client.add_ranking("xss", [XSS, "plain"], [[0], [1]], XSS, prompt=XSS, comment=XSS)
+    client.add_demonstration("xss", XSS, XSS, "eve")
+    (r,) = client.rankings(annotator=XSS)
+    assert r["responses"][0] == r["prompt"] == r["comment"] == r["annotator"] == XSS
+    assert FeedbackStore(path).demonstrations(annotator="eve")[0]["response"] == XSS
+    status, headers, body = _http(f"{base}/api/rankings?token=room-token")
+    assert status == 200 and headers["content-type"] == "application/json"
+    assert headers["x-content-type-options"] == "nosniff" and XSS.encode() in body
+
+
+# ----------------------------------------------------------------------------- same as local
+
+def test_client_answers_like_the_local_store(room, tmp_path):
+    url, path = room
+    assert isinstance(open_store(tmp_path / "f.sqlite"), FeedbackStore)
+    client = open_store(url, outbox=tmp_path / "o.sqlite")
+    assert isinstance(client, RoomClient)
+    texts = ["alpha", "bravo", "charlie", "delta"]
+    assert isinstance(client.add_ranking("rm-1", texts, [[2], [0, 3], [1]], "alice", prompt="P1",
+                                         models=["sft", "sft", "ppo", "base"], score=6,
+                                         flags={"hallucination": True}, comment="ok", seconds=3.5), int)
+    client.add_ranking("rm-1", texts, [[2], [1], [0, 3]], "bob", prompt="P1")
+    client.add_ranking("rm-2", texts[:2], None, "alice", prompt="P2", status="skipped")
+    client.import_pairs([{"prompt": "P3", "chosen": "yes", "rejected": "no"}], annotator="sim:carol")
+    client.add_demonstration("sft-1", "Say hi.", "Hi!", "alice", seconds=2.0)
+    client.add_comparison("ev-1", "Q", "left", "right", "a", "alice", model_a="ppo", model_b="sft", a_shown_first=False)
+    client.add_comparison("ev-2", "Q2", "l", "r", "tie", "bob", model_a="sft", model_b="ppo")
+    client.mark_seen("alice", "ranking", "rm-9")
+    local = FeedbackStore(path)
+
+    def same(a, b):
+        assert json.dumps(a, sort_keys=True) == json.dumps(b, sort_keys=True)  # nan == nan here
+
+    same(client.rankings(), local.rankings())
+    same(client.rankings(status=None), local.rankings(status=None))
+    same(client.rankings(annotator="bob"), local.rankings(annotator="bob"))
+    same(client.demonstrations(), local.demonstrations())
+    same(client.comparisons(), local.comparisons())
+    same(client.to_kway(), local.to_kway())
+    same(client.to_pairs(margin=True), local.to_pairs(margin=True))
+    same(client.to_pairs(include_ties=True), local.to_pairs(include_ties=True))
+    same(client.counts(), local.counts())
+    same(client.annotators(), local.annotators())
+    assert client.done_ids("alice") == local.done_ids("alice") == {"rm-1", "rm-2"}
+    assert client.done_ids("alice", "comparison") == local.done_ids("alice", "comparison")
+    same(client.win_rate("ppo"), local.win_rate("ppo"))
+    same(client.agreement(gold=None), local.agreement(gold=None))
+    same(client.agreement(gold=lambda rec, text: len(text), prompts=[{"id": "rm-1"}]),
+         local.agreement(gold=lambda rec, text: len(text), prompts=[{"id": "rm-1"}]))
+    with pytest.raises(ValueError, match="kind"):
+        client.done_ids("alice", "votes")
+    same(client.to_dataset("pairs").to_list(), local.to_dataset("pairs").to_list())
+
+
+# ----------------------------------------------------------------------------- files
+
+def _fill(store: FeedbackStore) -> None:
+    store.add_demonstration("sft-1", "Say hi.", "Hi!", "alice", seconds=1.5, comment="first")
+    store.add_demonstration("sft-2", "Say bye.", "", "alice", status="skipped")
+    store.add_ranking("rm-1", ["a", "b", "c"], [[1], [0, 2]], "alice", prompt="P", models=["sft", "ppo", "base"],
+                      score=5, flags=["hallucination", "inappropriate"], comment=XSS, seconds=9.25)
+    store.add_ranking("rm-2", ["x", "y"], None, "bob", prompt="Q", status="skipped")
+    for _ in range(2):  # the same simulated ranking twice: a merge keeps both copies
+        store.add_ranking("rm-1", ["a", "b", "c"], [[0], [1], [2]], "sim:ann", prompt="P")
+    store.add_comparison("ev-1", "Q", "left", "right", "b", "bob", model_a="ppo", model_b="sft", a_shown_first=True)
+    store.add_comparison("ev-2", None, "l", "r", None, "alice", status="skipped")
+
+
+def test_export_merge_round_trip(tmp_path, capsys):
+    src = FeedbackStore(tmp_path / "laptop.sqlite")
+    _fill(src)
+    out, into = tmp_path / "laptop.jsonl", tmp_path / "room.sqlite"
+    assert cli(["feedback", "export", str(src.path), str(out)]) == 0
+    assert len(out.read_text().splitlines()) == 8
+    assert cli(["feedback", "merge", str(into), str(out)]) == 0
+    assert "2 demonstrations, 4 rankings, 2 comparisons" in capsys.readouterr().out
+    merged = FeedbackStore(into)
+    assert records(merged) == records(src)  # every field, the commit time included
+    assert merged.done_ids("alice", "demonstration") == src.done_ids("alice", "demonstration")
+    assert merged.to_pairs() == src.to_pairs()
+
+    # Twice is once; a store file merges like its export; a merge into a fresh store copies all.
+    assert merge(into, [out, src.path]) == {"demonstration": 0, "ranking": 0, "comparison": 0}
+    assert records(merged) == records(src)
+    assert merge(tmp_path / "other.sqlite", [src.path])["ranking"] == 4
+    assert records(FeedbackStore(tmp_path / "other.sqlite")) == records(src)
+
+    humans = tmp_path / "humans.jsonl"
+    assert cli(["feedback", "export", str(src.path), str(humans), "--no-simulated"]) == 0
+    assert {json.loads(line)["annotator"] for line in humans.read_text().splitlines()} == {"alice", "bob"}
+    assert export_jsonl(src, tmp_path / "bob.jsonl", annotator="bob") == 2
+
+    broken = tmp_path / "broken.jsonl"
+    broken.write_text(out.read_text().splitlines()[0] + "\n{oops\n")
+    with pytest.raises(ValueError, match=r"broken\.jsonl, line 2"):
+        merge(tmp_path / "third.sqlite", [broken])
