@@ -7,12 +7,15 @@ function is initialised from the RM; PPO-ptx adds ``ptx_coef`` times the languag
 loss on other text to limit the "alignment tax".
 
 The file reads top to bottom: pure tensor functions (each tested on its own), the config,
-the models, the rollout, the optimisation phase, checkpoints, and :func:`train_ppo`, whose
-loop names its phases 1-7. Every implementation detail is a named flag of :class:`PPOConfig`;
+the models, the rollout, the optimisation phase, checkpoints, :func:`ppo_step`, whose phases
+are numbered 1-7, and :func:`train_ppo`, the loop around it. Every implementation detail is a named flag of :class:`PPOConfig`;
 ``docs/implementation_details.md`` lists them with their sources.
 
->>> metrics = train_ppo(PPOConfig(policy="runs/sft", reward_model="runs/rm", steps=20))
->>> metrics["objective/rlhf_reward"], metrics["policy_dir"]
+Shapes: B episodes (prompt + response), T tokens, Tq query tokens, R response tokens,
+V vocabulary, H hidden size.
+
+>>> result = train_ppo(PPOConfig(model="runs/sft/model", reward_model="runs/rm/model", steps=20))
+>>> result["objective/rlhf_reward"], result["model_dir"]
 
 Under several processes the same code runs unchanged::
 
@@ -26,8 +29,6 @@ import copy
 import json
 import random
 import shutil
-import signal
-import threading
 import time
 import warnings
 from dataclasses import dataclass, field
@@ -40,6 +41,12 @@ import torch.nn.functional as F
 from torch import nn
 
 from labkit.models import autocast, format_prompt, last_index, load_model, position_ids, resolve_device
+from labkit.stage import NonFiniteError, defer_interrupt, finish, rng_state, set_rng_state
+
+__all__ = ["logprobs_from_logits", "entropy_from_logits", "masked_mean", "masked_var", "masked_whiten",
+           "kl_penalty", "shape_rewards", "compute_gae", "policy_loss", "value_loss", "FixedKLController",
+           "AdaptiveKLController", "PPOConfig", "PolicyAndValue", "build_models", "Rollout", "rollout",
+           "rollout_forward", "ppo_update", "ppo_step", "train_ppo", "DASHBOARD_LAYOUT"]
 
 # ----------------------------------------------------------------------------- pure functions
 
@@ -234,12 +241,12 @@ class PPOConfig:
     """
 
     # models and data
-    policy: str = "smollm2-135m"  # SFT model folder (or built-in name); also the frozen reference
+    model: str = "smollm2-135m"  # the starting policy: SFT model folder (or built-in name); also the frozen reference
     reference: str | None = None  # frozen reference folder; None: the policy's starting weights (later rounds pass the SFT folder)
     reward_model: str | None = None  # RewardModel folder (labkit.reward); None: use reward_fn
     reward_fn: Callable[[list[str], list[str]], list[float]] | None = field(default=None, repr=False)  # scripted reward(prompts, responses) instead of an RM
     prompts: list | None = field(default=None, repr=False)  # prompt records or strings; None: load_prompts("ppo")
-    output_dir: str = "runs/ppo"  # policy/, checkpoint/, samples.jsonl, dashboard
+    out_dir: str = "runs/ppo"  # model/ (the final policy), checkpoint/, samples.jsonl and the stage files
     seed: int = 0  # seeds python, numpy and torch (each process adds its rank)
     # episodes and optimisation
     steps: int = 8  # PPO steps (each: rollout of batch_size episodes, then ppo_epochs of updates)
@@ -287,7 +294,7 @@ class PPOConfig:
     sample_every: int = 2  # print and save sample responses every N steps; 0 = never
     save_every: int = 4  # write output_dir/checkpoint every N steps; 0 = only at the end
     resume: bool = False  # continue from output_dir/checkpoint if it exists
-    dashboard: bool = True  # live plotly dashboard (labkit.live), saved as ppo_dashboard.html
+    dashboard: bool = True  # live plotly dashboard in notebooks (always recorded; saved as dashboard.html)
     progress: bool = True  # progress bar over steps
 
     def __post_init__(self):
@@ -306,7 +313,7 @@ class PPOConfig:
             raise ValueError("rollout_batch_size must be >= 1 (or None: the whole batch at once)")
         if self.ema_decay is not None and not 0 < self.ema_decay < 1:
             raise ValueError("ema_decay must lie in (0, 1)")
-        if self.use_lora and self.reference not in (None, self.policy):
+        if self.use_lora and self.reference not in (None, self.model):
             raise ValueError("with use_lora the reference is the policy with its adapters off; "
                              "a separate reference folder needs use_lora=False")
 
@@ -375,7 +382,7 @@ def build_models(config: PPOConfig, device: torch.device):
     """(PolicyAndValue, reference or None, reward model or None, tokenizer, RM tokenizer)."""
     from labkit.reward import RewardModel, load_reward_model
 
-    policy, tokenizer = load_model(config.policy, dtype="float32", device=device, seed=config.seed)
+    policy, tokenizer = load_model(config.model, dtype="float32", device=device, seed=config.seed)
     policy.generation_config.pad_token_id = tokenizer.pad_token_id
     # scripted reward, separate value model: a copy of the SFT backbone (taken before LoRA)
     value_source = copy.deepcopy(policy) if config.reward_model is None and not config.share_backbone else None
@@ -386,7 +393,7 @@ def build_models(config: PPOConfig, device: torch.device):
         lora = LoraConfig(r=config.lora_r, lora_alpha=config.lora_alpha, lora_dropout=0.0,
                           target_modules="all-linear", task_type="CAUSAL_LM")
         policy = get_peft_model(policy, lora)  # reference = this model with adapters disabled
-    elif config.reference is not None and config.reference != config.policy:
+    elif config.reference is not None and config.reference != config.model:
         # iterated rounds (InstructGPT §3.1): the policy starts from the last PPO policy while
         # the KL penalty keeps pointing at the SFT model
         reference, _ = load_model(config.reference, dtype="float32", device=device, seed=config.seed)
@@ -422,11 +429,29 @@ def build_models(config: PPOConfig, device: torch.device):
 # ----------------------------------------------------------------------------- rollout
 
 
-def prompt_text(record) -> str:
+@dataclass
+class Rollout:
+    """One step's episodes on this process: B prompts, each with one sampled response of up to R tokens."""
+
+    prompts: list[str]  # B raw user prompts
+    texts: list[str]  # B decoded responses
+    input_ids: torch.Tensor  # (B, Tq + R): left-padded query, then the response (padding after its EOS)
+    attention_mask: torch.Tensor  # (B, Tq + R)
+    responses: torch.Tensor  # (B, R): response tokens up to and including the first EOS
+    response_mask: torch.Tensor  # (B, R): 1 on response tokens
+    logprobs: torch.Tensor  # (B, R): log pi_old of each token, from the logits it was sampled from (fp32)
+    entropy: torch.Tensor  # (B, R): entropy of those sampling distributions
+    has_eos: torch.Tensor  # (B,) bool: the response stopped on its own
+    n_truncated_prompts: int  # prompts cut to max_prompt_length
+    ref_logprobs: torch.Tensor | None = None  # (B, R): log pi_SFT, set by rollout_forward
+    values: torch.Tensor | None = None  # (B, R): V before each token, set by rollout_forward
+
+
+def _prompt_text(record) -> str:
     return record if isinstance(record, str) else record["prompt"]
 
 
-def step_indices(step: int, batch_size: int, n: int, seed: int) -> list[int]:
+def _step_indices(step: int, batch_size: int, n: int, seed: int) -> list[int]:
     """Prompt indices of ``step``: a fresh permutation of the n prompts per pass over them."""
     out = []
     for i in range(step * batch_size, (step + 1) * batch_size):
@@ -436,7 +461,7 @@ def step_indices(step: int, batch_size: int, n: int, seed: int) -> list[int]:
 
 
 @torch.no_grad()
-def rollout(model: PolicyAndValue, tokenizer, prompts: list[str], config: PPOConfig, device: torch.device) -> dict:
+def rollout(model: PolicyAndValue, tokenizer, prompts: list[str], config: PPOConfig, device: torch.device) -> Rollout:
     """Sample one response per prompt: KV-cached, batched, left-padded generation (no grad)."""
     from transformers import GenerationConfig
 
@@ -481,51 +506,51 @@ def rollout(model: PolicyAndValue, tokenizer, prompts: list[str], config: PPOCon
     after_eos = (is_eos.long().cumsum(1) - is_eos.long()) > 0  # (B, R): strictly after the first EOS
     response_mask = (~after_eos).long()  # (B, R)
     responses = responses.masked_fill(after_eos, tokenizer.pad_token_id)
-    return {"prompts": prompts, "responses": responses, "response_mask": response_mask,
-            "input_ids": torch.cat([queries, responses], 1),  # (B, Tq + R)
-            "attention_mask": torch.cat([query_mask, response_mask], 1),  # (B, Tq + R)
-            "logprobs": pad(logprobs, 0.0), "entropy": pad(entropy, 0.0),  # (B, R): masked later
-            "has_eos": is_eos.any(1), "n_truncated_prompts": n_cut,
-            "texts": tokenizer.batch_decode(responses, skip_special_tokens=True)}
+    return Rollout(prompts=prompts, texts=tokenizer.batch_decode(responses, skip_special_tokens=True),
+                   input_ids=torch.cat([queries, responses], 1), attention_mask=torch.cat([query_mask, response_mask], 1),
+                   responses=responses, response_mask=response_mask,
+                   logprobs=pad(logprobs, 0.0), entropy=pad(entropy, 0.0),  # (B, R): masked later
+                   has_eos=is_eos.any(1), n_truncated_prompts=n_cut)
 
 
 @torch.no_grad()
-def rollout_forward(model: PolicyAndValue, reference: nn.Module | None, batch: dict, config: PPOConfig) -> dict:
-    """values and ref_logprobs (B, R) of the sampled responses: one forward per model.
+def rollout_forward(model: PolicyAndValue, reference: nn.Module | None, batch: Rollout, config: PPOConfig) -> Rollout:
+    """Fill in ``values`` and ``ref_logprobs`` (B, R) of the sampled responses: one forward per model.
 
     The policy's own log-probs came with generation; a shared backbone still runs the policy's
     decoder (its values read the policy's hidden states), a separate value model runs alone.
     """
-    B, R = batch["responses"].shape
-    device = batch["responses"].device
+    B, R = batch.responses.shape
+    device = batch.responses.device
     size = config.rollout_chunk(B)
     out = {"ref_logprobs": [], "values": []}
     for s in range(0, B, size):
         idx = torch.arange(s, min(s + size, B), device=device)
-        ids, am, r = unpadded(batch, idx)
-        resp = batch["responses"][idx, :r]  # (b, r)
+        ids, am, r = _unpadded(batch, idx)
+        resp = batch.responses[idx, :r]  # (b, r)
         with autocast(device, enabled=config.bf16):
             values = model.values(ids, am, r).float()  # (b, r)
-            ref_logprobs = reference_logprobs(model, reference, ids, am, resp, r, config.temperature)
+            ref_logprobs = _reference_logprobs(model, reference, ids, am, resp, r, config.temperature)
         out["values"].append(F.pad(values, (0, R - r)))  # (b, R): zeros past every response
         out["ref_logprobs"].append(F.pad(ref_logprobs, (0, R - r)))
-    return {k: torch.cat(v) for k, v in out.items()}
+    batch.values, batch.ref_logprobs = torch.cat(out["values"]), torch.cat(out["ref_logprobs"])  # (B, R)
+    return batch
 
 
-def unpadded(batch: dict, idx: torch.Tensor):
+def _unpadded(batch: Rollout, idx: torch.Tensor):
     """Rows ``idx`` without the padding columns they all share -> (input_ids, attention_mask, r).
 
     The kept columns run from the first token of the longest prompt to the end of the longest
     response, which has ``r`` tokens; masked padding changes no result, so dropping it is exact.
     """
-    Tq = batch["input_ids"].shape[1] - batch["responses"].shape[1]  # query columns (left-padded)
-    am = batch["attention_mask"][idx]  # (b, Tq + R)
+    Tq = batch.input_ids.shape[1] - batch.responses.shape[1]  # query columns (left-padded)
+    am = batch.attention_mask[idx]  # (b, Tq + R)
     first = int(am[:, :Tq].any(0).int().argmax())  # first column where some prompt has a token
-    r = max(int(batch["response_mask"][idx].sum(1).max()), 1)
-    return batch["input_ids"][idx, first:Tq + r], am[:, first:Tq + r], r
+    r = max(int(batch.response_mask[idx].sum(1).max()), 1)
+    return batch.input_ids[idx, first:Tq + r], am[:, first:Tq + r], r
 
 
-def reference_logprobs(model: PolicyAndValue, reference, input_ids, attention_mask, responses, R, temperature):
+def _reference_logprobs(model: PolicyAndValue, reference, input_ids, attention_mask, responses, R, temperature):
     """log pi_SFT of the response tokens (B, R): the frozen copy, or the policy with LoRA off."""
     context = model.policy.disable_adapter() if reference is None else contextlib.nullcontext()
     with context:
@@ -535,21 +560,21 @@ def reference_logprobs(model: PolicyAndValue, reference, input_ids, attention_ma
     return logprobs_from_logits(logits.float() / temperature, responses)
 
 
-def score_responses(batch: dict, reward_model, rm_tokenizer, reward_fn, config) -> torch.Tensor:
+def _score_responses(batch: Rollout, reward_model, rm_tokenizer, reward_fn, config) -> torch.Tensor:
     """Scores (B,) from the RM (read at the EOS after the response) or the scripted reward_fn."""
-    prompts, texts = batch["prompts"], batch["texts"]
+    prompts, texts = batch.prompts, batch.texts
     if reward_fn is not None:
         scores = reward_fn(prompts, texts)
     else:
         scores = reward_model.score(rm_tokenizer, prompts, texts, batch_size=config.rollout_chunk(len(texts)),
                                     progress=False)
-    return torch.tensor([float(s) for s in scores], dtype=torch.float32, device=batch["responses"].device)
+    return torch.tensor([float(s) for s in scores], dtype=torch.float32, device=batch.responses.device)
 
 
 # ----------------------------------------------------------------------------- optimisation
 
 
-def ppo_update(ddp_model, model: PolicyAndValue, optimizer, accelerator, batch: dict, advantages, returns,
+def ppo_update(ddp_model, model: PolicyAndValue, optimizer, accelerator, batch: Rollout, advantages, returns,
                config: PPOConfig, ptx_batches: list | None, ema: dict | None):
     """``ppo_epochs`` passes over the batch in shuffled minibatches; returns mean statistics."""
     device = advantages.device
@@ -557,7 +582,7 @@ def ppo_update(ddp_model, model: PolicyAndValue, optimizer, accelerator, batch: 
     mini = config.mini_batch_size // accelerator.num_processes
     micro = config.micro_batch_size
     n_micro = mini // micro  # gradient accumulation steps
-    lengths = batch["attention_mask"].sum(1)  # (B,) prompt + response tokens
+    lengths = batch.attention_mask.sum(1)  # (B,) prompt + response tokens
     params = [p for p in ddp_model.parameters() if p.requires_grad]
     stats = {k: [] for k in ("loss/policy", "loss/value", "loss/ptx", "policy/clipfrac", "policy/approxkl",
                              "val/clipfrac")}
@@ -571,20 +596,20 @@ def ppo_update(ddp_model, model: PolicyAndValue, optimizer, accelerator, batch: 
             # into micro-batches does not change the gradient.
             minibatch = order[start:start + mini]
             minibatch = minibatch[torch.argsort(lengths[minibatch], stable=True)]
-            n_tokens = batch["response_mask"][minibatch].sum().clamp(min=1)
+            n_tokens = batch.response_mask[minibatch].sum().clamp(min=1)
             for m in range(n_micro):
                 idx = minibatch[m * micro:(m + 1) * micro]
-                ids, am, r = unpadded(batch, idx)
-                mask = batch["response_mask"][idx, :r]  # (b, r)
+                ids, am, r = _unpadded(batch, idx)
+                mask = batch.response_mask[idx, :r]  # (b, r)
                 with autocast(device, enabled=config.bf16):
                     logits, values = ddp_model(ids, am, r)  # (b, r, V), (b, r)
-                    logprobs = logprobs_from_logits(logits.float() / config.temperature, batch["responses"][idx, :r])
-                pg_loss, pg_clipfrac, approxkl = policy_loss(logprobs, batch["logprobs"][idx, :r],
+                    logprobs = logprobs_from_logits(logits.float() / config.temperature, batch.responses[idx, :r])
+                pg_loss, pg_clipfrac, approxkl = policy_loss(logprobs, batch.logprobs[idx, :r],
                                                              advantages[idx, :r], mask, config.cliprange)
-                vf_loss, vf_clipfrac = value_loss(values.float(), batch["values"][idx, :r], returns[idx, :r], mask,
+                vf_loss, vf_clipfrac = value_loss(values.float(), batch.values[idx, :r], returns[idx, :r], mask,
                                                   config.cliprange_value)
                 loss = pg_loss + config.vf_coef * vf_loss
-                check_finite(accelerator, loss, "PPO loss")
+                _check_finite(accelerator, loss, "PPO loss")
                 accelerator.backward(loss * (mask.sum() / n_tokens))  # this micro-batch's share of the tokens
                 ptx_loss = torch.zeros((), device=device)
                 if config.ptx_coef > 0:  # PPO-ptx (InstructGPT eq. 2): a separate forward/backward
@@ -593,24 +618,20 @@ def ppo_update(ddp_model, model: PolicyAndValue, optimizer, accelerator, batch: 
                     with autocast(device, enabled=config.bf16):
                         ptx_logits = ddp_model(ids, am, None)  # (b, T, V)
                     ptx_loss = masked_mean(-logprobs_from_logits(ptx_logits[:, :-1], ids[:, 1:]), am[:, 1:])
-                    check_finite(accelerator, ptx_loss, "PPO-ptx loss")
+                    _check_finite(accelerator, ptx_loss, "PPO-ptx loss")
                     accelerator.backward(config.ptx_coef * ptx_loss / n_micro)
                 for k, v in zip(stats, (pg_loss, vf_loss, ptx_loss, pg_clipfrac, approxkl, vf_clipfrac)):
                     stats[k].append(float(v.detach()))
             grad_norm = accelerator.clip_grad_norm_(params, config.max_grad_norm)
-            check_finite(accelerator, torch.as_tensor(grad_norm), "gradient norm")
+            _check_finite(accelerator, torch.as_tensor(grad_norm), "gradient norm")
             optimizer.step()
             if ema is not None:
-                update_ema(ema, model.policy, config.ema_decay)
+                _update_ema(ema, model.policy, config.ema_decay)
     optimizer.zero_grad(set_to_none=True)
     return {k: float(np.mean(v)) for k, v in stats.items()}
 
 
-class NonFiniteError(RuntimeError):
-    """A loss or score became NaN/inf; the run stops and keeps its last good checkpoint."""
-
-
-def check_finite(accelerator, value: torch.Tensor, what: str) -> None:
+def _check_finite(accelerator, value: torch.Tensor, what: str) -> None:
     bad = torch.tensor(0.0 if torch.isfinite(value).all() else 1.0, device=value.device)
     if accelerator.num_processes > 1:
         bad = accelerator.reduce(bad, "sum")
@@ -618,18 +639,18 @@ def check_finite(accelerator, value: torch.Tensor, what: str) -> None:
         raise NonFiniteError(f"{what} is not finite")
 
 
-def trainable_policy_params(policy: nn.Module) -> dict[str, torch.Tensor]:
+def _trainable_policy_params(policy: nn.Module) -> dict[str, torch.Tensor]:
     return {n: p for n, p in policy.named_parameters() if p.requires_grad}
 
 
-def update_ema(ema: dict, policy: nn.Module, decay: float) -> None:
+def _update_ema(ema: dict, policy: nn.Module, decay: float) -> None:
     """ema <- decay * ema + (1 - decay) * weights, after every optimizer step."""
     with torch.no_grad():
-        for name, p in trainable_policy_params(policy).items():
+        for name, p in _trainable_policy_params(policy).items():
             ema[name].mul_(decay).add_(p.detach(), alpha=1.0 - decay)
 
 
-def ptx_micro_batches(texts: list[str], config: PPOConfig, tokenizer, step: int) -> list:
+def _ptx_micro_batches(texts: list[str], config: PPOConfig, tokenizer, step: int) -> list:
     """Right-padded (input_ids, attention_mask) micro-batches of ptx texts for one step."""
     n = config.batch_size // config.micro_batch_size * config.ppo_epochs
     rng = np.random.default_rng([config.seed, 7, step])
@@ -645,7 +666,7 @@ def ptx_micro_batches(texts: list[str], config: PPOConfig, tokenizer, step: int)
     return out
 
 
-def default_ptx_texts(tokenizer) -> list[str]:
+def _default_ptx_texts(tokenizer) -> list[str]:
     """The SFT demonstrations as the model sees them: formatted prompt + response + EOS."""
     from labkit.data import load_demonstrations
 
@@ -656,24 +677,7 @@ def default_ptx_texts(tokenizer) -> list[str]:
 # ----------------------------------------------------------------------------- checkpoints
 
 
-def rng_state() -> dict:
-    np_state = np.random.get_state()
-    return {"python": random.getstate(), "torch": torch.get_rng_state(),
-            "numpy": (np_state[0], np_state[1].tolist(), *np_state[2:]),
-            "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []}
-
-
-def set_rng_state(state: dict) -> None:
-    version, internal, gauss = state["python"]
-    random.setstate((version, tuple(internal), gauss))
-    torch.set_rng_state(state["torch"])
-    name, keys, *rest = state["numpy"]
-    np.random.set_state((name, np.array(keys, dtype=np.uint32), *rest))
-    if state["cuda"] and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
-
-
-def save_checkpoint(path: Path, accelerator, model: PolicyAndValue, optimizer, step: int, kl_ctl,
+def _save_checkpoint(path: Path, accelerator, model: PolicyAndValue, optimizer, step: int, kl_ctl,
                     ema: dict | None, history: list, rng: dict) -> None:
     """Weights, optimizer, EMA, KL controller, metrics so far and every process's RNG states."""
     from safetensors.torch import save_file, save_model
@@ -703,8 +707,8 @@ def save_checkpoint(path: Path, accelerator, model: PolicyAndValue, optimizer, s
     accelerator.wait_for_everyone()
 
 
-def load_checkpoint(path: Path, accelerator, model: PolicyAndValue, optimizer, kl_ctl, ema: dict | None):
-    """Restore what :func:`save_checkpoint` wrote; returns (step, history, rng state of this process)."""
+def _load_checkpoint(path: Path, accelerator, model: PolicyAndValue, optimizer, kl_ctl, ema: dict | None):
+    """Restore what :func:`_save_checkpoint` wrote; returns (step, history, rng state of this process)."""
     from safetensors.torch import load_file, load_model as load_safetensors
 
     if not path.exists() and path.with_name(path.name + ".old").exists():
@@ -723,12 +727,12 @@ def load_checkpoint(path: Path, accelerator, model: PolicyAndValue, optimizer, k
     return state["step"], state["history"], rng
 
 
-def save_policy(path: Path, model: PolicyAndValue, tokenizer, ema: dict | None) -> str:
+def _save_policy(path: Path, model: PolicyAndValue, tokenizer, ema: dict | None) -> str:
     """The final policy as a folder ``load_model(path)`` reads (EMA weights if kept, LoRA merged)."""
     policy = model.policy
     if ema is not None:
         with torch.no_grad():
-            for name, p in trainable_policy_params(policy).items():
+            for name, p in _trainable_policy_params(policy).items():
                 p.copy_(ema[name])
     if hasattr(policy, "merge_and_unload"):
         policy = policy.merge_and_unload()
@@ -737,26 +741,10 @@ def save_policy(path: Path, model: PolicyAndValue, tokenizer, ema: dict | None) 
     return str(path)
 
 
-@contextlib.contextmanager
-def defer_interrupt():
-    """Hold a Ctrl-C (SIGINT) until the block ends, so an update phase is never cut in half."""
-    if threading.current_thread() is not threading.main_thread():
-        yield
-        return
-    received = []
-    previous = signal.signal(signal.SIGINT, lambda *_: received.append(True))
-    try:
-        yield
-    finally:
-        signal.signal(signal.SIGINT, previous)
-    if received:
-        raise KeyboardInterrupt
-
-
 # ----------------------------------------------------------------------------- training
 
 
-def reduce_mean(accelerator, values: dict[str, float]) -> dict[str, float]:
+def _reduce_mean(accelerator, values: dict[str, float]) -> dict[str, float]:
     """Average scalar statistics over processes (every process holds the same number of episodes)."""
     if accelerator.num_processes == 1:
         return values
@@ -765,24 +753,24 @@ def reduce_mean(accelerator, values: dict[str, float]) -> dict[str, float]:
     return dict(zip(values, t.tolist()))
 
 
-def step_metrics(batch: dict, scores, kl, rlhf_reward, train_stats: dict, gold, records: list) -> dict:
+def _step_metrics(batch: Rollout, scores, kl, rlhf_reward, train_stats: dict, gold, records: list) -> dict:
     """This process's statistics of one step (cleanrl / TRL metric names)."""
-    mask = batch["response_mask"]  # (B, R)
+    mask = batch.response_mask  # (B, R)
     local = {
         "objective/kl": float(kl.sum(1).mean()),  # per-episode sum of the per-token estimate
-        "objective/entropy": float((batch["entropy"] * mask).sum(1).mean()),
+        "objective/entropy": float((batch.entropy * mask).sum(1).mean()),
         "objective/rlhf_reward": float(rlhf_reward.mean()),  # score - EOS penalty - kl_coef * KL
         "objective/scores": float(scores.mean()),
-        "val/mean": float(masked_mean(batch["values"], mask)),
+        "val/mean": float(masked_mean(batch.values, mask)),
         "response/length": float(mask.sum(1).float().mean()),
-        "response/eos_rate": float(batch["has_eos"].float().mean()),
-        "prompts/truncated": float(batch["n_truncated_prompts"]),
+        "response/eos_rate": float(batch.has_eos.float().mean()),
+        "prompts/truncated": float(batch.n_truncated_prompts),
         **train_stats,
     }
     if gold is not None:  # the gold scorer needs prompt records; a bare string has no checks
         local["objective/gold"] = float(np.mean([
             gold.score(r if isinstance(r, dict) else {"prompt": r}, text, truncated=not eos)
-            for r, text, eos in zip(records, batch["texts"], batch["has_eos"].tolist())]))
+            for r, text, eos in zip(records, batch.texts, batch.has_eos.tolist())]))
     return local
 
 
@@ -800,14 +788,29 @@ DASHBOARD_LAYOUT = {
 }
 
 
-def train_ppo(config: PPOConfig) -> dict:
-    """Run PPO; returns the last step's metrics plus ``history``, ``policy_dir`` and ``stopped``.
+@dataclass
+class _Run:
+    """What :func:`train_ppo` sets up once: the process group, the models, the optimizer, the data."""
 
-    >>> train_ppo(PPOConfig(policy="tiny", reward_fn=lambda p, r: [len(x) / 100 for x in r], steps=5))
-    """
+    accelerator: object
+    model: PolicyAndValue  # the trained parameters (policy + value function)
+    ddp_model: nn.Module  # the same, wrapped for several processes
+    optimizer: torch.optim.Optimizer
+    reference: nn.Module | None  # frozen SFT model (None with LoRA: adapters off)
+    reward_model: nn.Module | None
+    tokenizer: object
+    rm_tokenizer: object
+    kl_ctl: FixedKLController | AdaptiveKLController
+    ema: dict | None  # EMA of the policy weights, when config.ema_decay is set
+    records: list  # PPO prompt records (or strings)
+    ptx_texts: list[str] | None  # PPO-ptx language-modelling texts
+    gold: object  # GoldLabeler for objective/gold, or None
+
+
+def _set_up(config: PPOConfig) -> _Run:
+    """Processes, seeds, models, optimizer (fused AdamW), KL controller, EMA, prompts, ptx texts."""
     from accelerate import Accelerator
     from accelerate.utils import DistributedDataParallelKwargs
-    from tqdm.auto import tqdm
 
     ddp_kwargs = DistributedDataParallelKwargs(find_unused_parameters=config.ptx_coef > 0)
     # cpu=True on machines without a GPU: accelerate then joins CPU processes with gloo
@@ -823,18 +826,15 @@ def train_ppo(config: PPOConfig) -> dict:
     random.seed(config.seed + rank)
     np.random.seed(config.seed + rank)
     torch.manual_seed(config.seed + rank)
-    out_dir = Path(config.output_dir)
-    ckpt_dir = out_dir / "checkpoint"
 
     model, reference, reward_model, tokenizer, rm_tokenizer = build_models(config, device)
-    # fused AdamW: one kernel per step instead of several per tensor (0.15 s instead of 0.5-0.8 s
-    # for policy + value model on a 2-core CPU; the HF Trainer's default too)
+    # fused AdamW: one kernel per step instead of several per tensor (see docs/implementation_details.md)
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=config.learning_rate,
                                   eps=config.adam_eps, weight_decay=0.0, fused=device.type in ("cpu", "cuda"))
     ddp_model, optimizer = accelerator.prepare(model, optimizer)
     kl_ctl = (AdaptiveKLController(config.kl_coef, config.target_kl, config.kl_horizon) if config.adaptive_kl
               else FixedKLController(config.kl_coef))
-    ema = ({k: v.detach().clone() for k, v in trainable_policy_params(model.policy).items()}
+    ema = ({k: v.detach().clone() for k, v in _trainable_policy_params(model.policy).items()}
            if config.ema_decay is not None else None)
 
     records = config.prompts
@@ -844,131 +844,151 @@ def train_ppo(config: PPOConfig) -> dict:
         records = load_prompts("ppo")
     ptx_texts = config.ptx_texts
     if config.ptx_coef > 0 and ptx_texts is None:
-        ptx_texts = default_ptx_texts(tokenizer)
+        ptx_texts = _default_ptx_texts(tokenizer)
     gold = None
     if config.gold_every:
-        try:
-            from labkit.labelers import GoldLabeler
+        from labkit.labelers import GoldLabeler
 
-            gold = GoldLabeler()
-        except ImportError:
-            warnings.warn("labkit.labelers.GoldLabeler is unavailable; objective/gold is not logged")
+        gold = GoldLabeler()
+    return _Run(accelerator, model, ddp_model, optimizer, reference, reward_model, tokenizer, rm_tokenizer,
+                kl_ctl, ema, records, ptx_texts, gold)
 
+
+def ppo_step(run: _Run, config: PPOConfig, step: int) -> tuple[dict, Rollout, torch.Tensor, bool]:
+    """One PPO step, phases 1-7; returns (metrics averaged over processes, the rollout, its scores,
+    whether a Ctrl-C arrived during the update).
+
+    A Ctrl-C in phases 1-3 raises ``KeyboardInterrupt`` (nothing was updated yet); from phase 4 on
+    it is held, the step completes, and the flag tells the caller to stop after it.
+    """
+    acc, world = run.accelerator, run.accelerator.num_processes
+    t_step = time.perf_counter()
+    idx = _step_indices(step, config.batch_size, len(run.records), config.seed)[acc.process_index::world]
+    step_records = [run.records[i] for i in idx]
+
+    # 1. rollout: sample one response per prompt (KV-cached, left-padded, plain sampling)
+    batch = rollout(run.model, run.tokenizer, [_prompt_text(r) for r in step_records], config, acc.device)
+    t_generate = time.perf_counter() - t_step
+
+    # 2. score: RM (or scripted reward) on the decoded text
+    t0 = time.perf_counter()
+    scores = _score_responses(batch, run.reward_model, run.rm_tokenizer, config.reward_fn, config)  # (B,)
+    _check_finite(acc, scores, "reward score")
+    t_score = time.perf_counter() - t0
+
+    # 3. ref_logprobs and values: one forward of the reference and of the value model
+    t0 = time.perf_counter()
+    rollout_forward(run.model, run.reference, batch, config)
+    t_forward = time.perf_counter() - t0
+
+    with defer_interrupt(reraise=False) as interrupted:
+        t0 = time.perf_counter()
+        mask = batch.response_mask  # (B, R)
+        # 4. shaped rewards: -kl_coef * KL per token, score (minus EOS penalty) at the last token
+        shaped = masked_whiten(scores, torch.ones_like(scores)) if config.whiten_scores else scores
+        rewards, kl = shape_rewards(shaped, batch.logprobs, batch.ref_logprobs, mask, run.kl_ctl.value,
+                                    config.kl_estimator, batch.has_eos, config.missing_eos_penalty)
+        rlhf_reward = rewards.sum(1)  # (B,)
+        if config.whiten_rewards:
+            rewards = masked_whiten(rewards, mask, shift_mean=False)
+        # 5. advantages (GAE) and returns; advantage whitening
+        advantages, returns = compute_gae(rewards, batch.values, mask, config.gamma, config.lam)
+        if config.whiten_advantages:
+            advantages = masked_whiten(advantages, mask)
+        # 6. ppo_epochs of clipped policy + value updates over minibatches
+        ptx = _ptx_micro_batches(run.ptx_texts, config, run.tokenizer, step) if config.ptx_coef > 0 else None
+        train_stats = ppo_update(run.ddp_model, run.model, run.optimizer, acc, batch, advantages, returns,
+                                 config, ptx, run.ema)
+        t_train = time.perf_counter() - t0
+
+        # 7. metrics, averaged over processes; then the KL controller sees the batch's KL
+        gold = run.gold if config.gold_every and step % config.gold_every == 0 else None
+        metrics = _reduce_mean(acc, _step_metrics(batch, scores, kl, rlhf_reward, train_stats, gold, step_records))
+        metrics["prompts/truncated"] *= world
+        dt = time.perf_counter() - t_step
+        metrics.update({"step": step + 1, "objective/kl_coef": run.kl_ctl.value,
+                        "time/rollout_s": t_generate + t_forward, "time/generate_s": t_generate,
+                        "time/score_s": t_score, "time/train_s": t_train, "time/step_s": dt,
+                        "time/tokens_per_s": metrics["response/length"] * config.batch_size / dt,
+                        "time/episodes_per_s": config.batch_size / dt})
+        run.kl_ctl.update(metrics["objective/kl"], config.batch_size)
+    return metrics, batch, scores, interrupted["set"]
+
+
+def train_ppo(config: PPOConfig) -> dict:
+    """Run PPO; returns the stage result (``labkit.stage``): the last step's metrics, ``out_dir``,
+    ``model_dir`` (the final policy, ``load_model`` reads it) and ``stopped``.
+
+    >>> result = train_ppo(PPOConfig(model="tiny", reward_fn=lambda p, r: [len(x) / 100 for x in r], steps=5))
+    >>> result["objective/scores"], result["model_dir"]
+    """
+    from tqdm.auto import tqdm
+
+    from labkit.live import LiveDashboard
+
+    run = _set_up(config)
+    acc = run.accelerator
+    out_dir = Path(config.out_dir)
+    ckpt_dir = out_dir / "checkpoint"
     start_step, history = 0, []
     if config.resume and (ckpt_dir.exists() or ckpt_dir.with_name("checkpoint.old").exists()):
-        start_step, history, rng = load_checkpoint(ckpt_dir, accelerator, model, optimizer, kl_ctl, ema)
+        start_step, history, rng = _load_checkpoint(ckpt_dir, acc, run.model, run.optimizer, run.kl_ctl, run.ema)
         set_rng_state(rng)
-        accelerator.print(f"labkit.ppo: resumed from {ckpt_dir} at step {start_step}")
-    dash = None
-    if config.dashboard and accelerator.is_main_process:
-        from labkit.live import LiveDashboard
-
-        dash = LiveDashboard("PPO", layout=DASHBOARD_LAYOUT)
-        for h in history:
-            dash.log(h["step"], h)
-    samples_path = out_dir / "samples.jsonl"
-    if accelerator.is_main_process:
+        acc.print(f"labkit.ppo: resumed from {ckpt_dir} at step {start_step}")
+    dash = LiveDashboard("PPO", layout=DASHBOARD_LAYOUT,
+                         headless=None if config.dashboard and acc.is_main_process else True)
+    for h in history:
+        dash.log(h["step"], h)
+    if acc.is_main_process:
         out_dir.mkdir(parents=True, exist_ok=True)
 
-    stopped, step = None, start_step
-    bar = tqdm(range(start_step, config.steps), desc="PPO", disable=not (config.progress and accelerator.is_main_process))
+    def checkpoint(step: int, rng: dict) -> None:
+        _save_checkpoint(ckpt_dir, acc, run.model, run.optimizer, step, run.kl_ctl, run.ema, history, rng)
+
+    stopped = message = None
+    bar = tqdm(range(start_step, config.steps), desc="PPO", disable=not (config.progress and acc.is_main_process))
     for step in bar:
         rng_at_start = rng_state()
         try:
-            t_step = time.perf_counter()
-            idx = step_indices(step, config.batch_size, len(records), config.seed)[rank::world]
-            step_records = [records[i] for i in idx]
-
-            # 1. rollout: sample one response per prompt (KV-cached, left-padded, plain sampling)
-            batch = rollout(model, tokenizer, [prompt_text(r) for r in step_records], config, device)
-            t_generate = time.perf_counter() - t_step
-
-            # 2. score: RM (or scripted reward) on the decoded text
-            t0 = time.perf_counter()
-            scores = score_responses(batch, reward_model, rm_tokenizer, config.reward_fn, config)  # (B,)
-            check_finite(accelerator, scores, "reward score")
-            t_score = time.perf_counter() - t0
-
-            # 3. ref_logprobs and values: one forward of the reference and of the value model
-            t0 = time.perf_counter()
-            batch.update(rollout_forward(model, reference, batch, config))
-            t_forward = time.perf_counter() - t0
-
-            with defer_interrupt():  # from here on the step completes before a Ctrl-C is honoured
-                t0 = time.perf_counter()
-                mask = batch["response_mask"]  # (B, R)
-                # 4. shaped rewards: -kl_coef * KL per token, score (minus EOS penalty) at the last token
-                shaped = masked_whiten(scores, torch.ones_like(scores)) if config.whiten_scores else scores
-                rewards, kl = shape_rewards(shaped, batch["logprobs"], batch["ref_logprobs"], mask, kl_ctl.value,
-                                            config.kl_estimator, batch["has_eos"], config.missing_eos_penalty)
-                rlhf_reward = rewards.sum(1)  # (B,)
-                if config.whiten_rewards:
-                    rewards = masked_whiten(rewards, mask, shift_mean=False)
-                # 5. advantages (GAE) and returns; advantage whitening
-                advantages, returns = compute_gae(rewards, batch["values"], mask, config.gamma, config.lam)
-                if config.whiten_advantages:
-                    advantages = masked_whiten(advantages, mask)
-                # 6. ppo_epochs of clipped policy + value updates over minibatches
-                ptx = ptx_micro_batches(ptx_texts, config, tokenizer, step) if config.ptx_coef > 0 else None
-                train_stats = ppo_update(ddp_model, model, optimizer, accelerator, batch, advantages, returns,
-                                         config, ptx, ema)
-                t_train = time.perf_counter() - t0
-
-                # 7. metrics, averaged over processes; then the KL controller sees the batch's KL
-                local = step_metrics(batch, scores, kl, rlhf_reward, train_stats,
-                                     gold if config.gold_every and step % config.gold_every == 0 else None,
-                                     step_records)
-                metrics = reduce_mean(accelerator, local)
-                metrics["prompts/truncated"] *= world
-                dt = time.perf_counter() - t_step
-                metrics.update({"step": step + 1, "objective/kl_coef": kl_ctl.value,
-                                "time/rollout_s": t_generate + t_forward, "time/generate_s": t_generate,
-                                "time/score_s": t_score, "time/train_s": t_train, "time/step_s": dt,
-                                "time/tokens_per_s": metrics["response/length"] * config.batch_size / dt,
-                                "time/episodes_per_s": config.batch_size / dt})
-                kl_ctl.update(metrics["objective/kl"], config.batch_size)
-                history.append(metrics)
-                if dash is not None:
-                    dash.log(step + 1, metrics)
-                if config.sample_every and step % config.sample_every == 0 and accelerator.is_main_process:
-                    log_samples(samples_path, step + 1, batch, scores)
-                bar.set_postfix({"score": f"{metrics['objective/scores']:.3f}", "kl": f"{metrics['objective/kl']:.3f}"})
-                if config.save_every and (step + 1) % config.save_every == 0 and step + 1 < config.steps:
-                    save_checkpoint(ckpt_dir, accelerator, model, optimizer, step + 1, kl_ctl, ema, history, rng_state())
-        except KeyboardInterrupt:
-            # Interrupted during rollout/score: nothing was updated yet, so the checkpoint is the
-            # state before this step. Interrupted during the update: the step was finished first.
-            done = len(history) > 0 and history[-1]["step"] == step + 1
-            save_checkpoint(ckpt_dir, accelerator, model, optimizer, step + 1 if done else step, kl_ctl, ema,
-                            history, rng_state() if done else rng_at_start)
-            accelerator.print(f"labkit.ppo: interrupted; checkpoint saved in {ckpt_dir} "
-                              "(run again with resume=True to continue)")
-            stopped = "interrupted"
+            metrics, batch, scores, interrupted = ppo_step(run, config, step)
+        except KeyboardInterrupt:  # during rollout or scoring: nothing was updated yet
+            checkpoint(step, rng_at_start)
+            stopped, message = "interrupted", f"before step {step + 1}; resume=True continues from {ckpt_dir}"
             break
         except NonFiniteError as e:
-            accelerator.print(f"labkit.ppo: stopped at step {step + 1}: {e}. The last good checkpoint "
-                              f"(if any) stays in {ckpt_dir}; try a lower learning_rate or check the reward.")
-            stopped = "non-finite"
+            stopped, message = "non-finite", (f"step {step + 1}: {e}; the last good checkpoint (if any) stays in "
+                                              f"{ckpt_dir}; try a lower learning_rate or check the reward")
+            break
+        with defer_interrupt(reraise=False) as late:  # the step is done: record and save it whole
+            history.append(metrics)
+            dash.log(step + 1, metrics)
+            if config.sample_every and step % config.sample_every == 0 and acc.is_main_process:
+                _log_samples(out_dir / "samples.jsonl", step + 1, batch, scores)
+            bar.set_postfix({"score": f"{metrics['objective/scores']:.3f}", "kl": f"{metrics['objective/kl']:.3f}"})
+            due = config.save_every and (step + 1) % config.save_every == 0
+            if step + 1 < config.steps and (due or interrupted):
+                checkpoint(step + 1, rng_state())
+        if (interrupted or late["set"]) and step + 1 < config.steps:
+            if not (due or interrupted):
+                checkpoint(step + 1, rng_state())
+            stopped, message = "interrupted", f"after step {step + 1}; resume=True continues from {ckpt_dir}"
             break
 
-    result = dict(history[-1]) if history else {}
-    result.update({"history": history, "stopped": stopped, "output_dir": str(out_dir), "policy_dir": None})
+    model_dir = None
     if stopped is None:
-        save_checkpoint(ckpt_dir, accelerator, model, optimizer, config.steps, kl_ctl, ema, history, rng_state())
-        if accelerator.is_main_process:
-            result["policy_dir"] = save_policy(out_dir / "policy", model, tokenizer, ema)
-        accelerator.wait_for_everyone()
-    if dash is not None:
-        dash.close()
-        dash.save(out_dir / "ppo_dashboard.html")
-    if accelerator.is_main_process:
-        (out_dir / "metrics.json").write_text(json.dumps({k: v for k, v in result.items()}, indent=1))
-    return result
+        checkpoint(config.steps, rng_state())
+        if acc.is_main_process:
+            model_dir = _save_policy(out_dir / "model", run.model, run.tokenizer, run.ema)
+        acc.wait_for_everyone()
+    final = {k: v for k, v in (history[-1] if history else {}).items()}
+    if not acc.is_main_process:  # the stage files are the main process's
+        return {"out_dir": str(out_dir), "model_dir": None, "stopped": stopped, "message": message, **final}
+    return finish(config, final, dash, model_dir, stopped, message)
 
 
-def log_samples(path: Path, step: int, batch: dict, scores: torch.Tensor, n: int = 2) -> None:
+def _log_samples(path: Path, step: int, batch: Rollout, scores: torch.Tensor, n: int = 2) -> None:
     """Print a few responses with their scores and append them to ``samples.jsonl``."""
     with path.open("a") as f:
-        for prompt, text, score in list(zip(batch["prompts"], batch["texts"], scores.tolist()))[:n]:
+        for prompt, text, score in list(zip(batch.prompts, batch.texts, scores.tolist()))[:n]:
             f.write(json.dumps({"step": step, "prompt": prompt, "response": text, "score": score}) + "\n")
             print(f"[step {step}] score {score:+.3f} | {prompt[:60]!r} -> {text[:120]!r}")

@@ -59,7 +59,7 @@ from pathlib import Path
 
 from labkit import models
 from labkit.live import LiveDashboard
-from labkit.stage import finish, interrupt_flag, trainer_guards
+from labkit.stage import defer_interrupt, finish, trainer_guards
 
 __all__ = ["SFTConfig", "train_sft", "make_trainer", "build_examples", "expected_tokens", "split_demonstrations",
            "resolve_precision"]
@@ -287,7 +287,7 @@ def train_sft(config: SFTConfig) -> dict:
     if last:
         print(f"labkit.sft: resuming from {last}")
     t0 = time.time()
-    with interrupt_flag() as flag:
+    with defer_interrupt(reraise=False) as flag:
         guard = trainer_guards(flag)
         trainer.add_callback(guard)
         result = trainer.train(resume_from_checkpoint=last)

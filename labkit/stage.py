@@ -34,7 +34,7 @@ import numpy as np
 import torch
 
 __all__ = ["STOPPED", "NonFiniteError", "defer_interrupt", "trainer_guards", "rng_state", "set_rng_state",
-           "config_dict", "finish", "read_history"]
+           "config_dict", "finish", "read_history", "history_rows"]
 
 STOPPED = (None, "interrupted", "non-finite")
 FILES = ("config.json", "metrics.json", "history.json", "dashboard.html")
@@ -48,49 +48,36 @@ class NonFiniteError(RuntimeError):
 
 
 @contextlib.contextmanager
-def defer_interrupt():
-    """Hold a Ctrl-C (SIGINT) until the block ends, so an update is never cut in half."""
-    if threading.current_thread() is not threading.main_thread():
-        yield
-        return
-    received = []
-    previous = signal.signal(signal.SIGINT, lambda *_: received.append(True))
-    try:
-        yield
-    finally:
-        signal.signal(signal.SIGINT, previous)
-    if received:
-        raise KeyboardInterrupt
+def defer_interrupt(reraise: bool = True):
+    """Hold a Ctrl-C (SIGINT) until the block ends, so an update is never cut in half.
 
-
-@contextlib.contextmanager
-def interrupt_flag():
-    """Turn a Ctrl-C into a flag (``flag["set"]``) for the duration of the block.
-
-    A Trainer checks the flag after each optimizer step (:func:`trainer_guards`), so a
-    Ctrl-C ends training at a step boundary, with a checkpoint, instead of mid-step.
+    Yields a flag (``held["set"]``); at the end of the block a held Ctrl-C is raised as
+    ``KeyboardInterrupt``, or, with ``reraise=False``, left in the flag for the caller.
     """
-    flag = {"set": False}
+    held = {"set": False}
     if threading.current_thread() is not threading.main_thread():
-        yield flag
+        yield held
         return
 
     def handler(*_):
-        flag["set"] = True
+        held["set"] = True
 
     previous = signal.signal(signal.SIGINT, handler)
     try:
-        yield flag
+        yield held
     finally:
         signal.signal(signal.SIGINT, previous)
+    if held["set"] and reraise:
+        raise KeyboardInterrupt
 
 
 def trainer_guards(flag: dict):
     """A ``transformers.TrainerCallback`` for the stage contract inside a HF/TRL Trainer.
 
     A non-finite training loss stops training before that step is checkpointed
-    (``guard.stopped = "non-finite"``); a raised ``flag["set"]`` (Ctrl-C) saves a checkpoint at
-    the end of the current step and stops (``guard.stopped = "interrupted"``).
+    (``guard.stopped = "non-finite"``); a raised ``flag["set"]`` (a Ctrl-C held by
+    ``defer_interrupt(reraise=False)``) saves a checkpoint at the end of the current step and
+    stops (``guard.stopped = "interrupted"``).
     """
     from transformers import TrainerCallback
 
@@ -184,3 +171,12 @@ def read_history(out_dir: str | Path) -> dict[str, list[tuple[float, float]]]:
         return {}
     data = json.loads(path.read_text())
     return {k: [tuple(p) for p in v] for k, v in data["history"].items()}
+
+
+def history_rows(out_dir: str | Path) -> list[dict[str, float]]:
+    """The same curves as one dict per logged step, in step order: ``[{"step": 1, metric: value, ...}]``."""
+    by_step: dict[float, dict[str, float]] = {}
+    for name, points in read_history(out_dir).items():
+        for step, value in points:
+            by_step.setdefault(step, {"step": step})[name] = value
+    return [by_step[s] for s in sorted(by_step)]

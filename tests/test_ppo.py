@@ -7,6 +7,7 @@ import torch
 
 from labkit import ppo
 from labkit.models import load_model
+from labkit.stage import history_rows
 
 torch.set_num_threads(2)
 
@@ -168,12 +169,12 @@ def test_logprobs_and_entropy_from_logits():
 
 def test_config_checks():
     with pytest.raises(ValueError, match="reward_model"):
-        ppo.PPOConfig(policy="tiny")
+        ppo.PPOConfig(model="tiny")
     with pytest.raises(ValueError, match="mini_batch_size"):
-        ppo.PPOConfig(policy="tiny", reward_fn=len, batch_size=10, mini_batch_size=4)
+        ppo.PPOConfig(model="tiny", reward_fn=len, batch_size=10, mini_batch_size=4)
     with pytest.raises(ValueError, match="micro_batch_size"):
-        ppo.PPOConfig(policy="tiny", reward_fn=len, batch_size=8, mini_batch_size=8, micro_batch_size=3)
-    assert ppo.PPOConfig(policy="tiny", reward_fn=len, batch_size=16, mini_batch_size=8).num_mini_batches == 2
+        ppo.PPOConfig(model="tiny", reward_fn=len, batch_size=8, mini_batch_size=8, micro_batch_size=3)
+    assert ppo.PPOConfig(model="tiny", reward_fn=len, batch_size=16, mini_batch_size=8).num_mini_batches == 2
 
 
 # ----------------------------------------------------------------------------- smoke runs
@@ -200,7 +201,7 @@ def newline_reward(prompts, responses):
 
 
 def small_config(policy, out, **kw):
-    base = dict(policy=policy, reward_fn=newline_reward, prompts=PROMPTS, output_dir=str(out), steps=2,
+    base = dict(model=policy, reward_fn=newline_reward, prompts=PROMPTS, out_dir=str(out), steps=2,
                 batch_size=8, mini_batch_size=8, micro_batch_size=8, max_new_tokens=8, temperature=1.0,
                 learning_rate=2e-4, kl_coef=0.01, dashboard=False, progress=False, gold_every=0,
                 sample_every=0, save_every=0)
@@ -215,7 +216,7 @@ def learning_run(peaked_tiny, tmp_path_factory):
 
 
 def test_reward_rises_with_bounded_kl(learning_run):
-    h = learning_run["history"]
+    h = history_rows(learning_run["out_dir"])
     first, last = h[0]["objective/scores"], sum(m["objective/scores"] for m in h[-3:]) / 3
     assert first < 0.35 and last > first + 0.3, [m["objective/scores"] for m in h]
     assert all(m["objective/kl"] < 10 for m in h)
@@ -231,7 +232,7 @@ def test_reward_rises_with_bounded_kl(learning_run):
 
 
 def test_final_policy_loads_and_generates(learning_run, peaked_tiny):
-    model, tok = load_model(learning_run["policy_dir"], dtype="float32")
+    model, tok = load_model(learning_run["model_dir"], dtype="float32")
     ref, _ = load_model(peaked_tiny, dtype="float32")
     assert not torch.equal(model.model.norm.weight, ref.model.norm.weight)
     enc = tok(["Tell me about topic number 3."], return_tensors="pt")
@@ -244,7 +245,7 @@ def test_huge_kl_coef_keeps_the_policy_near_the_reference(learning_run, peaked_t
     # Adam moves every weight by about lr per step whatever the reward's scale, so even a huge
     # kl_coef cannot hold the policy exactly still; it keeps pulling it back instead.
     mean3 = lambda h, k: sum(x[k] for x in h[-3:]) / 3  # noqa: E731
-    huge, small = m["history"], learning_run["history"]
+    huge, small = history_rows(m["out_dir"]), history_rows(learning_run["out_dir"])
     assert mean3(huge, "objective/kl") < 0.5 * mean3(small, "objective/kl"), (huge, small)
     gain = lambda h: mean3(h, "objective/scores") - h[0]["objective/scores"]  # noqa: E731
     assert gain(huge) < 0.5 * gain(small)
@@ -266,14 +267,14 @@ def test_ctrl_c_saves_and_resume_continues_exactly(peaked_tiny, tmp_path):
               micro_batch_size=2, max_new_tokens=6)
     full = ppo.train_ppo(small_config(peaked_tiny, tmp_path / "full", **kw))
     part = ppo.train_ppo(small_config(peaked_tiny, tmp_path / "cut", reward_fn=interrupting_reward(1), **kw))
-    assert part["stopped"] == "interrupted" and len(part["history"]) == 1 and part["policy_dir"] is None
+    assert part["stopped"] == "interrupted" and len(history_rows(part["out_dir"])) == 1 and part["model_dir"] is None
     rest = ppo.train_ppo(small_config(peaked_tiny, tmp_path / "cut", resume=True, **kw))
-    assert rest["stopped"] is None and len(rest["history"]) == 3
+    assert rest["stopped"] is None and len(history_rows(rest["out_dir"])) == 3
     drop_time = lambda h: {k: v for k, v in h.items() if not k.startswith("time/")}  # noqa: E731
-    assert [drop_time(h) for h in rest["history"]] == [drop_time(h) for h in full["history"]]
-    assert full["history"][-1]["objective/kl_coef"] != 0.01  # the adaptive controller moved (and was restored)
-    a, _ = load_model(full["policy_dir"], dtype="float32")
-    b, _ = load_model(rest["policy_dir"], dtype="float32")
+    assert [drop_time(h) for h in history_rows(rest["out_dir"])] == [drop_time(h) for h in history_rows(full["out_dir"])]
+    assert history_rows(full["out_dir"])[-1]["objective/kl_coef"] != 0.01  # the adaptive controller moved (and was restored)
+    a, _ = load_model(full["model_dir"], dtype="float32")
+    b, _ = load_model(rest["model_dir"], dtype="float32")
     assert all(torch.equal(x, y) for x, y in zip(a.state_dict().values(), b.state_dict().values()))
 
 
@@ -285,7 +286,7 @@ def test_non_finite_score_stops_and_keeps_last_good_checkpoint(peaked_tiny, tmp_
         return [float("nan") if len(calls) == 3 else 0.5] * len(responses)
 
     m = ppo.train_ppo(small_config(peaked_tiny, tmp_path, steps=4, reward_fn=reward, save_every=1))
-    assert m["stopped"] == "non-finite" and len(m["history"]) == 2 and m["policy_dir"] is None
+    assert m["stopped"] == "non-finite" and len(history_rows(m["out_dir"])) == 2 and m["model_dir"] is None
     import json
     state = json.loads((tmp_path / "checkpoint" / "state.json").read_text())
     assert state["step"] == 2
@@ -297,10 +298,10 @@ def test_non_finite_score_stops_and_keeps_last_good_checkpoint(peaked_tiny, tmp_
 def test_lora_reference_is_the_adapter_free_model(peaked_tiny, tmp_path):
     pytest.importorskip("peft")
     m = ppo.train_ppo(small_config(peaked_tiny, tmp_path, steps=2, use_lora=True, learning_rate=1e-3))
-    h = m["history"]
+    h = history_rows(m["out_dir"])
     assert h[0]["objective/kl"] == 0.0  # LoRA's B starts at zero: policy == reference exactly
     assert h[-1]["objective/kl"] != 0.0  # the adapters learned something
-    merged, _ = load_model(m["policy_dir"], dtype="float32")
+    merged, _ = load_model(m["model_dir"], dtype="float32")
     base, _ = load_model(peaked_tiny, dtype="float32")
     w = "model.layers.0.self_attn.q_proj.weight"
     assert not torch.equal(merged.state_dict()[w], base.state_dict()[w])
@@ -310,7 +311,7 @@ def test_shared_backbone_and_ptx(peaked_tiny, tmp_path):
     texts = ["Tell me about topic number 1.\nIt is a number."] * 4
     m = ppo.train_ppo(small_config(peaked_tiny, tmp_path, steps=2, share_backbone=True, ptx_coef=0.5,
                                    ptx_texts=texts))
-    h = m["history"]
+    h = history_rows(m["out_dir"])
     assert all(math.isfinite(x["loss/ptx"]) and x["loss/ptx"] > 0 for x in h)
     assert h[0]["val/mean"] == 0.0  # a scripted reward starts the value head at zero
 
@@ -323,7 +324,7 @@ def test_value_model_starts_as_the_reward_model(tmp_path):
     torch.nn.init.normal_(rm.head.weight, std=0.5)
     rm.bias.fill_(0.25)
     rm.save_pretrained(tmp_path / "rm", tokenizer=tok)
-    config = ppo.PPOConfig(policy="tiny", reward_model=str(tmp_path / "rm"), dashboard=False)
+    config = ppo.PPOConfig(model="tiny", reward_model=str(tmp_path / "rm"), dashboard=False)
     model, reference, reward_model, _, _ = ppo.build_models(config, torch.device("cpu"))
     enc = tok(["Hello there, how are you?", "Hi"], return_tensors="pt", padding=True)
     expected = rm.token_values(enc.input_ids, enc.attention_mask)
@@ -343,41 +344,44 @@ def test_generation_logprobs_equal_a_full_forward(peaked_tiny, share_backbone):
     torch.manual_seed(0)
     prompts = [p["prompt"] for p in PROMPTS[:5]] + ["Hi"]  # mixed lengths: left padding
     batch = ppo.rollout(model, tok, prompts, config, torch.device("cpu"))
-    batch.update(ppo.rollout_forward(model, reference, batch, config))
-    R, mask = batch["responses"].shape[1], batch["response_mask"].bool()
+    ppo.rollout_forward(model, reference, batch, config)
+    R, mask = batch.responses.shape[1], batch.response_mask.bool()
     with torch.no_grad():
-        logits, values = model(batch["input_ids"], batch["attention_mask"], R)
+        logits, values = model(batch.input_ids, batch.attention_mask, R)
     logits = logits / config.temperature
-    assert torch.allclose(batch["logprobs"][mask], ppo.logprobs_from_logits(logits, batch["responses"])[mask],
+    assert torch.allclose(batch.logprobs[mask], ppo.logprobs_from_logits(logits, batch.responses)[mask],
                           atol=1e-4)
-    assert torch.allclose(batch["entropy"][mask], ppo.entropy_from_logits(logits)[mask], atol=1e-4)
-    assert torch.allclose(batch["values"][mask], values[mask], atol=1e-5)
+    assert torch.allclose(batch.entropy[mask], ppo.entropy_from_logits(logits)[mask], atol=1e-4)
+    assert torch.allclose(batch.values[mask], values[mask], atol=1e-5)
     # the reference starts as the policy: its log-probs equal the policy's
-    assert torch.allclose(batch["ref_logprobs"][mask], batch["logprobs"][mask], atol=1e-4)
+    assert torch.allclose(batch.ref_logprobs[mask], batch.logprobs[mask], atol=1e-4)
 
 
 def test_unpadded_drops_only_the_padding_all_rows_share():
     pad = 0
-    batch = {"input_ids": torch.tensor([[pad, pad, 5, 6, 7, 8, pad], [pad, 4, 5, 6, 7, pad, pad], [pad, pad, 3, 9, 9, pad, pad]]),
-             "attention_mask": torch.tensor([[0, 0, 1, 1, 1, 1, 0], [0, 1, 1, 1, 1, 0, 0], [0, 0, 1, 1, 1, 0, 0]]),
-             "responses": torch.tensor([[7, 8, pad], [7, pad, pad], [9, pad, pad]]),
-             "response_mask": torch.tensor([[1, 1, 0], [1, 0, 0], [1, 0, 0]])}
-    ids, am, r = ppo.unpadded(batch, torch.tensor([0, 1]))
+    batch = ppo.Rollout(
+        prompts=["a", "b", "c"], texts=["", "", ""], logprobs=torch.zeros(3, 3), entropy=torch.zeros(3, 3),
+        has_eos=torch.ones(3, dtype=torch.bool), n_truncated_prompts=0,
+        input_ids=torch.tensor([[pad, pad, 5, 6, 7, 8, pad], [pad, 4, 5, 6, 7, pad, pad], [pad, pad, 3, 9, 9, pad, pad]]),
+        attention_mask=torch.tensor([[0, 0, 1, 1, 1, 1, 0], [0, 1, 1, 1, 1, 0, 0], [0, 0, 1, 1, 1, 0, 0]]),
+        responses=torch.tensor([[7, 8, pad], [7, pad, pad], [9, pad, pad]]),
+        response_mask=torch.tensor([[1, 1, 0], [1, 0, 0], [1, 0, 0]]))
+    ids, am, r = ppo._unpadded(batch, torch.tensor([0, 1]))
     assert r == 2 and ids.tolist() == [[pad, 5, 6, 7, 8], [4, 5, 6, 7, pad]]  # one shared pad column each side
     assert am.tolist() == [[0, 1, 1, 1, 1], [1, 1, 1, 1, 0]]
-    ids, am, r = ppo.unpadded(batch, torch.tensor([2]))
+    ids, am, r = ppo._unpadded(batch, torch.tensor([2]))
     assert r == 1 and ids.tolist() == [[3, 9, 9]] and am.tolist() == [[1, 1, 1]]
 
 
 def end_responses_early(batch, lengths, pad_id):
     """Cut response i to lengths[i] tokens, padding the rest as the rollout pads after an EOS."""
-    R = batch["responses"].shape[1]
-    Tq = batch["input_ids"].shape[1] - R
+    R = batch.responses.shape[1]
+    Tq = batch.input_ids.shape[1] - R
     for i, n in enumerate(lengths):
-        batch["responses"][i, n:] = pad_id
-        batch["response_mask"][i, n:] = 0
-        batch["input_ids"][i, Tq + n:] = pad_id
-        batch["attention_mask"][i, Tq + n:] = 0
+        batch.responses[i, n:] = pad_id
+        batch.response_mask[i, n:] = 0
+        batch.input_ids[i, Tq + n:] = pad_id
+        batch.attention_mask[i, Tq + n:] = 0
 
 
 def test_micro_batch_split_does_not_change_the_update(peaked_tiny):
@@ -394,17 +398,36 @@ def test_micro_batch_split_does_not_change_the_update(peaked_tiny):
         prompts = [p["prompt"] for p in PROMPTS[:4]] + ["Hi", "A much longer prompt than the others, with more words"]
         batch = ppo.rollout(model, tok, prompts, config, torch.device("cpu"))
         end_responses_early(batch, [6, 2, 4, 1, 6, 3], tok.pad_token_id)  # as if EOS had come there
-        batch.update(ppo.rollout_forward(model, reference, batch, config))
+        ppo.rollout_forward(model, reference, batch, config)
         scores = torch.linspace(-1, 1, 6)
-        rewards, _ = ppo.shape_rewards(scores, batch["logprobs"], batch["ref_logprobs"], batch["response_mask"], 0.05)
-        adv, ret = ppo.compute_gae(rewards, batch["values"], batch["response_mask"])
-        adv = ppo.masked_whiten(adv, batch["response_mask"])
+        rewards, _ = ppo.shape_rewards(scores, batch.logprobs, batch.ref_logprobs, batch.response_mask, 0.05)
+        adv, ret = ppo.compute_gae(rewards, batch.values, batch.response_mask)
+        adv = ppo.masked_whiten(adv, batch.response_mask)
         optimizer = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=1.0)
         torch.manual_seed(1)
         ppo.ppo_update(model, model, optimizer, Accelerator(cpu=True), batch, adv, ret, config, None, None)
-        results.append((batch["response_mask"].sum(1), [p.detach().clone() for p in model.parameters()]))
+        results.append((batch.response_mask.sum(1), [p.detach().clone() for p in model.parameters()]))
     (lengths_a, params_a), (lengths_b, params_b) = results
     assert torch.equal(lengths_a, lengths_b) and len(set(lengths_a.tolist())) > 1  # same episodes, mixed lengths
     for a, b in zip(params_a, params_b):
         assert torch.allclose(a, b, atol=1e-5)
     assert any(not torch.equal(a, b) for a, b in zip(params_a, ppo.build_models(config, torch.device("cpu"))[0].parameters()))
+
+
+def test_ctrl_c_during_the_update_finishes_the_step_then_stops(peaked_tiny, tmp_path, monkeypatch):
+    import json
+    import os
+    import signal
+
+    real_update = ppo.ppo_update
+
+    def update_then_ctrl_c(*args, **kwargs):
+        out = real_update(*args, **kwargs)
+        os.kill(os.getpid(), signal.SIGINT)  # arrives while the update phase holds Ctrl-C
+        return out
+
+    monkeypatch.setattr(ppo, "ppo_update", update_then_ctrl_c)
+    m = ppo.train_ppo(small_config(peaked_tiny, tmp_path, steps=3))
+    assert m["stopped"] == "interrupted" and m["model_dir"] is None
+    assert len(history_rows(tmp_path)) == 1  # the step whose update ran is recorded, not lost
+    assert json.loads((tmp_path / "checkpoint" / "state.json").read_text())["step"] == 1

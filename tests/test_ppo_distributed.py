@@ -11,6 +11,7 @@ import torch
 
 from labkit import ppo
 from labkit.models import load_model
+from labkit.stage import history_rows
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -21,13 +22,14 @@ from labkit import ppo
 policy, out = sys.argv[1], sys.argv[2]
 prompts = [f"Tell me about topic number {i}." for i in range(32)]
 m = ppo.train_ppo(ppo.PPOConfig(
-    policy=policy, reward_fn=lambda p, r: [x.count("\\n") / 8 for x in r], prompts=prompts, output_dir=out,
+    model=policy, reward_fn=lambda p, r: [x.count("\\n") / 8 for x in r], prompts=prompts, out_dir=out,
     steps=5, batch_size=16, mini_batch_size=8, micro_batch_size=4, max_new_tokens=8, temperature=1.0,
     learning_rate=2e-4, kl_coef=0.01, dashboard=False, progress=False, gold_every=0, sample_every=0,
     save_every=0))
 from accelerate import PartialState
 state = PartialState()
-json.dump({"history": m["history"], "world": state.num_processes},
+final = {k: v for k, v in m.items() if "/" in k and not k.startswith("time/")}
+json.dump({"final": final, "world": state.num_processes},
           open(f"{out}/result_{state.process_index}.json", "w"))
 """
 
@@ -61,10 +63,10 @@ def test_two_process_run_matches_single_process_statistics(peaked_policy, tmp_pa
         results = [json.loads(p.read_text()) for p in sorted(out.glob("result_*.json"))]
         assert len(results) == n and all(r["world"] == n for r in results)
         # metrics are reduced over processes: every rank reports the same numbers (timings aside)
-        stats = [[{k: v for k, v in h.items() if not k.startswith("time/")} for h in r["history"]] for r in results]
-        assert all(s == stats[0] for s in stats)
-        assert (out / "policy" / "model.safetensors").exists()
-        runs[n] = results[0]["history"]
+        assert all(r["final"] == results[0]["final"] for r in results) and results[0]["final"]
+        assert (out / "model" / "model.safetensors").exists()
+        runs[n] = history_rows(out)
+        assert len(runs[n]) == 5
     one, two = runs[1], runs[2]
     for n, h in runs.items():  # shown with pytest -s
         print(n, "processes: scores", [round(x["objective/scores"], 3) for x in h],
