@@ -84,3 +84,14 @@ def test_local_folder_round_trip(tmp_path):
     sd1, sd2 = model.state_dict(), again.state_dict()
     assert all(torch.equal(sd1[k], sd2[k]) for k in sd1 if k in sd2)
     assert tok2.pad_token_id == tok.pad_token_id and tok2.padding_side == "left"
+
+
+def test_pad_rows_right_and_left_and_last_index():
+    ids, mask = models.pad_rows([[5, 6, 7], [8]], pad_id=0)  # right: training and scoring
+    assert ids.tolist() == [[5, 6, 7], [8, 0, 0]] and mask.tolist() == [[1, 1, 1], [1, 0, 0]]
+    ids, mask = models.pad_rows([[5, 6, 7], [8], []], pad_id=0, side="left")  # left: generation
+    assert ids.tolist() == [[5, 6, 7], [0, 0, 8], [0, 0, 0]] and mask.tolist() == [[1, 1, 1], [0, 0, 1], [0, 0, 0]]
+    assert models.last_index(mask).tolist() == [2, 2, 0]  # 0 for an all-padding row
+    assert models.last_index(torch.tensor([[1, 1, 0], [0, 1, 1]])).tolist() == [1, 2]
+    with pytest.raises(ValueError, match="side"):
+        models.pad_rows([[1]], 0, side="middle")
