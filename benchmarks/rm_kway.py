@@ -45,8 +45,8 @@ from pathlib import Path
 import torch
 
 from labkit.models import build_tiny, cpu_has_fast_bf16, cpu_name, fast_dtype, load_model
-from labkit.reward import (RewardConfig, RewardModel, collate, encode, load_reward_model, ranking_loss,
-                           tiers_to_ranks, train_reward_model)
+from labkit.rankings import tiers_to_ranks
+from labkit.reward import RewardConfig, RewardModel, collate, encode, load_reward_model, ranking_loss, train_reward_model
 
 RESULTS = Path(__file__).parent / "results" / "rm_kway.json"
 # A mid-sized model built in code: big enough that compute, not Python overhead, dominates.

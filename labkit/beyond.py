@@ -37,8 +37,9 @@ from typing import Callable
 import torch
 
 from labkit.models import BUNDLED, TINY, bundled_model_dir, fast_dtype, format_prompt, load_model, resolve_device
+from labkit.rankings import rankings_to_pairs
 
-__all__ = ["reward_function", "gold_reward_function", "prompt_dataset", "rankings_to_pairs",
+__all__ = ["reward_function", "gold_reward_function", "prompt_dataset",
            "RLOOConfig", "GRPOConfig", "DPOConfig", "train_rloo", "train_grpo", "train_dpo",
            "compare_methods", "trl_precision"]
 
@@ -134,25 +135,6 @@ def prompt_dataset(records: list[dict | str]):
     return Dataset.from_list([{"prompt": [{"role": "user", "content": r["prompt"]}],
                                "prompt_id": str(r.get("id", i)), "record": json.dumps(r)}
                               for i, r in enumerate(records)])
-
-
-def rankings_to_pairs(rankings: list[dict]) -> list[dict]:
-    """Preference pairs ``{prompt, chosen, rejected}`` from K-way ranking records (ties dropped).
-
-    A ranking of K responses gives C(K,2) pairs minus its tied ones (InstructGPT §3.5), the
-    same expansion as ``FeedbackStore.to_pairs``.
-    """
-    pairs = []
-    for r in rankings:
-        tier = {i: t for t, members in enumerate(r["tiers"]) for i in members}
-        n = len(r["responses"])
-        for i in range(n):
-            for j in range(i + 1, n):
-                if tier[i] == tier[j]:
-                    continue
-                w, l = (i, j) if tier[i] < tier[j] else (j, i)
-                pairs.append({"prompt": r["prompt"], "chosen": r["responses"][w], "rejected": r["responses"][l]})
-    return pairs
 
 
 # ----------------------------------------------------------------------------- configs

@@ -40,6 +40,8 @@ import time
 from pathlib import Path
 from typing import Any, Iterable
 
+from labkit.rankings import normalize_tiers, pair_stats, rankings_to_pairs, tiers_from_scores
+
 # Metadata of the InstructGPT labeling interface (Ouyang et al. 2022, Table 3 / Fig. 12):
 # each item gets an overall 1-7 Likert score and binary flags. These names are the columns
 # of the paper's metadata table, spelled as identifiers.
@@ -138,45 +140,6 @@ def _check_status(status: str) -> str:
     return status
 
 
-def normalize_tiers(tiers: Any, k: int, response_ids: list[str] | None = None) -> list[list[int]]:
-    """Tiers (best first, ties share a tier) as response indices; every index exactly once.
-
-    Entries may be indices (0..k-1) or, when ``response_ids`` is given, response ids.
-    Raises ``ValueError`` naming what is missing, duplicated or unknown.
-    """
-    if not isinstance(tiers, (list, tuple)) or not tiers:
-        raise ValueError(f"tiers must be a non-empty list of lists of response indices, got {tiers!r}")
-    by_id = {rid: i for i, rid in enumerate(response_ids or [])}
-    out, seen = [], set()
-    for t, tier in enumerate(tiers):
-        if isinstance(tier, (int, str)):  # a bare entry is a tier of one
-            tier = [tier]
-        if not isinstance(tier, (list, tuple)) or not tier:
-            raise ValueError(f"tier {t} is empty or not a list: {tier!r}")
-        row = []
-        for entry in tier:
-            if isinstance(entry, bool):
-                raise ValueError(f"tier {t}: {entry!r} is not a response index")
-            if isinstance(entry, int):
-                idx = entry
-            elif isinstance(entry, str) and entry in by_id:
-                idx = by_id[entry]
-            else:
-                known = f" or one of the ids {list(by_id)}" if by_id else ""
-                raise ValueError(f"tier {t}: unknown response {entry!r}; use an index 0..{k - 1}{known}")
-            if not 0 <= idx < k:
-                raise ValueError(f"tier {t}: response index {idx} is out of range 0..{k - 1}")
-            if idx in seen:
-                raise ValueError(f"tier {t}: response {entry!r} is ranked twice")
-            seen.add(idx)
-            row.append(idx)
-        out.append(row)
-    missing = sorted(set(range(k)) - seen)
-    if missing:
-        raise ValueError(f"tiers miss response(s) {missing}: every one of the {k} responses must be ranked")
-    return out
-
-
 def _check_responses(responses: Any) -> list[str]:
     if not isinstance(responses, (list, tuple)):
         raise ValueError(f"responses must be a list of strings, got {type(responses).__name__}")
@@ -212,50 +175,6 @@ def _check_score(score: Any) -> int | None:
 def prompt_key(prompt: str) -> str:
     """A stable id for a prompt that has none (imported pairs): ``p-`` + 10 hex digits."""
     return "p-" + hashlib.sha1(prompt.encode("utf-8")).hexdigest()[:10]
-
-
-# ----------------------------------------------------------------------------- agreement math
-
-def _tier_of(tiers: list[list[int]]) -> dict[int, int]:
-    return {i: t for t, tier in enumerate(tiers) for i in tier}
-
-
-def pair_stats(tiers_a: list[list[int]], tiers_b: list[list[int]]) -> dict[str, float]:
-    """Agreement and Kendall's tau-b between two rankings of the same responses.
-
-    ``agreement``: over the pairs both rankings order strictly (ties excluded, as in the
-    ranking loss), the fraction ordered the same way; nan when there is no such pair.
-    ``kendall_tau``: tau-b = (C - D) / sqrt((P - Ta) (P - Tb)) over all P pairs, Ta/Tb the
-    pairs tied in a/b (Kendall 1945); nan when either ranking ties everything.
-    """
-    ta, tb = _tier_of(tiers_a), _tier_of(tiers_b)
-    if set(ta) != set(tb):
-        raise ValueError("the two rankings cover different responses")
-    concordant = discordant = ties_a = ties_b = strict = 0
-    pairs = list(itertools.combinations(sorted(ta), 2))
-    for i, j in pairs:
-        sa = (ta[i] > ta[j]) - (ta[i] < ta[j])
-        sb = (tb[i] > tb[j]) - (tb[i] < tb[j])
-        ties_a += sa == 0
-        ties_b += sb == 0
-        if sa and sb:
-            strict += 1
-            concordant += sa == sb
-            discordant += sa != sb
-    denom = math.sqrt((len(pairs) - ties_a) * (len(pairs) - ties_b))
-    return {
-        "agreement": concordant / strict if strict else math.nan,
-        "kendall_tau": (concordant - discordant) / denom if denom else math.nan,
-        "pairs": strict,
-    }
-
-
-def tiers_from_scores(scores: list[float]) -> list[list[int]]:
-    """Tiers best first from scalar scores; equal scores share a tier."""
-    groups: dict[float, list[int]] = {}
-    for i, s in enumerate(scores):
-        groups.setdefault(s, []).append(i)
-    return [groups[s] for s in sorted(groups, reverse=True)]
 
 
 # ----------------------------------------------------------------------------- the store
@@ -546,26 +465,10 @@ class FeedbackStore:
 
     def to_pairs(self, include_ties: bool = False, margin: bool = False,
                  annotator: str | None = None) -> list[dict]:
-        """TRL preference pairs ``{prompt, chosen, rejected}`` from every submitted ranking.
+        """TRL preference pairs ``{prompt, chosen, rejected}`` from every submitted ranking
+        (C(K,2) minus the tied pairs each; options as :func:`labkit.rankings.rankings_to_pairs`)."""
+        return rankings_to_pairs(self.rankings(annotator=annotator), include_ties=include_ties, margin=margin)
 
-        A ranking of K responses yields C(K,2) pairs minus its tied pairs (Ouyang et al.
-        2022, §3.5). ``margin=True`` adds the tier distance (TRL's optional ``margin``
-        column); ``include_ties=True`` also emits tied pairs, marked ``tie=True``.
-        """
-        pairs = []
-        for r in self.rankings(annotator=annotator):
-            tier = _tier_of(r["tiers"])
-            for i, j in itertools.combinations(range(len(r["responses"])), 2):
-                if tier[i] == tier[j] and not include_ties:
-                    continue
-                w, l = (i, j) if tier[i] <= tier[j] else (j, i)
-                pair = {"prompt": r["prompt"], "chosen": r["responses"][w], "rejected": r["responses"][l]}
-                if margin:
-                    pair["margin"] = float(tier[l] - tier[w])
-                if include_ties:
-                    pair["tie"] = tier[i] == tier[j]
-                pairs.append(pair)
-        return pairs
 
     def to_dataset(self, kind: str = "pairs", **kwargs):
         """A ``datasets.Dataset`` of 'pairs', 'kway', 'demonstrations' or 'comparisons'."""

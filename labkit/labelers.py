@@ -45,6 +45,8 @@ import re
 import string
 from dataclasses import dataclass, field
 
+from labkit.rankings import n_comparisons, pair_stats, pooled_agreement, tiers_from_scores
+
 # ----------------------------------------------------------------------------- text helpers
 
 # A word is a maximal run of letters, digits, apostrophes and hyphens holding at least one
@@ -428,18 +430,6 @@ def _unit_noise(*key) -> float:
     return random.Random(int.from_bytes(digest[:8], "big")).gauss(0.0, 1.0)
 
 
-def tiers_from_utilities(utilities: list[float], tie_threshold: float = 0.0) -> list[list[int]]:
-    """Group indices best-first; an index joins the current tier when within ``tie_threshold`` of its best."""
-    order = sorted(range(len(utilities)), key=lambda i: (-utilities[i], i))
-    tiers: list[list[int]] = []
-    for i in order:
-        if tiers and utilities[tiers[-1][0]] - utilities[i] <= tie_threshold:
-            tiers[-1].append(i)
-        else:
-            tiers.append([i])
-    return tiers
-
-
 @dataclass
 class SimulatedLabeler:
     """A noisy stand-in for a human labeler: utility = gold + biases + noise, then rank."""
@@ -479,7 +469,7 @@ class SimulatedLabeler:
         if len(truncated) != len(responses):
             raise ValueError("truncated must have one flag per response")
         utils = [self.utility(record, r, t) for r, t in zip(responses, truncated)]
-        return tiers_from_utilities(utils, self.tie_threshold)
+        return tiers_from_scores(utils, self.tie_threshold)
 
 
 # Realistic temperaments (InstructGPT's labelers differed in what they weighed; §3.4, App. B).
@@ -510,44 +500,20 @@ def labeler_pool(n: int = 5, seed: int = 0, noise: float | None = None) -> list[
 
 # ----------------------------------------------------------------------------- agreement
 
-def _tier_of(tiers: list[list[int]]) -> dict[int, int]:
-    return {i: t for t, tier in enumerate(tiers) for i in tier}
-
-
-def pairwise_counts(tiers_a: list[list[int]], tiers_b: list[list[int]]) -> tuple[int, int]:
-    """(agreeing, compared) over the pairs both rankings order (a tie in either is left out)."""
-    ra, rb = _tier_of(tiers_a), _tier_of(tiers_b)
-    agree = total = 0
-    for i, j in itertools.combinations(sorted(ra.keys() & rb.keys()), 2):
-        da, db = ra[i] - ra[j], rb[i] - rb[j]
-        if da and db:
-            total += 1
-            agree += (da > 0) == (db > 0)
-    return agree, total
-
-
-def pairwise_agreement(tiers_a: list[list[int]], tiers_b: list[list[int]]) -> float:
-    """Share of pairs ordered the same way by both rankings (ties excluded); nan if none."""
-    agree, total = pairwise_counts(tiers_a, tiers_b)
-    return agree / total if total else float("nan")
-
-
 def gold_tiers(record: dict, responses: list[str], truncated: list[bool] | None = None,
                gold: GoldLabeler | None = None) -> list[list[int]]:
     """The gold scorer's ranking (equal scores tie)."""
     gold = gold or GoldLabeler()
     truncated = truncated or [False] * len(responses)
-    return tiers_from_utilities([gold.score(record, r, t) for r, t in zip(responses, truncated)], 1e-9)
+    return tiers_from_scores([gold.score(record, r, t) for r, t in zip(responses, truncated)], 1e-9)
 
 
 def gold_agreement(labeler: SimulatedLabeler, candidates: list[dict]) -> float:
     """Pooled agreement of ``labeler`` with the gold scorer over ``candidates`` (see measure_agreement)."""
-    agree = total = 0
-    for c in candidates:
-        a, t = pairwise_counts(labeler.rank(c["record"], c["responses"], c.get("truncated")),
-                               gold_tiers(c["record"], c["responses"], c.get("truncated"), labeler.gold))
-        agree, total = agree + a, total + t
-    return agree / total if total else float("nan")
+    stats = [pair_stats(labeler.rank(c["record"], c["responses"], c.get("truncated")),
+                        gold_tiers(c["record"], c["responses"], c.get("truncated"), labeler.gold))
+             for c in candidates]
+    return pooled_agreement(stats)
 
 
 def measure_agreement(candidates: list[dict], pool: list[SimulatedLabeler] | None = None) -> dict:
@@ -560,17 +526,14 @@ def measure_agreement(candidates: list[dict], pool: list[SimulatedLabeler] | Non
     pool = pool or labeler_pool()
     rankings = {lab.name: [lab.rank(c["record"], c["responses"], c.get("truncated")) for c in candidates]
                 for lab in pool}
-    per_pair, agree_all, total_all = {}, 0, 0
+    per_pair, every = {}, []
     for a, b in itertools.combinations(rankings, 2):
-        agree = total = 0
-        for ta, tb in zip(rankings[a], rankings[b]):
-            x, y = pairwise_counts(ta, tb)
-            agree, total = agree + x, total + y
-        per_pair[f"{a}/{b}"] = agree / total if total else float("nan")
-        agree_all, total_all = agree_all + agree, total_all + total
-    ties = sum(sum(len(t) * (len(t) - 1) // 2 for t in tiers) for r in rankings.values() for tiers in r)
+        stats = [pair_stats(ta, tb) for ta, tb in zip(rankings[a], rankings[b])]
+        per_pair[f"{a}/{b}"] = pooled_agreement(stats)
+        every += stats
     pairs = sum(len(c["responses"]) * (len(c["responses"]) - 1) // 2 for c in candidates) * len(pool)
-    return {"inter_labeler": agree_all / total_all if total_all else float("nan"),
+    ties = pairs - sum(n_comparisons(tiers) for r in rankings.values() for tiers in r)
+    return {"inter_labeler": pooled_agreement(every),
             "per_pair": per_pair,
             "with_gold": {lab.name: gold_agreement(lab, candidates) for lab in pool},
             "n_prompts": len(candidates), "n_labelers": len(pool),

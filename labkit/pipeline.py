@@ -22,6 +22,7 @@ from pathlib import Path
 import torch
 
 from labkit import evaluate, labelers, models
+from labkit.rankings import pair_stats
 from labkit.report import json_dump
 
 
@@ -174,7 +175,7 @@ def rankings_stage(run: Run, round_: int, policy_path: str, store) -> dict:
             tiers_list.append(tiers)
             n_rankings += 1
         if len(tiers_list) == 2:
-            a = labelers.pairwise_agreement(*tiers_list)
+            a = pair_stats(*tiers_list)["agreement"]
             if not math.isnan(a):  # NaN when the two rankings share no ordered pair
                 agree.append(a)
     return {"prompts": len(prompts), "rankings": n_rankings, "k": cfg.k,

@@ -12,7 +12,7 @@ import time
 
 import pytest
 
-from labkit.feedback import FLAGS, FeedbackStore, normalize_tiers, pair_stats, prompt_key, tiers_from_scores
+from labkit.feedback import FLAGS, FeedbackStore, prompt_key
 
 RESPONSES = ["alpha", "bravo", "charlie", "delta"]
 
@@ -170,17 +170,6 @@ def test_resume_tracks_finished_items_per_annotator_and_kind(store):
     assert store.done_ids("carol", "ranking") == set()
     store.mark_seen("alice", "ranking", "rm-0001")  # never downgrades a finished item
     assert "rm-0001" in store.done_ids("alice", "ranking")
-
-
-def test_helpers_by_hand():
-    assert normalize_tiers([[1], 0], 2) == [[1], [0]]
-    assert tiers_from_scores([0.5, 1.0, 0.5, 0.0]) == [[1], [0, 2], [3]]
-    # a: 0 > 1 > 2 > 3; b: 1 > 0 > 2 = 3.  Pairs: (0,1) discordant, (2,3) tied in b, 4 concordant.
-    s = pair_stats([[0], [1], [2], [3]], [[1], [0], [2, 3]])
-    assert s["pairs"] == 5 and s["agreement"] == pytest.approx(4 / 5)
-    assert s["kendall_tau"] == pytest.approx((4 - 1) / math.sqrt(6 * 5))  # tau-b
-    assert pair_stats([[0], [1]], [[1], [0]])["kendall_tau"] == pytest.approx(-1.0)
-    assert math.isnan(pair_stats([[0, 1]], [[1], [0]])["agreement"])
 
 
 def test_agreement_between_annotators_and_with_gold(store):

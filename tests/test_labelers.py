@@ -1,7 +1,6 @@
 """Checks, refusal detection, the gold scorer and the simulated labelers."""
 
 import json
-import math
 from pathlib import Path
 
 import pytest
@@ -189,8 +188,7 @@ def test_noiseless_labeler_matches_gold_and_ties():
     assert wide.rank(HAIKU, responses) == [[1, 3], [0, 2]]  # 0.2 and 0.0 are within 0.5 of each other
 
 
-def test_tiers_from_utilities_and_errors():
-    assert L.tiers_from_utilities([0.1, 0.5, 0.49, 0.2], 0.02) == [[1, 2], [3], [0]]
+def test_rank_errors():
     with pytest.raises(ValueError):
         L.SimulatedLabeler().rank(HAIKU, [])
 
@@ -203,16 +201,6 @@ def test_length_bias():
     g = L.GoldLabeler()
     assert lover.utility(rec, long) - lover.utility(rec, short) > g.score(rec, long) - g.score(rec, short)
     assert hater.utility(rec, long) - hater.utility(rec, short) < g.score(rec, long) - g.score(rec, short)
-
-
-def test_pairwise_agreement():
-    a = [[0], [1], [2], [3]]
-    assert L.pairwise_agreement(a, a) == 1.0
-    assert L.pairwise_agreement(a, [[3], [2], [1], [0]]) == 0.0
-    # b swaps 2 and 3 and ties 0 with 1: pairs ordered by both = 5, agreeing = 4
-    assert L.pairwise_agreement(a, [[0, 1], [3], [2]]) == pytest.approx(4 / 5)
-    assert L.pairwise_counts(a, [[0, 1], [3], [2]]) == (4, 5)
-    assert math.isnan(L.pairwise_agreement([[0, 1]], [[0], [1]]))
 
 
 def test_labeler_pool():

@@ -9,10 +9,10 @@ from pathlib import Path
 import pytest
 import torch
 
-from labkit.models import load_model
+from labkit.models import load_model, pad_rows
+from labkit.rankings import tiers_to_ranks
 from labkit.reward import (RewardConfig, RewardModel, as_rankings, batch_rewards, collate, encode,
-                           load_reward_model, n_comparisons, pad_right, pairwise_accuracy,
-                           ranking_loss, tiers_to_ranks, train_reward_model, train_step)
+                           load_reward_model, ranking_loss, train_reward_model, train_step)
 from labkit.stage import read_history
 
 torch.set_num_threads(2)
@@ -88,23 +88,6 @@ def test_ranking_loss_rejects_bad_shapes():
         ranking_loss(torch.zeros(2, 3), torch.zeros(2, 4, dtype=torch.long))
 
 
-def test_tiers_to_ranks_and_comparisons():
-    assert tiers_to_ranks([[2], [0, 3], [1]], 6) == [1, 2, 0, 1, -1, -1]
-    assert n_comparisons([[2], [0, 3], [1]]) == 6 - 1  # C(4,2) minus the tied pair
-    assert n_comparisons([[0, 1, 2]]) == 0
-    with pytest.raises(ValueError):
-        tiers_to_ranks([[0], [2]], 3)  # response 1 missing
-    with pytest.raises(ValueError):
-        tiers_to_ranks([[0, 1], [1]], 3)  # response 1 twice
-
-
-def test_pairwise_accuracy_counts_strict_pairs():
-    rewards = torch.tensor([[3.0, 1.0, 2.0, 9.0]])
-    ranks = torch.tensor([[0, 1, 1, -1]])  # pairs (0,1) right, (0,2) right; (1,2) tied
-    assert pairwise_accuracy(rewards, ranks) == (2, 2)
-    assert pairwise_accuracy(-rewards, ranks) == (0, 2)
-
-
 # ----------------------------------------------------------------------------- the model
 
 @pytest.fixture(scope="module")
@@ -117,7 +100,7 @@ def tiny():
 def test_left_and_right_padding_give_the_same_reward(tiny):
     rm, tok = tiny
     ids, _ = encode(tok, ["Say hi.", "Name three rivers in Europe, please."], ["Hi!", "Rhine, Danube, Seine."])
-    right, right_mask = pad_right(ids, tok.pad_token_id)  # (B, T)
+    right, right_mask = pad_rows(ids, tok.pad_token_id)  # (B, T)
     T = right.shape[1]
     left = torch.full_like(right, tok.pad_token_id)
     left_mask = torch.zeros_like(right_mask)
@@ -135,7 +118,7 @@ def test_left_and_right_padding_give_the_same_reward(tiny):
 def test_token_values_end_in_the_reward_and_bias_is_subtracted(tiny):
     rm, tok = tiny
     ids, _ = encode(tok, ["a", "bb"], ["x", "a longer response"])
-    input_ids, mask = pad_right(ids, tok.pad_token_id)
+    input_ids, mask = pad_rows(ids, tok.pad_token_id)
     with torch.no_grad():
         values = rm.token_values(input_ids, mask)  # (B, T)
         rewards = rm(input_ids, mask)
@@ -191,7 +174,7 @@ def test_kway_loss_and_gradients_equal_the_pairwise_expansion(tiny):
     for it in items:
         for i, j in itertools.permutations(range(4), 2):
             if it["ranks"][i] < it["ranks"][j]:
-                x, m = pad_right([it["ids"][i], it["ids"][j]], tok.pad_token_id)
+                x, m = pad_rows([it["ids"][i], it["ids"][j]], tok.pad_token_id)
                 r = rm(x, m)
                 losses.append(-torch.nn.functional.logsigmoid(r[0] - r[1]))
     assert len(losses) == 3 * 6
@@ -298,11 +281,11 @@ GOOD = {"prompt": "p", "responses": ["a", "b", "c"], "tiers": [[1], [0, 2]]}
 
 
 @pytest.mark.parametrize("bad, message", [
-    ({**GOOD, "tiers": [[1], [0, 3]]}, "unknown responses"),
+    ({**GOOD, "tiers": [[1], [0, 3]]}, r"rankings\[1\]: tier 1: response index 3 is out of range 0..2"),
     ({**GOOD, "responses": ["a"], "tiers": [[0]]}, "at least 2"),
-    ({**GOOD, "tiers": [[1], [0]]}, "unranked"),
+    ({**GOOD, "tiers": [[1], [0]]}, r"miss response\(s\) \[2\]"),
     ({**GOOD, "tiers": [[1, 1], [0, 2]]}, "twice"),
-    ({**GOOD, "tiers": [[1], []]}, "non-empty"),
+    ({**GOOD, "tiers": [[1], []]}, "tier 1 is empty"),
     ({"prompt": "p", "responses": ["a", "b"]}, "tiers"),
     ({**GOOD, "prompt": ""}, "prompt"),
     ({**GOOD, "responses": ["a", None, "c"]}, "list of strings"),
