@@ -152,8 +152,11 @@ def win_rate(responses_a: list[str], responses_b: list[str], prompts: list[dict]
     (then ``responses_a``/``responses_b`` are the model names used in the comparisons).
     The interval is the normal approximation on per-prompt outcomes (1, 0.5, 0).
     """
-    if hasattr(judge, "comparisons"):
-        return human_win_rate(judge, responses_a, responses_b)
+    if hasattr(judge, "win_rate"):  # a FeedbackStore: count its A/B comparisons
+        counts = judge.win_rate(responses_a, baseline=responses_b)
+        if not counts["n"]:
+            raise ValueError(f"no human comparisons between {responses_a!r} and {responses_b!r} in the store")
+        return _summarise([1.0] * counts["wins"] + [0.5] * counts["ties"] + [0.0] * counts["losses"])
     if not (len(responses_a) == len(responses_b) == len(prompts)):
         raise ValueError("responses_a, responses_b and prompts must have the same length")
     if not prompts:
@@ -172,24 +175,6 @@ def _summarise(outcomes: list[float]) -> dict:
     return {"win_rate": p, "ci95": (max(0.0, p - half), min(1.0, p + half)), "n": n,
             "wins": sum(o == 1.0 for o in outcomes), "ties": sum(o == 0.5 for o in outcomes),
             "losses": sum(o == 0.0 for o in outcomes)}
-
-
-def human_win_rate(store, model_a: str, model_b: str) -> dict:
-    """Win rate of ``model_a`` over ``model_b`` from A/B comparisons in a FeedbackStore."""
-    outcomes = []
-    for c in store.comparisons():
-        models_ = (c["model_a"], c["model_b"])
-        if set(models_) != {model_a, model_b}:
-            continue
-        winner = c["choice"]  # "a", "b" or "tie": which of model_a / model_b won, whatever side it was shown on
-        if winner == "tie":
-            outcomes.append(0.5)
-        else:
-            won = c["model_a"] if winner == "a" else c["model_b"]
-            outcomes.append(1.0 if won == model_a else 0.0)
-    if not outcomes:
-        raise ValueError(f"no human comparisons between {model_a!r} and {model_b!r} in the store")
-    return _summarise(outcomes)
 
 
 def comparison_items(prompts: list[dict], responses: dict[str, list[str]]) -> list[dict]:

@@ -295,7 +295,10 @@ def test_comparisons_feed_the_evaluation_win_rate(store):
     store.add_comparison("e1", "Q", "x", "y", "a", "zoe", model_a="ppo", model_b="sft", a_shown_first=False)
     store.add_comparison("e2", "Q", "x", "y", "a", "zoe", model_a="sft", model_b="ppo", a_shown_first=True)
     store.add_comparison("e3", "Q", "x", "y", "tie", "zoe", model_a="ppo", model_b="sft")
-    assert evaluate.human_win_rate(store, "ppo", "sft")["win_rate"] == pytest.approx(1.5 / 3)
+    w = evaluate.win_rate("ppo", "sft", [], judge=store)
+    assert w["win_rate"] == pytest.approx(1.5 / 3) and (w["wins"], w["ties"], w["losses"], w["n"]) == (1, 1, 1, 3)
+    with pytest.raises(ValueError, match="no human comparisons"):
+        evaluate.win_rate("ppo", "base", [], judge=store)
     assert store.win_rate("ppo", baseline="sft")["win_rate"] == pytest.approx(1.5 / 3)
 
 
