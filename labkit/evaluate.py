@@ -24,6 +24,7 @@ from dataclasses import dataclass
 import torch
 
 from labkit import labelers, models
+from labkit.ppo import logprobs_from_logits
 
 
 @dataclass
@@ -193,19 +194,16 @@ def sequence_logprobs(model, tokenizer, prompts: list[str], responses: list[str]
     out = []
     for i in range(0, len(prompts), batch_size):
         q = [tokenizer(models.format_prompt(tokenizer, p), add_special_tokens=False).input_ids for p in prompts[i:i + batch_size]]
+        # Every response gets an EOS, also one that was cut at the length limit and never stopped.
         r = [tokenizer(y, add_special_tokens=False).input_ids + [tokenizer.eos_token_id] for y in responses[i:i + batch_size]]
-        T = max(len(a) + len(b) for a, b in zip(q, r))
-        ids = torch.full((len(q), T), tokenizer.pad_token_id)          # (B, T) right-padded
-        resp_mask = torch.zeros(len(q), T)                             # (B, T) 1 on response tokens
-        attn = torch.zeros(len(q), T, dtype=torch.long)
+        ids, attn = models.pad_rows([a + b for a, b in zip(q, r)], tokenizer.pad_token_id)  # (B, T) right-padded
+        resp_mask = torch.zeros(ids.shape)  # (B, T): 1 on response tokens
         for j, (a, b) in enumerate(zip(q, r)):
-            ids[j, :len(a) + len(b)] = torch.tensor(a + b)
-            attn[j, :len(a) + len(b)] = 1
             resp_mask[j, len(a):len(a) + len(b)] = 1
         ids, attn, resp_mask = ids.to(device), attn.to(device), resp_mask.to(device)
         with models.autocast(device):
-            logits = model(input_ids=ids, attention_mask=attn).logits.float()  # (B, T, V)
-        logp = torch.log_softmax(logits[:, :-1], -1).gather(-1, ids[:, 1:, None]).squeeze(-1)  # (B, T-1)
+            logits = model(input_ids=ids, attention_mask=attn).logits  # (B, T, V)
+        logp = logprobs_from_logits(logits[:, :-1], ids[:, 1:])  # (B, T-1), in fp32
         out.append((logp * resp_mask[:, 1:]).sum(-1).cpu())
     return torch.cat(out)
 
