@@ -5,7 +5,8 @@ about 73% of pairs (Ouyang et al. 2022, §3.4). A workshop has a handful of
 people at best, so labkit stands in for the rest with simulated labelers built in three layers:
 
 1. **Checks** (``run_check``): one small pure function per instruction kind listed in
-   ``docs/dataset_format.md`` (word limits, bullet counts, lowercase, JSON, ...).
+   ``docs/dataset_format.md`` (word limits, bullet counts, lowercase, JSON, ...), and in the
+   same table the words a labeler reads for it (``describe_check``).
 2. **Gold scorer** (:class:`GoldLabeler`): a deterministic score in [0, 1] from four
    components, each in [0, 1]::
 
@@ -197,27 +198,28 @@ def check_title(response: str) -> bool:
     return _TITLE.fullmatch(first) is not None
 
 
-# type -> (function, {parameter: (python type, required)})
+# type -> (function, {parameter: (python type, required)}, how a labeler reads it): the words
+# are a template that describe_check fills with the check's parameters.
 CHECKS: dict[str, tuple] = {
-    "max_words": (check_max_words, {"n": (int, True)}),
-    "min_words": (check_min_words, {"n": (int, True)}),
-    "num_bullets": (check_num_bullets, {"n": (int, True)}),
-    "num_numbered": (check_num_numbered, {"n": (int, True)}),
-    "num_sentences": (check_num_sentences, {"n": (int, True)}),
-    "max_sentences": (check_max_sentences, {"n": (int, True)}),
-    "num_paragraphs": (check_num_paragraphs, {"n": (int, True)}),
-    "lowercase": (check_lowercase, {}),
-    "uppercase": (check_uppercase, {}),
-    "include_words": (check_include_words, {"words": (list, True)}),
-    "exclude_words": (check_exclude_words, {"words": (list, True)}),
-    "starts_with": (check_starts_with, {"text": (str, True)}),
-    "ends_with": (check_ends_with, {"text": (str, True)}),
-    "json": (check_json, {"keys": (list, False)}),
-    "one_of": (check_one_of, {"options": (list, True)}),
-    "no_commas": (check_no_commas, {}),
-    "max_chars": (check_max_chars, {"n": (int, True)}),
-    "quoted": (check_quoted, {}),
-    "title": (check_title, {}),
+    "max_words": (check_max_words, {"n": (int, True)}, "at most {n} words"),
+    "min_words": (check_min_words, {"n": (int, True)}, "at least {n} words"),
+    "num_bullets": (check_num_bullets, {"n": (int, True)}, "exactly {n} bullet points (- or *)"),
+    "num_numbered": (check_num_numbered, {"n": (int, True)}, "exactly {n} numbered items"),
+    "num_sentences": (check_num_sentences, {"n": (int, True)}, "exactly {n} sentences"),
+    "max_sentences": (check_max_sentences, {"n": (int, True)}, "at most {n} sentences"),
+    "num_paragraphs": (check_num_paragraphs, {"n": (int, True)}, "exactly {n} paragraphs"),
+    "lowercase": (check_lowercase, {}, "only lowercase letters"),
+    "uppercase": (check_uppercase, {}, "only capital letters"),
+    "include_words": (check_include_words, {"words": (list, True)}, "mentions {words}"),
+    "exclude_words": (check_exclude_words, {"words": (list, True)}, "never uses {words}"),
+    "starts_with": (check_starts_with, {"text": (str, True)}, 'starts with "{text}"'),
+    "ends_with": (check_ends_with, {"text": (str, True)}, 'ends with "{text}"'),
+    "json": (check_json, {"keys": (list, False)}, "valid JSON{keys}"),
+    "one_of": (check_one_of, {"options": (list, True)}, "exactly one of: {options}"),
+    "no_commas": (check_no_commas, {}, "no commas"),
+    "max_chars": (check_max_chars, {"n": (int, True)}, "at most {n} characters"),
+    "quoted": (check_quoted, {}, "wrapped in double quotes"),
+    "title": (check_title, {}, "a title in double angular brackets, like <<Title>>"),
 }
 
 
@@ -255,8 +257,20 @@ def run_check(check: dict, response: str) -> bool:
     validate_check(check)
     if not response.strip():
         return False
-    fn, params = CHECKS[check["type"]]
+    fn, params, _ = CHECKS[check["type"]]
     return bool(fn(response, **{k: check[k] for k in params if k in check}))
+
+
+def describe_check(check: dict) -> str:
+    """One check in words, as a labeler reads it (the widgets show these next to the prompt)."""
+    kind = check.get("type")
+    if kind not in CHECKS:
+        return f"{kind} {', '.join(f'{k}={v}' for k, v in check.items() if k != 'type')}"
+    keys = check.get("keys")
+    return CHECKS[kind][2].format(n=check.get("n"), text=check.get("text"),
+                                  words=", ".join(f'"{w}"' for w in check.get("words", [])),
+                                  options=" / ".join(check.get("options", [])),
+                                  keys=f" with keys {', '.join(keys)}" if keys else "")
 
 
 # ----------------------------------------------------------------------------- refusals
