@@ -27,37 +27,20 @@ import html
 import random
 import time
 from pathlib import Path
+from typing import Callable
 
 import anywidget
 import ipywidgets as W
 import traitlets as T
 
 from labkit.feedback import FLAGS, MAX_K, MIN_K, FeedbackStore
+from labkit.labelers import describe_check, run_check
+from labkit.rankings import tier_of
 
 _ASSETS = Path(__file__).parent / "resources" / "widgets"
 
 
 # ----------------------------------------------------------------------------- shared helpers
-
-def describe_check(check: dict) -> str:
-    """One check (docs/dataset_format.md) in words, as a labeler reads it."""
-    kind, n = check.get("type"), check.get("n")
-    words = ", ".join(f'"{w}"' for w in check.get("words", []))
-    text = {
-        "max_words": f"at most {n} words", "min_words": f"at least {n} words",
-        "num_bullets": f"exactly {n} bullet points (- or *)", "num_numbered": f"exactly {n} numbered items",
-        "num_sentences": f"exactly {n} sentences", "max_sentences": f"at most {n} sentences",
-        "num_paragraphs": f"exactly {n} paragraphs", "lowercase": "only lowercase letters",
-        "uppercase": "only capital letters", "include_words": f"mentions {words}",
-        "exclude_words": f"never uses {words}", "starts_with": f'starts with "{check.get("text")}"',
-        "ends_with": f'ends with "{check.get("text")}"',
-        "json": "valid JSON" + (f" with keys {', '.join(check['keys'])}" if check.get("keys") else ""),
-        "one_of": "exactly one of: " + " / ".join(check.get("options", [])), "no_commas": "no commas",
-        "max_chars": f"at most {n} characters", "quoted": "wrapped in double quotes",
-        "title": "a title in double angular brackets, like <<Title>>",
-    }.get(kind)
-    return text or f"{kind} {', '.join(f'{k}={v}' for k, v in check.items() if k != 'type')}"
-
 
 def _record_of(item: dict) -> dict:
     """The prompt record behind an item: the item itself or its ``record`` entry."""
@@ -71,46 +54,98 @@ def _item_id(item: dict) -> str:
 def _run_check(check: dict, text: str) -> bool | None:
     """The gold check, or None where ``labkit.labelers`` cannot judge it."""
     try:
-        from labkit.labelers import run_check
-    except ImportError:  # pragma: no cover - labelers ships with labkit
-        return None
-    try:
         return run_check(check, text)
     except ValueError:
         return None
 
 
-class _Queue:
-    """Items left for one annotator: finished ones (in the store) are skipped, so a session resumes."""
+class _Session:
+    """One annotator's pass over a widget's items: what is left, the item on screen, its clock.
+
+    The three widgets share it. Items the annotator finished (in the store) are left out, so a
+    session resumes where it stopped. A widget provides ``annotator``, ``message``, ``_next()``
+    (show ``advance()``'s item), ``_draw_progress()`` and ``_save(status, answer)``.
+    """
 
     def __init__(self, store: FeedbackStore, items: list[dict], kind: str):
         self.store, self.items, self.kind = store, items, kind
         self.left: list[dict] = list(items)
-
-    def refresh(self, annotator: str) -> None:
-        done = self.store.done_ids(annotator, self.kind) if annotator.strip() else set()
-        self.left = [it for it in self.items if _item_id(it) not in done]
-
-    def resume(self, annotator: str, current: dict | None) -> bool:
-        """Re-read what ``annotator`` finished; True if ``current`` is still open (it stays first)."""
-        self.refresh(annotator)
-        if current is None or current not in self.left:
-            return False
-        self.left.remove(current)
-        self.left.insert(0, current)
-        return True
+        self.current: dict | None = None  # the item on screen
+        self.shown_at = time.monotonic()
 
     @property
     def done(self) -> int:
         return len(self.items) - len(self.left)
+
+    def seconds(self) -> float:
+        """Time spent on the item on screen."""
+        return round(time.monotonic() - self.shown_at, 3)
+
+    def advance(self) -> dict | None:
+        """Make the first item left the current one (None when all are done) and start its clock."""
+        self.current = self.left[0] if self.left else None
+        self.shown_at = time.monotonic()
+        return self.current
+
+    def resume(self, widget) -> None:
+        """Re-read what ``widget.annotator`` finished; the item on screen stays if still open
+        (a name typed mid-item keeps it), else the next item shows."""
+        done = self.store.done_ids(widget.annotator, self.kind) if widget.annotator.strip() else set()
+        self.left = [it for it in self.items if _item_id(it) not in done]
+        if self.current is None or self.current not in self.left:
+            widget._next()
+            return
+        self.left.remove(self.current)
+        self.left.insert(0, self.current)
+        widget._draw_progress()
+
+    def switch(self, widget, name_box: W.Text | None = None) -> None:
+        """The annotator changed: keep the name box in step, then resume for that annotator."""
+        if name_box is not None and name_box.value.strip() != widget.annotator:
+            name_box.value = widget.annotator
+        self.resume(widget)
+
+    def skip(self, widget) -> int | None:
+        """Record the item on screen as skipped (it will not come back for this annotator); move on."""
+        return None if self.current is None else widget._save("skipped", None)
+
+    def save(self, widget, status: str, write: Callable[[], int], saved: str) -> int | None:
+        """Store the item on screen with ``write()`` (one transaction) and show the next one; return
+        the row id. A ``ValueError`` from the store is shown as the message and nothing moves on."""
+        it = self.current
+        try:
+            row = write()
+        except ValueError as e:
+            widget.message = f"Not saved: {e}"
+            return None
+        self.left.remove(it)
+        widget._next()
+        widget.message = saved if status == "submitted" else f"Skipped {_item_id(it)}."
+        return row
+
+
+_current = property(lambda self: self._session.current,
+                    doc="The item on screen (with model names), or None when all are done.")
 
 
 def _store(store: FeedbackStore | str) -> FeedbackStore:
     return store if isinstance(store, FeedbackStore) else FeedbackStore(store)
 
 
-def _progress_text(done: int, total: int) -> str:
-    return f"{done} of {total} done" + (" · all finished, thank you!" if total and done >= total else "")
+def _header(annotator: str, total: int) -> tuple[W.Text, W.IntProgress, W.HTML]:
+    """The top row of the classic views: annotator name box, progress bar, progress text."""
+    return (W.Text(value=annotator, description="Annotator", placeholder="your name"),
+            W.IntProgress(min=0, max=max(total, 1), layout=W.Layout(width="200px")), W.HTML())
+
+
+def _show_progress(bar: W.IntProgress, label: W.HTML, done: int, total: int) -> None:
+    bar.max, bar.value = max(total, 1), done
+    label.value = html.escape(f"{done} of {total} done" + (" · all finished, thank you!" if total and done >= total else ""))
+
+
+def _order_text(tiers: list[list[int]]) -> str:
+    """Tiers as the annotator sees them, 1-based: ``3 > 1 = 4 > 2``."""
+    return " > ".join(" = ".join(str(i + 1) for i in t) for t in tiers)
 
 
 def _pre(text: str, extra: str = "") -> str:
@@ -155,33 +190,28 @@ class RankingWidget(anywidget.AnyWidget):
                 raise ValueError(f"item {n} needs prompt_id, prompt and {MIN_K}..{MAX_K} responses (has {k})")
         super().__init__(**kwargs)
         self.store, self.ui = _store(store), ui
-        self._queue = _Queue(self.store, list(items), "ranking")
-        self._current: dict | None = None
-        self._shown_at = time.monotonic()
+        self._session = _Session(self.store, list(items), "ranking")
         self._classic: W.Widget | None = None
         self._classic_ui: _ClassicRanking | None = None
         self.total = len(items)
         self.on_msg(self._on_msg)
         self.annotator = annotator.strip()
-        self._resume()
+        self._session.resume(self)
 
     # -- the state machine -----------------------------------------------------------------
 
-    @property
-    def current(self) -> dict | None:
-        """The item on screen (with model names), or None when all are done."""
-        return self._current
+    current = _current
 
     @property
     def k(self) -> int:
-        return len(self._current["responses"]) if self._current else 0
+        return len(self.current["responses"]) if self.current else 0
 
     def ranked(self) -> list[int]:
         return [i for tier in self.tiers for i in tier]
 
     def rank(self, i: int) -> None:
         """Give response ``i`` (0-based) the next rank, or tie it with the last one after :meth:`tie`."""
-        if self._current is None:
+        if self.current is None:
             return
         if not 0 <= i < self.k:
             self.message = f"There is no response {i + 1}; this item has {self.k}."
@@ -221,7 +251,7 @@ class RankingWidget(anywidget.AnyWidget):
     def move(self, i: int, before: int | None = None, tie: bool = False) -> None:
         """Drag and drop: put response ``i`` in its own tier just above response ``before``'s
         tier (``tie=True``: into that tier); ``before=None`` puts it last. ``i`` may be unranked."""
-        if self._current is None or not 0 <= i < self.k or i == before:
+        if self.current is None or not 0 <= i < self.k or i == before:
             return
         tiers = [[j for j in t if j != i] for t in self.tiers]
         tiers = [t for t in tiers if t]
@@ -242,7 +272,7 @@ class RankingWidget(anywidget.AnyWidget):
 
         With one response left unranked it goes last (or ties the last tier after :meth:`tie`).
         """
-        if self._current is None:
+        if self.current is None:
             return None
         tiers = [list(t) for t in self.tiers]
         left = [i for i in range(self.k) if i not in self.ranked()]
@@ -258,43 +288,28 @@ class RankingWidget(anywidget.AnyWidget):
 
     def skip(self) -> int | None:
         """Record the item as skipped (it will not come back for this annotator) and move on."""
-        if self._current is None:
-            return None
-        return self._save("skipped", None)
+        return self._session.skip(self)
 
     def _save(self, status: str, tiers: list[list[int]] | None) -> int | None:
-        it = self._current
-        try:
-            row = self.store.add_ranking(
-                it.get("prompt_id") or _item_id(it), it["responses"], tiers, self.annotator, prompt=it["prompt"],
-                response_ids=it.get("response_ids"), models=it.get("models"), status=status,
-                score=self.score or None, flags=self.flags, comment=self.comment.strip() or None,
-                seconds=round(time.monotonic() - self._shown_at, 3), item_id=_item_id(it))
-        except ValueError as e:
-            self.message = f"Not saved: {e}"
-            return None
-        order = " > ".join(" = ".join(str(i + 1) for i in t) for t in tiers) if tiers else ""
-        self._queue.left.remove(it)
-        self._next()
-        self.message = (f"Saved {_item_id(it)}: {order}." if status == "submitted" else f"Skipped {_item_id(it)}.")
-        return row
-
-    def _resume(self) -> None:
-        if self._queue.resume(self.annotator, self._current):  # a name typed mid-item keeps the item
-            self.done = self._queue.done
-            return
-        self._next()
+        it = self.current
+        return self._session.save(self, status, lambda: self.store.add_ranking(
+            it.get("prompt_id") or _item_id(it), it["responses"], tiers, self.annotator, prompt=it["prompt"],
+            response_ids=it.get("response_ids"), models=it.get("models"), status=status,
+            score=self.score or None, flags=self.flags, comment=self.comment.strip() or None,
+            seconds=self._session.seconds(), item_id=_item_id(it)), f"Saved {_item_id(it)}: {_order_text(tiers or [])}.")
 
     def _next(self) -> None:
         with self.hold_sync():
-            self._current = self._queue.left[0] if self._queue.left else None
+            it = self._session.advance()
             self.tiers, self.tie_next, self.score, self.flags, self.comment = [], False, 0, [], ""
-            self.done, self.finished = self._queue.done, self._current is None
-            self.item = self._view_of(self._current) if self._current else {}
+            self.done, self.finished = self._session.done, it is None
+            self.item = self._view_of(it) if it else {}
             self.message = "All items are done. Thank you!" if self.finished else ""
-        self._shown_at = time.monotonic()
-        if self._current is not None and self.annotator:
-            self.store.mark_seen(self.annotator, "ranking", _item_id(self._current))
+        if it is not None and self.annotator:
+            self.store.mark_seen(self.annotator, "ranking", _item_id(it))
+
+    def _draw_progress(self) -> None:
+        self.done = self._session.done
 
     @staticmethod
     def _view_of(it: dict) -> dict:
@@ -307,8 +322,8 @@ class RankingWidget(anywidget.AnyWidget):
         if change["new"] != change["new"].strip():
             self.annotator = change["new"].strip()
             return
-        if hasattr(self, "_queue"):
-            self._resume()
+        if hasattr(self, "_session"):
+            self._session.switch(self)
 
     def _on_msg(self, _widget, content: dict, _buffers) -> None:
         """Commands from the board: {"cmd": "rank", "index": i} | {"cmd": "move", "index": i,
@@ -342,10 +357,7 @@ class _ClassicRanking:
 
     def __init__(self, w: RankingWidget):
         self.w = w
-        lay = W.Layout
-        self.name = W.Text(value=w.annotator, description="Annotator", placeholder="your name")
-        self.progress = W.IntProgress(min=0, max=max(w.total, 1), layout=lay(width="200px"))
-        self.progress_label = W.HTML()
+        self.name, self.progress, self.progress_label = _header(w.annotator, w.total)
         self.prompt = W.HTML()
         self.cards = W.HTML()
         self.rank_buttons = W.HBox()
@@ -399,18 +411,17 @@ class _ClassicRanking:
 
     def draw_state(self) -> None:
         w, item = self.w, self.w.item
-        self.progress.max, self.progress.value = max(w.total, 1), w.done
-        self.progress_label.value = html.escape(_progress_text(w.done, w.total))
-        tier_of = {i: t for t, tier in enumerate(w.tiers) for i in tier}
+        _show_progress(self.progress, self.progress_label, w.done, w.total)
+        tiers = tier_of(w.tiers)
         cards = []
         for i, text in enumerate(item.get("responses", [])):
-            badge = f"#{tier_of[i] + 1}" if i in tier_of else "–"
-            color = "#2e7d32" if i in tier_of else "#999"
+            badge = f"#{tiers[i] + 1}" if i in tiers else "–"
+            color = "#2e7d32" if i in tiers else "#999"
             cards.append(f"<div style='border:1px solid {color};border-radius:8px;padding:6px 8px;margin:4px 0'>"
                          f"<b>Response {i + 1}</b> <span style='color:{color};font-weight:bold'>{badge}</span>"
                          f"{_pre(text)}</div>")
         self.cards.value = "".join(cards)
-        order = " > ".join(" = ".join(str(i + 1) for i in t) for t in w.tiers)
+        order = _order_text(w.tiers)
         self.order.value = html.escape(f"Ranking: {order or '(click the responses, best first)'}"
                                        + ("  [next ties]" if w.tie_next else ""))
         self.message.value = html.escape(w.message)
@@ -442,13 +453,9 @@ class DemonstrationWidget(W.VBox):
     def __init__(self, store: FeedbackStore | str, prompts: list[dict], annotator: str = "", **kwargs):
         super().__init__(**kwargs)
         self.store = _store(store)
-        self._queue = _Queue(self.store, [dict(p, prompt_id=_item_id(p)) for p in prompts], "demonstration")
-        self._current: dict | None = None
-        self._shown_at = time.monotonic()
+        self._session = _Session(self.store, [dict(p, prompt_id=_item_id(p)) for p in prompts], "demonstration")
         self.total = len(prompts)
-        self.name = W.Text(value=annotator, description="Annotator", placeholder="your name")
-        self.progress = W.IntProgress(min=0, max=max(self.total, 1), layout=W.Layout(width="200px"))
-        self.progress_label = W.HTML()
+        self.name, self.progress, self.progress_label = _header(annotator, self.total)
         self.prompt_html = W.HTML()
         self.checks_html = W.HTML()
         self.editor = W.Textarea(placeholder="Write the answer you would want the model to give...",
@@ -466,52 +473,30 @@ class DemonstrationWidget(W.VBox):
         self.observe(lambda _: self._draw_checks(), "draft")
         self.observe(lambda _: setattr(self.message_html, "value", html.escape(self.message)), "message")
         self.annotator = annotator.strip()
-        self._resume()
+        self._session.resume(self)
 
-    @property
-    def current(self) -> dict | None:
-        return self._current
+    current = _current
 
     def write(self, text: str) -> None:
         """Set the draft, as typing would."""
         self.draft = text
 
     def submit(self) -> int | None:
-        if self._current is None:
-            return None
-        return self._save("submitted")
+        return None if self.current is None else self._save("submitted", self.draft)
 
     def skip(self) -> int | None:
-        if self._current is None:
-            return None
-        return self._save("skipped")
+        return self._session.skip(self)
 
-    def _save(self, status: str) -> int | None:
-        it = self._current
-        try:
-            row = self.store.add_demonstration(it["prompt_id"], it["prompt"], self.draft if status == "submitted" else "",
-                                               self.annotator, status=status,
-                                               seconds=round(time.monotonic() - self._shown_at, 3))
-        except ValueError as e:
-            self.message = f"Not saved: {e}"
-            return None
-        self._queue.left.remove(it)
-        self._next()
-        self.message = f"Saved {it['prompt_id']}." if status == "submitted" else f"Skipped {it['prompt_id']}."
-        return row
-
-    def _resume(self) -> None:
-        if self._queue.resume(self.annotator, self._current):
-            self._draw_progress()
-            return
-        self._next()
+    def _save(self, status: str, text: str | None) -> int | None:
+        it = self.current
+        return self._session.save(self, status, lambda: self.store.add_demonstration(
+            it["prompt_id"], it["prompt"], text if status == "submitted" else "", self.annotator, status=status,
+            seconds=self._session.seconds()), f"Saved {it['prompt_id']}.")
 
     def _next(self) -> None:
-        self._current = self._queue.left[0] if self._queue.left else None
-        self.finished = self._current is None
+        it = self._session.advance()
+        self.finished = it is None
         self.draft, self.message = "", ("All prompts are done. Thank you!" if self.finished else "")
-        self._shown_at = time.monotonic()
-        it = self._current
         if it is None:
             self.prompt_html.value = ""
         else:
@@ -523,12 +508,11 @@ class DemonstrationWidget(W.VBox):
         self._draw_progress()
 
     def _draw_progress(self) -> None:
-        self.done = self._queue.done
-        self.progress.max, self.progress.value = max(self.total, 1), self.done
-        self.progress_label.value = html.escape(_progress_text(self.done, self.total))
+        self.done = self._session.done
+        _show_progress(self.progress, self.progress_label, self.done, self.total)
 
     def _draw_checks(self) -> None:
-        checks = (self._current or {}).get("checks", [])
+        checks = (self.current or {}).get("checks", [])
         self.check_results = [_run_check(c, self.draft) for c in checks]
         marks = {True: ("✓", "#2e7d32"), False: ("✗", "#c62828"), None: ("·", "#777")}
         rows = "".join(f"<li style='color:{marks[ok][1]}'>{marks[ok][0]} {html.escape(describe_check(c))}</li>"
@@ -538,10 +522,8 @@ class DemonstrationWidget(W.VBox):
 
     @T.observe("annotator")
     def _annotator_changed(self, change) -> None:
-        if hasattr(self, "_queue"):
-            if self.name.value.strip() != change["new"]:
-                self.name.value = change["new"]
-            self._resume()
+        if hasattr(self, "_session"):
+            self._session.switch(self, self.name)
 
 
 # ----------------------------------------------------------------------------- A/B comparisons
@@ -570,13 +552,9 @@ class ComparisonWidget(W.VBox):
                 raise ValueError(f"item {n} needs a prompt_id and exactly 2 responses")
         super().__init__(**kwargs)
         self.store, self.seed = _store(store), seed
-        self._queue = _Queue(self.store, list(items), "comparison")
-        self._current: dict | None = None
-        self._shown_at = time.monotonic()
+        self._session = _Session(self.store, list(items), "comparison")
         self.total = len(items)
-        self.name = W.Text(value=annotator, description="Annotator", placeholder="your name")
-        self.progress = W.IntProgress(min=0, max=max(self.total, 1), layout=W.Layout(width="200px"))
-        self.progress_label = W.HTML()
+        self.name, self.progress, self.progress_label = _header(annotator, self.total)
         self.prompt_html = W.HTML()
         self.side_a, self.side_b = W.HTML(layout=W.Layout(width="50%")), W.HTML(layout=W.Layout(width="50%"))
         buttons = []
@@ -592,15 +570,13 @@ class ComparisonWidget(W.VBox):
         self.name.observe(lambda c: setattr(self, "annotator", c["new"].strip()), "value")
         self.observe(lambda _: setattr(self.message_html, "value", html.escape(self.message)), "message")
         self.annotator = annotator.strip()
-        self._resume()
+        self._session.resume(self)
 
-    @property
-    def current(self) -> dict | None:
-        return self._current
+    current = _current
 
     def choose(self, side: str) -> int | None:
         """Judge the item on screen: 'A', 'B' (as displayed) or 'tie'; store it and move on."""
-        if self._current is None:
+        if self.current is None:
             return None
         if side not in ("A", "B", "tie"):
             raise ValueError("side must be 'A', 'B' or 'tie'")
@@ -608,38 +584,26 @@ class ComparisonWidget(W.VBox):
         return self._save("submitted", choice)
 
     def skip(self) -> int | None:
-        if self._current is None:
-            return None
-        return self._save("skipped", None)
+        return self._session.skip(self)
 
     def _save(self, status: str, choice: str | None) -> int | None:
-        it = self._current
+        it = self.current
         models = list(it.get("models") or [None, None])
-        try:
+        revealed = "A was {}, B was {}".format(*(models[i] or "unnamed" for i in self.shown))
+
+        def write() -> int:
             row = self.store.add_comparison(
                 it.get("prompt_id") or _item_id(it), it.get("prompt"), it["responses"][0], it["responses"][1],
                 choice, self.annotator, model_a=models[0], model_b=models[1], a_shown_first=self.shown[0] == 0,
-                status=status, seconds=round(time.monotonic() - self._shown_at, 3), item_id=_item_id(it))
-        except ValueError as e:
-            self.message = f"Not saved: {e}"
-            return None
-        a, b = (models[i] or "unnamed" for i in self.shown)
-        self.revealed = f"A was {a}, B was {b}"
-        self._queue.left.remove(it)
-        self._next()
-        self.message = f"Saved {_item_id(it)}. {self.revealed}." if status == "submitted" else f"Skipped {_item_id(it)}."
-        return row
+                status=status, seconds=self._session.seconds(), item_id=_item_id(it))
+            self.revealed = revealed  # the names only once the judgement is stored
+            return row
 
-    def _resume(self) -> None:
-        if self._queue.resume(self.annotator, self._current):
-            self._draw_progress()
-            return
-        self._next()
+        return self._session.save(self, status, write, f"Saved {_item_id(it)}. {revealed}.")
 
     def _next(self) -> None:
-        it = self._current = self._queue.left[0] if self._queue.left else None
+        it = self._session.advance()
         self.finished = it is None
-        self._shown_at = time.monotonic()
         self.message = "All comparisons are done. Thank you!" if self.finished else ""
         if it is None:
             self.shown, self.prompt_html.value, self.side_a.value, self.side_b.value = [], "", "", ""
@@ -654,13 +618,10 @@ class ComparisonWidget(W.VBox):
         self._draw_progress()
 
     def _draw_progress(self) -> None:
-        self.done = self._queue.done
-        self.progress.max, self.progress.value = max(self.total, 1), self.done
-        self.progress_label.value = html.escape(_progress_text(self.done, self.total))
+        self.done = self._session.done
+        _show_progress(self.progress, self.progress_label, self.done, self.total)
 
     @T.observe("annotator")
     def _annotator_changed(self, change) -> None:
-        if hasattr(self, "_queue"):
-            if self.name.value.strip() != change["new"]:
-                self.name.value = change["new"]
-            self._resume()
+        if hasattr(self, "_session"):
+            self._session.switch(self, self.name)
