@@ -469,7 +469,6 @@ class FeedbackStore:
         (C(K,2) minus the tied pairs each; options as :func:`labkit.rankings.rankings_to_pairs`)."""
         return rankings_to_pairs(self.rankings(annotator=annotator), include_ties=include_ties, margin=margin)
 
-
     def to_dataset(self, kind: str = "pairs", **kwargs):
         """A ``datasets.Dataset`` of 'pairs', 'kway', 'demonstrations' or 'comparisons'."""
         from datasets import Dataset
