@@ -140,7 +140,8 @@ def _header(annotator: str, total: int) -> tuple[W.Text, W.IntProgress, W.HTML]:
 
 def _show_progress(bar: W.IntProgress, label: W.HTML, done: int, total: int) -> None:
     bar.max, bar.value = max(total, 1), done
-    label.value = html.escape(f"{done} of {total} done" + (" · all finished, thank you!" if total and done >= total else ""))
+    thanks = " · all finished, thank you!" if total and done >= total else ""
+    label.value = html.escape(f"{done} of {total} done{thanks}")
 
 
 def _order_text(tiers: list[list[int]]) -> str:
@@ -296,7 +297,8 @@ class RankingWidget(anywidget.AnyWidget):
             it.get("prompt_id") or _item_id(it), it["responses"], tiers, self.annotator, prompt=it["prompt"],
             response_ids=it.get("response_ids"), models=it.get("models"), status=status,
             score=self.score or None, flags=self.flags, comment=self.comment.strip() or None,
-            seconds=self._session.seconds(), item_id=_item_id(it)), f"Saved {_item_id(it)}: {_order_text(tiers or [])}.")
+            seconds=self._session.seconds(), item_id=_item_id(it)),
+            f"Saved {_item_id(it)}: {_order_text(tiers or [])}.")
 
     def _next(self) -> None:
         with self.hold_sync():
