@@ -38,6 +38,7 @@ import torch
 
 from labkit.models import BUNDLED, TINY, bundled_model_dir, fast_dtype, format_prompt, load_model, resolve_device
 from labkit.rankings import rankings_to_pairs
+from labkit.stage import defer_interrupt, finish, trainer_guards
 
 __all__ = ["reward_function", "gold_reward_function", "prompt_dataset",
            "RLOOConfig", "GRPOConfig", "DPOConfig", "train_rloo", "train_grpo", "train_dpo",
@@ -148,10 +149,10 @@ class RLOOConfig:
     """
 
     # models and data
-    policy: str = "smollm2-135m"  # SFT folder (or built-in name); also the frozen reference
+    model: str = "smollm2-135m"  # the starting policy: SFT folder (or built-in name); also the frozen reference
     reward_model: str | None = None  # labkit RewardModel folder; None: the gold scorer is the reward
     prompts: list | None = field(default=None, repr=False)  # prompt records or strings; None: load_prompts("ppo")
-    output_dir: str = "runs/rloo"  # policy/, dashboard, metrics.json
+    out_dir: str = "runs/rloo"  # model/ (the trained policy) and the stage files
     seed: int = 0  # TRL's seed (data order, sampling, init)
     # episodes and optimisation (same meaning as in PPOConfig)
     steps: int = 24  # rollouts; each samples batch_size episodes, then optimizes on them
@@ -170,7 +171,7 @@ class RLOOConfig:
     missing_eos_penalty: float = 1.0  # subtracted from the score of a response without EOS
     # precision and logging
     bf16: bool = True  # bf16 autocast where the hardware is fast, fp32 master weights
-    dashboard: bool = True  # live plotly dashboard (labkit.live), saved in output_dir
+    dashboard: bool = True  # live plotly dashboard in notebooks (always recorded; saved as dashboard.html)
     callbacks: list = field(default_factory=list, repr=False)  # more transformers TrainerCallbacks
     extra_args: dict = field(default_factory=dict)  # more TRL config fields, passed unchanged
 
@@ -193,16 +194,16 @@ class RLOOConfig:
 class GRPOConfig(RLOOConfig):
     """labkit's settings for TRL's ``GRPOTrainer`` (the same fields as :class:`RLOOConfig`)."""
 
-    output_dir: str = "runs/grpo"  # policy/, dashboard, metrics.json
+    out_dir: str = "runs/grpo"  # model/ (the trained policy) and the stage files
 
 
 @dataclass
 class DPOConfig:
     """labkit's settings for TRL's ``DPOTrainer`` (not ``trl.DPOConfig``, built from this)."""
 
-    policy: str = "smollm2-135m"  # SFT folder (or built-in name); also the frozen reference
+    model: str = "smollm2-135m"  # the starting policy: SFT folder (or built-in name); also the frozen reference
     pairs: list | object | None = field(default=None, repr=False)  # {prompt, chosen, rejected} dicts, ranking records, or a FeedbackStore
-    output_dir: str = "runs/dpo"  # policy/, dashboard, metrics.json
+    out_dir: str = "runs/dpo"  # model/ (the trained policy) and the stage files
     seed: int = 0  # TRL's seed (data order)
     steps: int = 24  # optimizer steps
     batch_size: int = 8  # pairs per optimizer step
@@ -213,7 +214,7 @@ class DPOConfig:
     beta: float = 0.1  # DPO's beta: strength of the implicit KL constraint (paper: 0.1)
     max_length: int = 512  # prompt + response tokens; longer pairs are cut at the end
     bf16: bool = True  # bf16 autocast where the hardware is fast, fp32 master weights
-    dashboard: bool = True  # live plotly dashboard (labkit.live), saved in output_dir
+    dashboard: bool = True  # live plotly dashboard in notebooks (always recorded; saved as dashboard.html)
     callbacks: list = field(default_factory=list, repr=False)  # more transformers TrainerCallbacks
     extra_args: dict = field(default_factory=dict)  # more TRL config fields, passed unchanged
 
@@ -239,13 +240,13 @@ def trl_precision(bf16: bool = True, device: str | torch.device = "auto") -> dic
     return {"bf16": fast, "fp16": False, "use_cpu": device.type == "cpu"}
 
 
-def policy_folder(policy: str, output_dir: Path) -> str:
+def policy_folder(policy: str, out_dir: Path) -> str:
     """A folder for TRL to load: built-in names are written out once (TRL reloads the
     reference from the policy's ``config._name_or_path``, which must be a real folder)."""
     if policy == BUNDLED:
         return str(bundled_model_dir())
     if policy == TINY:
-        target = output_dir / "base_tiny"
+        target = out_dir / "base_tiny"
         if not (target / "config.json").exists():
             model, tok = load_model(TINY, dtype="float32", device="cpu")
             model.save_pretrained(target)
@@ -270,44 +271,45 @@ def _common_args(config, out: Path) -> dict:
                 disable_dropout=True, **trl_precision(config.bf16))
 
 
-def _dashboard(title: str, enabled: bool):
-    if not enabled:
-        return None
-    from labkit.live import LiveDashboard
-
-    return LiveDashboard(title)
-
-
 def _last(history: list[dict], key: str):
     """The most recent logged value of ``key`` (TRL logs rollout metrics only on rollout steps)."""
     return next((h[key] for h in reversed(history) if key in h), None)
 
 
-def _callbacks(config, dash) -> list:
-    return ([dash.callback()] if dash is not None else []) + list(config.callbacks)
+def _train(method: str, config, trainer, tokenizer, episodes: int, extra: Callable[[list[dict]], dict]) -> dict:
+    """Train under the stage contract (Ctrl-C and non-finite guards, ``labkit.stage``); save the
+    policy in ``out_dir/model`` unless stopped; return the stage result.
 
-
-def _finish(method: str, trainer, tokenizer, out: Path, t0: float, dash, episodes: int,
-            extra: Callable[[list[dict]], dict]) -> dict:
-    """Save the policy as a ``load_model`` folder, the dashboard and metrics.json; return the metrics.
-
-    ``wall_s`` is the time spent in ``trainer.train()``; ``episodes`` counts the responses trained
-    on (RLOO/GRPO) or the preference pairs (DPO); ``extra(history)`` adds method-specific figures.
+    ``episodes`` counts the responses trained on (RLOO/GRPO) or the preference pairs (DPO);
+    ``extra(history)`` turns TRL's log history into labkit's metric names.
     """
-    wall = time.perf_counter() - t0
-    policy_dir = out / "policy"
-    trainer.model.config.use_cache = True
-    trainer.save_model(str(policy_dir))
-    tokenizer.save_pretrained(policy_dir)
+    out = Path(config.out_dir)
+    with defer_interrupt(reraise=False) as flag:
+        guard = trainer_guards(flag)
+        trainer.add_callback(guard)
+        t0 = time.perf_counter()
+        trainer.train()
+        wall = time.perf_counter() - t0
     history = [h for h in trainer.state.log_history if "train_runtime" not in h]
-    if dash is not None:
-        dash.close()
-        dash.save(out / f"{method}_dashboard.html")
-    result = {"method": method, "wall_s": wall, "episodes": episodes, "episodes_per_s": episodes / wall,
-              "policy_dir": str(policy_dir), "output_dir": str(out), **extra(history),
-              "history": history}
-    (out / "metrics.json").write_text(json.dumps(result, indent=1, default=float))
-    return result
+    metrics = {"method": method, "train/episodes": episodes, "time/total_s": wall,
+               "time/episodes_per_s": episodes / wall, **extra(history)}
+    model_dir = None
+    if guard.stopped is None:
+        model_dir = out / "model"
+        trainer.model.config.use_cache = True
+        trainer.save_model(str(model_dir))
+        tokenizer.save_pretrained(model_dir)
+    return finish(config, metrics, trainer.labkit_dashboard, model_dir, guard.stopped, guard.message)
+
+
+def _make_trainer(trainer_cls, config, title: str, **kwargs):
+    """A TRL trainer with labkit's dashboard (always recorded; drawn live when ``config.dashboard``)."""
+    from labkit.live import LiveDashboard
+
+    dash = LiveDashboard(title, headless=None if config.dashboard else True)
+    trainer = trainer_cls(callbacks=[dash.callback(), *config.callbacks], **kwargs)
+    trainer.labkit_dashboard = dash
+    return trainer
 
 
 # ----------------------------------------------------------------------------- RLOO and GRPO
@@ -329,9 +331,9 @@ def _online_args(config: RLOOConfig, out: Path) -> dict:
 def _train_online(method: str, config: RLOOConfig) -> dict:
     import trl
 
-    out = Path(config.output_dir)
+    out = Path(config.out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    policy = policy_folder(config.policy, out)
+    policy = policy_folder(config.model, out)
     tokenizer = _tokenizer(policy)
     if config.reward_model is not None:
         reward = reward_function(config.reward_model, config.missing_eos_penalty, batch_size=config.micro_batch_size)
@@ -344,41 +346,37 @@ def _train_online(method: str, config: RLOOConfig) -> dict:
         records = load_prompts("ppo")
     trainer_cls, args_cls = {"rloo": (trl.RLOOTrainer, trl.RLOOConfig),
                              "grpo": (trl.GRPOTrainer, trl.GRPOConfig)}[method]
-    args = args_cls(**_online_args(config, out))
-    dash = _dashboard(method.upper(), config.dashboard)
     # The policy goes in as a folder path: TRL rebuilds the reference from config._name_or_path.
-    trainer = trainer_cls(model=policy, reward_funcs=reward, args=args, train_dataset=prompt_dataset(records),
-                          processing_class=tokenizer, callbacks=_callbacks(config, dash))
-    t0 = time.perf_counter()
-    trainer.train()
-
+    trainer = _make_trainer(trainer_cls, config, method.upper(), model=policy, reward_funcs=reward,
+                            args=args_cls(**_online_args(config, out)), train_dataset=prompt_dataset(records),
+                            processing_class=tokenizer)
     episodes = config.steps * config.batch_size
 
     def extra(history: list[dict]) -> dict:
-        # Each rollout logs the mean length of its responses; "tokens" = response tokens generated.
+        # Each rollout logs the mean length of its responses; tokens = response tokens generated.
         lengths = [h["completions/mean_length"] for h in history if "completions/mean_length" in h]
-        return {**{k: _last(history, k) for k in ("reward", "kl", "loss")},
-                "response_length": _last(history, "completions/mean_length"),
-                "tokens": episodes * sum(lengths) / max(1, len(lengths))}
+        return {"objective/scores": _last(history, "reward"), "objective/kl": _last(history, "kl"),
+                "loss/train": _last(history, "loss"), "response/length": _last(history, "completions/mean_length"),
+                "train/tokens": episodes * sum(lengths) / max(1, len(lengths))}
 
-    result = _finish(method, trainer, tokenizer, out, t0, dash, episodes, extra)
-    result["tokens_per_s"] = result["tokens"] / result["wall_s"]
+    result = _train(method, config, trainer, tokenizer, episodes, extra)
+    result["time/tokens_per_s"] = result["train/tokens"] / result["time/total_s"]
     return result
 
 
 def train_rloo(config: RLOOConfig) -> dict:
-    """RLOO with TRL's ``RLOOTrainer`` on labkit's prompts and RM; returns metrics and ``policy_dir``.
+    """RLOO with TRL's ``RLOOTrainer`` on labkit's prompts and RM; returns the stage result.
 
-    >>> m = train_rloo(RLOOConfig(policy="runs/sft", reward_model="runs/rm", steps=20))
-    >>> m["reward"], m["kl"], m["wall_s"], m["policy_dir"]
+    >>> m = train_rloo(RLOOConfig(model="runs/sft/model", reward_model="runs/rm/model", steps=20))
+    >>> m["objective/scores"], m["objective/kl"], m["time/total_s"], m["model_dir"]
     """
     return _train_online("rloo", config)
 
 
 def train_grpo(config: GRPOConfig) -> dict:
-    """GRPO with TRL's ``GRPOTrainer`` on labkit's prompts and RM; returns metrics and ``policy_dir``.
+    """GRPO with TRL's ``GRPOTrainer`` on labkit's prompts and RM; returns the stage result.
 
-    >>> m = train_grpo(GRPOConfig(policy="runs/sft", reward_model="runs/rm", steps=20))
+    >>> m = train_grpo(GRPOConfig(model="runs/sft/model", reward_model="runs/rm/model", steps=20))
     """
     return _train_online("grpo", config)
 
@@ -405,20 +403,20 @@ def _pair_rows(pairs) -> list[dict]:
 
 
 def train_dpo(config: DPOConfig) -> dict:
-    """DPO with TRL's ``DPOTrainer`` on labkit's preference pairs; returns metrics and ``policy_dir``.
+    """DPO with TRL's ``DPOTrainer`` on labkit's preference pairs; returns the stage result.
 
     Pairs are handed over as text ``format_prompt(prompt)`` / ``response`` (TRL appends EOS),
     so the policy is trained on the very tokens the reward model and PPO see.
 
-    >>> m = train_dpo(DPOConfig(policy="runs/sft", pairs=FeedbackStore("runs/feedback.db")))
-    >>> m["rewards/accuracies"], m["policy_dir"]
+    >>> m = train_dpo(DPOConfig(model="runs/sft/model", pairs=FeedbackStore("runs/feedback.sqlite")))
+    >>> m["rewards/accuracies"], m["model_dir"]
     """
     import trl
     from datasets import Dataset
 
-    out = Path(config.output_dir)
+    out = Path(config.out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    policy = policy_folder(config.policy, out)
+    policy = policy_folder(config.model, out)
     tokenizer = _tokenizer(policy)
     rows = [{"prompt": format_prompt(tokenizer, p["prompt"]), "chosen": p["chosen"], "rejected": p["rejected"]}
             for p in _pair_rows(config.pairs)]
@@ -426,27 +424,18 @@ def train_dpo(config: DPOConfig) -> dict:
                          gradient_accumulation_steps=config.batch_size // config.micro_batch_size,
                          max_steps=config.steps, beta=config.beta, max_length=config.max_length,
                          **config.extra_args)
-    dash = _dashboard("DPO", config.dashboard)
-    trainer = trl.DPOTrainer(model=policy, args=args, train_dataset=Dataset.from_list(rows),
-                             processing_class=tokenizer, callbacks=_callbacks(config, dash))
-    t0 = time.perf_counter()
-    trainer.train()
+    trainer = _make_trainer(trl.DPOTrainer, config, "DPO", model=policy, args=args,
+                            train_dataset=Dataset.from_list(rows), processing_class=tokenizer)
 
     def extra(history: list[dict]) -> dict:
-        keys = ("loss", "rewards/accuracies", "rewards/margins", "rewards/chosen", "rewards/rejected")
-        return {"pairs": len(rows), **{k: _last(history, k) for k in keys}}
+        # rewards/* keep TRL's documented names: DPO's implicit rewards, not an RM's scores
+        keys = ("rewards/accuracies", "rewards/margins", "rewards/chosen", "rewards/rejected")
+        return {"data/n_pairs": len(rows), "loss/train": _last(history, "loss"), **{k: _last(history, k) for k in keys}}
 
-    return _finish("dpo", trainer, tokenizer, out, t0, dash, config.steps * config.batch_size, extra)
+    return _train("dpo", config, trainer, tokenizer, config.steps * config.batch_size, extra)
 
 
 # ----------------------------------------------------------------------------- comparison
-
-
-def _wall_s(result: dict) -> float | None:
-    if "wall_s" in result:
-        return float(result["wall_s"])
-    steps = [h.get("time/step_s") for h in result.get("history", [])]  # labkit.ppo's history
-    return float(sum(steps)) if steps and None not in steps else None
 
 
 @torch.no_grad()
@@ -455,8 +444,8 @@ def compare_methods(results: dict[str, dict | str], reference: str, records: lis
                     reward_model: str | None = None, include_reference: bool = True, seed: int = 0) -> list[dict]:
     """One row per method: ``method, wall_s, gold, kl, length`` (and ``rm`` with ``reward_model``).
 
-    ``results`` maps a method name to what its trainer returned (``train_ppo``, ``train_rloo``,
-    ...; a dict holding ``policy_dir``) or to a policy folder. Each policy answers the same
+    ``results`` maps a method name to its stage result (``train_ppo``, ``train_rloo``, ...: a
+    dict holding ``model_dir`` and ``time/total_s``) or to a policy folder. Each policy answers the same
     eval prompts once, sampling at temperature 1 from the policy itself, so that
     ``kl_to_reference`` (mean over prompts of log pi(y|x) - log pi_SFT(y|x)) is an unbiased
     Monte-Carlo estimate of KL(pi || pi_SFT); ``gold`` is the gold scorer's mean on those
@@ -475,19 +464,19 @@ def compare_methods(results: dict[str, dict | str], reference: str, records: lis
     rm = None
     if reward_model is not None:
         rm = reward_function(reward_model, batch_size=batch_size)
-    entries = ([("sft", {"policy_dir": reference, "wall_s": 0.0})] if include_reference else []) + list(results.items())
+    entries = ([("sft", {"model_dir": reference, "time/total_s": 0.0})] if include_reference else []) + list(results.items())
     prompts = [r["prompt"] for r in records]
     rows = []
     for name, result in entries:
-        result = {"policy_dir": result} if isinstance(result, (str, Path)) else result
-        if not result.get("policy_dir"):
-            raise ValueError(f"{name}: no trained policy folder (policy_dir) in its result")
-        same = str(result["policy_dir"]) == reference
-        policy = ref_model if same else load_model(str(result["policy_dir"]), dtype="float32")[0]
+        result = {"model_dir": result} if isinstance(result, (str, Path)) else result
+        if not result.get("model_dir"):
+            raise ValueError(f"{name}: no trained policy folder (model_dir) in its result; stopped: {result.get('stopped')}")
+        same = str(result["model_dir"]) == reference
+        policy = ref_model if same else load_model(str(result["model_dir"]), dtype="float32")[0]
         responses, truncated = answer(policy, tokenizer, records, max_new_tokens=max_new_tokens, temperature=1.0,
                                       batch_size=batch_size, seed=seed)
         figures = gold_figures(records, responses, truncated)
-        row = {"method": name, "wall_s": _wall_s(result), "gold": figures["gold/mean"],
+        row = {"method": name, "wall_s": result.get("time/total_s"), "gold": figures["gold/mean"],
                "kl": kl_to_reference(policy, ref_model, tokenizer, prompts, responses),
                "length": figures["response/words_mean"], "stop_rate": figures["response/stop_rate"]}
         if rm is not None:

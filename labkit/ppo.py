@@ -980,7 +980,8 @@ def train_ppo(config: PPOConfig) -> dict:
         if acc.is_main_process:
             model_dir = _save_policy(out_dir / "model", run.model, run.tokenizer, run.ema)
         acc.wait_for_everyone()
-    final = {k: v for k, v in (history[-1] if history else {}).items()}
+    final = dict(history[-1]) if history else {}
+    final["time/total_s"] = sum(h["time/step_s"] for h in history)  # all steps, resumed ones included
     if not acc.is_main_process:  # the stage files are the main process's
         return {"out_dir": str(out_dir), "model_dir": None, "stopped": stopped, "message": message, **final}
     return finish(config, final, dash, model_dir, stopped, message)

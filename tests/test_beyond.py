@@ -12,6 +12,7 @@ from labkit import beyond
 from labkit.labelers import GoldLabeler
 from labkit.models import format_prompt, load_model
 from labkit.reward import RewardModel, load_reward_model
+from labkit.stage import history_rows
 
 pytest.importorskip("trl")
 
@@ -156,13 +157,13 @@ def _changed(base: str, trained: str) -> float:
 def trained(folders):
     root = folders["root"]
     runs = {
-        "rloo": beyond.train_rloo(beyond.RLOOConfig(policy=folders["sft"], reward_model=folders["rm"], prompts=RECORDS,
-                                                    output_dir=str(root / "rloo"), **TINY_RUN)),
-        "grpo": beyond.train_grpo(beyond.GRPOConfig(policy=folders["sft"], reward_model=None, prompts=RECORDS,
-                                                    output_dir=str(root / "grpo"), **TINY_RUN)),
+        "rloo": beyond.train_rloo(beyond.RLOOConfig(model=folders["sft"], reward_model=folders["rm"], prompts=RECORDS,
+                                                    out_dir=str(root / "rloo"), **TINY_RUN)),
+        "grpo": beyond.train_grpo(beyond.GRPOConfig(model=folders["sft"], reward_model=None, prompts=RECORDS,
+                                                    out_dir=str(root / "grpo"), **TINY_RUN)),
     }
     pairs = [{"prompt": r["prompt"], "chosen": "yes, here it is", "rejected": "No."} for r in RECORDS]
-    runs["dpo"] = beyond.train_dpo(beyond.DPOConfig(policy=folders["sft"], pairs=pairs, output_dir=str(root / "dpo"),
+    runs["dpo"] = beyond.train_dpo(beyond.DPOConfig(model=folders["sft"], pairs=pairs, out_dir=str(root / "dpo"),
                                                     steps=2, batch_size=4, micro_batch_size=2, learning_rate=1e-4,
                                                     dashboard=True))
     return runs
@@ -172,28 +173,31 @@ def trained(folders):
 def test_online_trainers_run_and_save_a_loadable_policy(folders, trained, method):
     m = trained[method]
     # 2 rollouts of 4 episodes, one optimizer step each (mini batch = 4 episodes)
-    steps = [h for h in m["history"] if "loss" in h]
-    assert len(steps) == 2 and m["episodes"] == 8
-    for key in ("wall_s", "episodes_per_s", "reward", "kl", "loss", "tokens"):
+    steps = [h for h in history_rows(m["out_dir"]) if "loss/train" in h]
+    assert len(steps) == 2 and m["train/episodes"] == 8 and m["stopped"] is None
+    for key in ("time/total_s", "time/episodes_per_s", "objective/scores", "objective/kl", "loss/train",
+                "train/tokens"):
         assert math.isfinite(m[key]), key
-    assert m["response_length"] <= 6 and 0 < m["tokens"] <= 8 * 6
+    assert m["response/length"] <= 6 and 0 < m["train/tokens"] <= 8 * 6
     if method == "grpo":  # the gold scorer was the reward
-        assert 0.0 <= m["reward"] <= 1.0
-    model, tok = load_model(m["policy_dir"], dtype="float32", device="cpu")
+        assert 0.0 <= m["objective/scores"] <= 1.0
+    model, tok = load_model(m["model_dir"], dtype="float32", device="cpu")
     assert tok.pad_token_id == 0 and tok.eos_token_id == 2
-    assert _changed(folders["sft"], m["policy_dir"]) > 0
+    assert _changed(folders["sft"], m["model_dir"]) > 0
     assert json.loads((folders["root"] / method / "metrics.json").read_text())["method"] == method
+    for name in ("config.json", "history.json", "dashboard.html"):
+        assert (folders["root"] / method / name).exists()
 
 
 def test_dpo_trains_on_pairs_and_saves_a_loadable_policy(folders, trained):
     m = trained["dpo"]
-    assert m["pairs"] == 4 and m["episodes"] == 8
-    assert math.isfinite(m["loss"]) and m["loss"] > 0
+    assert m["data/n_pairs"] == 4 and m["train/episodes"] == 8
+    assert math.isfinite(m["loss/train"]) and m["loss/train"] > 0
     # first step: policy == reference, so the DPO loss is log 2 and the margin 0
-    first = next(h for h in m["history"] if "loss" in h)
-    assert first["loss"] == pytest.approx(math.log(2), abs=1e-3)
-    assert _changed(folders["sft"], m["policy_dir"]) > 0
-    assert (folders["root"] / "dpo" / "dpo_dashboard.html").exists()
+    first = next(h for h in history_rows(m["out_dir"]) if "loss/train" in h)
+    assert first["loss/train"] == pytest.approx(math.log(2), abs=1e-3)
+    assert _changed(folders["sft"], m["model_dir"]) > 0
+    assert (folders["root"] / "dpo" / "dashboard.html").exists()
 
 
 def test_compare_methods_table(folders, trained):
@@ -203,6 +207,6 @@ def test_compare_methods_table(folders, trained):
     assert rows[0]["kl"] == 0.0 and rows[0]["wall_s"] == 0.0
     for r in rows:
         assert 0.0 <= r["gold"] <= 1.0 and r["length"] >= 0 and math.isfinite(r["kl"]) and math.isfinite(r["rm"])
-    assert rows[1]["wall_s"] == pytest.approx(trained["rloo"]["wall_s"])
+    assert rows[1]["wall_s"] == pytest.approx(trained["rloo"]["time/total_s"])
     text = beyond.format_table(rows)
     assert text.splitlines()[0].split()[:5] == ["method", "wall_s", "gold", "kl", "length"]
