@@ -277,6 +277,31 @@ def serve(store_path: str | os.PathLike, host: str = "127.0.0.1", port: int = DE
     uvicorn.run(make_app(store, token, max_body), host=host, port=port, log_level="warning", access_log=False)
 
 
+# ----------------------------------------------------------------------------- seats
+
+def seat_queue(items: list[dict], seat: int | None = None, n_seats: int = 30, annotator: str | None = None,
+               shared: int = 5, per_seat: int | None = None) -> list[dict]:
+    """One participant's queue: ``shared`` items that every seat ranks, then this seat's own slice.
+
+    The shared items give the room's agreement (every pair of annotators overlaps on them);
+    the slices of different seats are disjoint, so the room covers ``n_seats`` times more
+    items than one person. The order depends only on the item ids, so every laptop computes
+    the same split from the same items. ``seat`` is 0..n_seats-1; without one it is derived
+    from ``annotator`` (two names may then share a seat and a slice). ``per_seat`` caps the slice.
+    """
+    from labkit.widgets import _item_id  # the id rule of the widgets' queues and done_ids
+
+    if seat is None:
+        if not annotator or not annotator.strip():
+            raise ValueError("give a seat number or an annotator name to derive one from")
+        seat = int(hashlib.sha256(annotator.strip().encode()).hexdigest(), 16) % n_seats
+    if not 0 <= seat < n_seats:
+        raise ValueError(f"seat must be 0..{n_seats - 1}, got {seat}")
+    order = sorted(items, key=lambda it: hashlib.sha256(_item_id(it).encode()).hexdigest())
+    own = order[shared:][seat::n_seats]
+    return order[:shared] + own[:per_seat]
+
+
 # ----------------------------------------------------------------------------- the client
 
 class RoomUnreachable(ConnectionError):
