@@ -2,6 +2,7 @@
 and export / merge for rooms without a network. Loopback only; every server is a subprocess
 on a free port that the test kills itself."""
 
+import http.client
 import json
 import os
 import re
@@ -105,7 +106,7 @@ WORKER = textwrap.dedent("""
         row = store.add_ranking(pid, [pid + " a", pid + " b", pid + " c"], [[i % 3], [(i + 1) % 3, (i + 2) % 3]],
                                 "seat" + w, prompt="prompt " + pid)
         (acked if row is not None else queued).append(pid)
-        time.sleep(0.04)
+        time.sleep(0.1)
     left = store.flush(timeout=30)
     with open(out, "w") as f:
         json.dump({"acked": acked, "queued": queued, "left": left}, f)
@@ -118,6 +119,10 @@ def test_outbox_survives_a_killed_server(tmp_path):
     server, url = _serve(path, port)
     workers = [subprocess.Popen([sys.executable, "-c", WORKER, url, str(outbox), str(w), str(n_items),
                                  str(tmp_path / f"w{w}.json")]) for w in range(n_workers)]
+    # One more participant with an outbox of its own, whose kernel dies while the room is down.
+    lost_outbox = tmp_path / "lost-outbox.sqlite"
+    lost = subprocess.Popen([sys.executable, "-c", WORKER, url, str(lost_outbox), "99", str(n_items), "/dev/null"])
+    workers.append(lost)
     try:
         deadline = time.monotonic() + 30
         while _written(path)[1] < 40:  # kill the room mid-stream, with every worker still submitting
@@ -126,11 +131,17 @@ def test_outbox_survives_a_killed_server(tmp_path):
         os.kill(server.pid, signal.SIGKILL)
         _stop(server)
         time.sleep(1.0)  # the room is down: submissions go to the outbox
+        lost.kill()
+        lost.wait()
+        db = sqlite3.connect(lost_outbox)
+        left = {json.loads(a)["prompt_id"] for (a,) in db.execute("SELECT args FROM outbox")}
+        db.close()
         server, _ = _serve(path, port)
-        for w in workers:
+        for w in workers[:n_workers]:
             assert w.wait(timeout=60) == 0
         # A later client of the same room on the same machine sends whatever is still waiting.
         assert open_store(url, outbox=outbox).flush(timeout=20) == 0
+        assert open_store(url, outbox=lost_outbox).flush(timeout=20) == 0
     finally:
         for w in workers:
             if w.poll() is None:
@@ -141,13 +152,16 @@ def test_outbox_survives_a_killed_server(tmp_path):
     acked = sum(len(r["acked"]) for r in results)
     queued = sum(len(r["queued"]) for r in results)
     stored = Counter(r["prompt_id"] for r in FeedbackStore(path).rankings())
+    from_lost = {pid for pid in stored if pid.startswith("w99-")}
     expected = {f"w{w}-{i:02d}" for w in range(n_workers) for i in range(n_items)}
     print(f"\nroom kill test: {acked} acknowledged, {queued} outboxed, {sum(stored.values())} stored, "
-          f"{sum(n - 1 for n in stored.values())} duplicates")
+          f"{sum(n - 1 for n in stored.values())} duplicates; the killed client left {len(left)} "
+          f"in its outbox, {len(from_lost)} of its rankings are stored")
     assert acked + queued == len(expected)
-    assert queued > 0, "the kill should have sent some submissions to the outbox"
-    assert set(stored) == expected and set(stored.values()) == {1}  # every one, exactly once
-    assert _written(path)[4] == len(expected)  # one submission id per ranking
+    assert queued > 0 and left, "the kill should have sent some submissions to the outbox"
+    assert set(stored) == expected | from_lost and set(stored.values()) == {1}  # every one, exactly once
+    assert left <= from_lost  # what the dead client left was sent by a later one
+    assert _written(path)[4] == len(stored)  # one submission id per ranking
 
 
 # ----------------------------------------------------------------------------- refusals
@@ -176,7 +190,15 @@ def test_tokens_bodies_and_validation_are_enforced(room, tmp_path):
     assert _http(f"{base}/api/submit", b"{not json", auth)[0] == 400
     assert _http(f"{base}/api/submit", b'{"id": "x3", "kind": "drop_tables", "args": {}}', auth)[0] == 400
     huge = dict(bad, id="x4", args=dict(bad["args"], tiers=[[0], [1], [2]], comment="x" * MAX_BODY))
-    assert _http(f"{base}/api/submit", json.dumps(huge).encode(), auth)[0] == 413
+    # The room answers 413 from the declared length and reads no further (a client still
+    # sending would then meet a closed socket, so this one sends only the headers).
+    conn = http.client.HTTPConnection(*base.split("//")[1].split(":"), timeout=10)
+    conn.putrequest("POST", "/api/submit")
+    conn.putheader("X-Labkit-Token", "room-token")
+    conn.putheader("Content-Length", str(len(json.dumps(huge))))
+    conn.endheaders()
+    assert conn.getresponse().status == 413
+    conn.close()
     assert _written(path) == before  # nothing refused was written
 
     # The client refuses the same things at once and queues none of them.
@@ -290,3 +312,40 @@ def test_export_merge_round_trip(tmp_path, capsys):
     broken.write_text(out.read_text().splitlines()[0] + "\n{oops\n")
     with pytest.raises(ValueError, match=r"broken\.jsonl, line 2"):
         merge(tmp_path / "third.sqlite", [broken])
+
+
+# ----------------------------------------------------------------------------- seats and a late room
+
+def test_seats_share_a_few_items_and_split_the_rest():
+    from labkit.room import seat_queue
+
+    items = [{"id": f"rm-{i:03d}", "prompt": f"P{i}"} for i in range(53)]
+    queues = [seat_queue(items, seat=s, n_seats=4, shared=5) for s in range(4)]
+    shared = [q[:5] for q in queues]
+    assert all(s == shared[0] for s in shared)  # every seat ranks the same shared items
+    own = [{it["id"] for it in q[5:]} for q in queues]
+    assert sum(map(len, own)) == 48 and len(set().union(*own)) == 48  # disjoint, and all of them
+    assert seat_queue(list(reversed(items)), seat=2, n_seats=4) == queues[2]  # input order does not matter
+    assert seat_queue(items, annotator="alice", n_seats=4) == seat_queue(items, annotator=" alice", n_seats=4)
+    assert len(seat_queue(items, seat=0, n_seats=4, per_seat=3)) == 8
+    with pytest.raises(ValueError):
+        seat_queue(items, seat=4, n_seats=4)
+
+
+def test_a_client_started_before_the_room_sends_later(tmp_path):
+    port = _free_port()
+    url, outbox = f"http://127.0.0.1:{port}/?token=room-token", tmp_path / "outbox.sqlite"
+    with pytest.warns(UserWarning, match="does not answer"):
+        client = open_store(url, outbox=outbox)
+    assert client.add_demonstration("sft-1", "Say hi.", "Hi!", "alice") is None  # waits in the outbox
+    with pytest.raises(ConnectionError):
+        client.rankings()  # reads need the room
+    assert client.flush(timeout=0.3) == 1
+    server, _ = _serve(tmp_path / "room.sqlite", port)
+    try:
+        assert client.flush(timeout=20) == 0
+        assert [d["response"] for d in client.demonstrations()] == ["Hi!"]
+        assert client.done_ids("alice", "demonstration") == {"sft-1"}
+    finally:
+        client.close()
+        _stop(server)
