@@ -627,3 +627,5 @@ class ComparisonWidget(W.VBox):
     def _annotator_changed(self, change) -> None:
         if hasattr(self, "_session"):
             self._session.switch(self, self.name)
+
+from labkit.chat import ChatWidget  # noqa: E402,F401  (the chat playground lives in labkit/chat.py)
