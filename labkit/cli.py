@@ -71,6 +71,10 @@ def main(argv: list[str] | None = None) -> int:
     p_run.add_argument("--rounds", type=int, default=1, help="iterations of rankings -> RM -> PPO")
     p_run.add_argument("--model", default=None, help="override the preset's model (name, folder or HF id)")
     p_run.add_argument("--fresh", action="store_true", help="start over instead of resuming the run folder")
+    p_doc = sub.add_parser("doctor", help="versions, device, RAM, widgets and per-notebook time estimates")
+    p_doc.add_argument("--model", default="smollm2-135m", help="model to time (default: the bundled one)")
+    p_doc.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
+    p_doc.add_argument("--seconds", type=float, default=20.0, help="time spent timing the two steps")
     p_room = sub.add_parser("room", help="the workshop room: one store shared by every laptop").add_subparsers(
         dest="room_command", required=True)
     p_serve = p_room.add_parser("serve", help="serve a feedback store to the room (token-protected JSON over HTTP)")
@@ -94,6 +98,11 @@ def main(argv: list[str] | None = None) -> int:
     if args.command == "info":
         d = info()
         print(json.dumps(d, indent=2)) if args.json else _print_info(d)
+        return 0
+    if args.command == "doctor":
+        from labkit.doctor import doctor, print_report
+
+        print_report(doctor(args.model, threads=args.threads, seconds=args.seconds))
         return 0
     if args.command == "run":
         from labkit.pipeline import RunConfig, run

@@ -1,0 +1,347 @@
+"""``labkit doctor``: can this machine run the notebooks, and how long will each one take?
+
+It reports, in order: versions (from :func:`labkit.cli.info`), device and dtype, the cores
+torch uses, RAM (total, available, and what each notebook needs), whether notebook widgets
+can render, and a timing of about 20 seconds of one generation batch and one training step
+(forward, backward, optimizer step) on the chosen model. The two step times, divided by the
+same steps timed on the development machine, scale that machine's measured notebook wall
+times (``notebooks/README.md``) into estimates for this one.
+
+>>> labkit doctor                      # the bundled model, as the notebooks use it
+>>> labkit doctor --model tiny         # seconds; a smoke check of the set-up
+>>> from labkit.doctor import set_threads; set_threads()   # first cell of a notebook
+"""
+
+from __future__ import annotations
+
+import os
+import platform
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+from labkit import models
+
+# Wall time of each notebook in minutes, run in order with its default parameters on the
+# bundled model, annotation_mode="auto", on the development machine (2-core CPU with
+# AVX-512-BF16, no GPU): notebooks/README.md, "Measured wall times". 00_tour is not timed there.
+REFERENCE_MINUTES = {
+    "01_demonstrations_sft": 4.1,
+    "02_rankings_reward_model": 4.7,
+    "03_ppo": 8.0,
+    "04_evaluation": 5.6,
+    "05_beyond_ppo": 14.8,
+}
+
+# The share of each notebook's time spent sampling (the rest trains), a rough estimate from
+# what each notebook does: 01 answers eval prompts before and after one SFT epoch; 02 samples
+# K = 4 answers for 64 prompts, then trains the RM; a PPO step is about half rollout
+# (benchmarks/results/ppo_throughput.json: step 10.4 s, update 5.8 s); 04 only answers and
+# scores; 05 trains PPO, RLOO, GRPO and, for half its time, DPO.
+GENERATION_SHARE = {
+    "01_demonstrations_sft": 0.4,
+    "02_rankings_reward_model": 0.6,
+    "03_ppo": 0.5,
+    "04_evaluation": 0.9,
+    "05_beyond_ppo": 0.3,
+}
+
+# time_steps() on the bundled model on the development machine (bf16 autocast, 2 threads,
+# median of the timed repeats). Remeasure on the machine the notebook times come from with
+#   labkit doctor --model smollm2-135m --threads 2
+# and copy the two figures of its "timing" line here.
+REFERENCE_GENERATE_S = 1.0
+REFERENCE_TRAIN_STEP_S = 1.0
+
+# Peak memory (GiB) of each notebook with its default parameters on the bundled model.
+# 03 and 05: the PPO benchmark's peak RSS, 8.1 GiB for labkit PPO with a separate value model
+# (README, "Benchmarks"), plus the notebook kernel. The others are estimates, not
+# measurements: a 135M model holds 0.5 GiB of fp32 weights, AdamW training about four times
+# that plus activations, and a kernel with torch and transformers imported about 1 GiB.
+NOTEBOOK_RAM_GIB = {
+    "00_tour": 2.0,
+    "01_demonstrations_sft": 4.0,
+    "02_rankings_reward_model": 4.0,
+    "03_ppo": 9.0,
+    "04_evaluation": 4.0,
+    "05_beyond_ppo": 9.0,
+}
+
+GENERATE_SHAPE = (8, 32)  # (prompts, new tokens) of the timed generation batch
+TRAIN_SHAPE = (4, 128)  # (sequences, tokens) of the timed training step
+
+
+# ----------------------------------------------------------------------------- threads and cores
+
+def physical_cores() -> int:
+    """Physical cores this process may use (hyper-threads do not speed up matmuls)."""
+    usable = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    try:
+        import psutil
+
+        return max(1, min(usable, psutil.cpu_count(logical=False) or usable))
+    except ImportError:
+        return usable
+
+
+def set_threads(threads: int | None = None) -> int:
+    """Use ``threads`` CPU threads in torch (default: the physical cores); return the number.
+
+    Notebooks call it with their ``threads`` parameter, so a room of laptops, or a laptop
+    shared with a video call, can leave cores free.
+    """
+    n = int(threads) if threads else physical_cores()
+    if n < 1:
+        raise ValueError(f"threads must be >= 1, got {threads}")
+    torch.set_num_threads(n)
+    return n
+
+
+def thread_speedup(seconds: float = 0.6) -> float:
+    """Matmul throughput with torch's current threads over one thread (1.0 with one thread).
+
+    Below 1 means the threads fight other programs for the cores: a thread that loses its core
+    stalls the others at every barrier, so a busy laptop can run many times slower with 2
+    threads than with 1.
+    """
+    threads = torch.get_num_threads()
+    if threads == 1:
+        return 1.0
+    a, b = torch.randn(256, 576), torch.randn(576, 1536)  # a layer of the bundled model
+
+    def rate(n: int) -> float:
+        torch.set_num_threads(n)
+        a @ b
+        count, start = 0, time.perf_counter()
+        while time.perf_counter() - start < seconds / 2:
+            a @ b
+            count += 1
+        return count / (time.perf_counter() - start)
+
+    try:
+        return rate(threads) / rate(1)
+    finally:
+        torch.set_num_threads(threads)
+
+
+# ----------------------------------------------------------------------------- memory
+
+def memory_gib() -> tuple[float | None, float | None]:
+    """(total, available) RAM in GiB; None where it cannot be read."""
+    try:
+        import psutil
+
+        vm = psutil.virtual_memory()
+        return vm.total / 2**30, vm.available / 2**30
+    except ImportError:
+        pass
+    try:
+        info = dict(line.split(":", 1) for line in Path("/proc/meminfo").read_text().splitlines())
+        kib = {k: int(v.split()[0]) for k, v in info.items() if k in ("MemTotal", "MemAvailable")}
+        return kib["MemTotal"] / 2**20, kib.get("MemAvailable", 0) / 2**20 or None
+    except (OSError, KeyError, ValueError):
+        return None, None
+
+
+def ram_table(available_gib: float | None) -> list[dict]:
+    """Each notebook's estimated need against the RAM available now."""
+    rows = []
+    for name, need in NOTEBOOK_RAM_GIB.items():
+        if available_gib is None:
+            verdict = "unknown"
+        else:
+            verdict = "ok" if available_gib >= 1.25 * need else "tight" if available_gib >= need else "too little"
+        rows.append({"notebook": name, "needs_gib": need, "verdict": verdict})
+    return rows
+
+
+# ----------------------------------------------------------------------------- widgets and devices
+
+def widgets_status() -> dict:
+    """Can notebook widgets render: packages importable, JupyterLab extensions installed."""
+    import importlib.metadata as md
+    import importlib.util
+
+    out = {}
+    for pkg in ("ipywidgets", "anywidget", "jupyterlab"):
+        try:
+            out[pkg] = md.version(pkg) if importlib.util.find_spec(pkg) else None
+        except md.PackageNotFoundError:
+            out[pkg] = None
+    try:
+        from jupyter_core.paths import jupyter_path
+
+        dirs = [Path(d) for d in jupyter_path("labextensions")]
+    except ImportError:
+        dirs = [Path(sys.prefix) / "share" / "jupyter" / "labextensions"]
+    wanted = {"ipywidgets": "@jupyter-widgets/jupyterlab-manager", "anywidget": "anywidget"}
+    out["lab_extensions"] = {pkg: any((d / ext / "package.json").exists() for d in dirs)
+                             for pkg, ext in wanted.items()}
+    out["in_colab"] = "google.colab" in sys.modules or "COLAB_RELEASE_TAG" in os.environ
+    return out
+
+
+def mps_status() -> str | None:
+    """A line on Apple's GPU backend (mps), or None off macOS."""
+    if sys.platform != "darwin":
+        return None
+    if not torch.backends.mps.is_available():
+        return "mps: not available (needs Apple silicon and macOS 12.3+); labkit runs on the CPU"
+    try:
+        x = torch.randn(64, 64, device="mps", requires_grad=True)
+        (x @ x).sum().backward()
+        torch.mps.synchronize()
+    except Exception as e:  # an op missing from this torch/macOS pair; the CPU always works
+        return f"mps: available but failed a matmul test ({e.__class__.__name__}); labkit runs on the CPU"
+    chosen = models.resolve_device("auto")
+    if chosen.type == "mps":
+        return "mps: works and labkit uses it"
+    return "mps: works, but labkit runs on the CPU (labkit.models.resolve_device does not pick mps yet)"
+
+
+# ----------------------------------------------------------------------------- timing
+
+def _median_time(fn, seconds: float, max_repeats: int = 10) -> float:
+    """One untimed warm-up call, then repeats of ``fn`` for about ``seconds``: the median."""
+    fn()
+    times: list[float] = []
+    start = time.perf_counter()
+    while not times or (time.perf_counter() - start < seconds and len(times) < max_repeats):
+        t0 = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t0)
+    return statistics.median(times)
+
+
+def time_steps(model, tokenizer, seconds: float = 20.0) -> dict:
+    """Seconds of one generation batch and of one training step (forward, backward, AdamW),
+    each a median over about ``seconds / 2``; the model's weights change (a throwaway copy)."""
+    from labkit.generation import encode_prompts
+
+    device = next(model.parameters()).device
+    n_prompts, n_new = GENERATE_SHAPE
+    ids, _ = encode_prompts(tokenizer, ["Give three tips for a good night's sleep."] * n_prompts)
+    prompt_ids = torch.tensor(ids, device=device)  # (B, T): equal prompts, no padding
+
+    @torch.no_grad()
+    def generate_batch():
+        model.eval()
+        with models.autocast(device):
+            # min_new_tokens = max_new_tokens: every machine decodes the same number of tokens
+            model.generate(input_ids=prompt_ids, attention_mask=torch.ones_like(prompt_ids),
+                           max_new_tokens=n_new, min_new_tokens=n_new, do_sample=True, top_k=0,
+                           top_p=0.9, pad_token_id=tokenizer.pad_token_id)
+
+    batch, length = TRAIN_SHAPE
+    gen = torch.Generator().manual_seed(0)
+    tokens = torch.randint(3, model.config.vocab_size, (batch, length), generator=gen).to(device)  # (B, T)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-6)
+
+    def train_step():
+        model.train()
+        with models.autocast(device):
+            loss = model(input_ids=tokens, labels=tokens).loss
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+
+    return {"generate_s": _median_time(generate_batch, seconds / 2),
+            "train_step_s": _median_time(train_step, seconds / 2)}
+
+
+def estimate_minutes(generate_s: float, train_step_s: float) -> dict[str, float]:
+    """Each notebook's reference wall time scaled by this machine's step times."""
+    g_ratio, t_ratio = generate_s / REFERENCE_GENERATE_S, train_step_s / REFERENCE_TRAIN_STEP_S
+    return {name: minutes * (GENERATION_SHARE[name] * g_ratio + (1 - GENERATION_SHARE[name]) * t_ratio)
+            for name, minutes in REFERENCE_MINUTES.items()}
+
+
+# ----------------------------------------------------------------------------- the report
+
+def doctor(model: str = models.BUNDLED, threads: int | None = None, seconds: float = 20.0) -> dict:
+    """Everything ``labkit doctor`` prints, as a dict."""
+    from labkit.cli import info
+
+    if threads:
+        set_threads(threads)
+    out = {"info": info()}
+    total, available = memory_gib()
+    out["memory"] = {"total_gib": total, "available_gib": available, "notebooks": ram_table(available)}
+    out["cores"] = {"torch_threads": torch.get_num_threads(), "physical": physical_cores(),
+                    "logical": os.cpu_count(), "load": os.getloadavg()[0] if hasattr(os, "getloadavg") else None,
+                    "speedup": thread_speedup()}
+    out["cpu"] = models.cpu_name()
+    out["widgets"] = widgets_status()
+    out["mps"] = mps_status()
+    out["model"] = model
+    try:
+        m, tok = models.load_model(model, dtype="float32")  # fp32 master weights, as the stages train
+    except (ValueError, FileNotFoundError) as e:
+        out["timing_error"] = str(e)
+        return out
+    out["timing"] = time_steps(m, tok, seconds)
+    out["estimates"] = estimate_minutes(out["timing"]["generate_s"], out["timing"]["train_step_s"])
+    return out
+
+
+def _fmt_minutes(m: float) -> str:
+    return f"{m:.1f}" if m >= 0.95 else f"{m:.2g}"
+
+
+def print_report(d: dict) -> None:
+    i = d["info"]
+    v = i["versions"]
+    print("labkit doctor")
+    print(f"  python {i['python']}, torch {v['torch']}, transformers {v['transformers']}, trl {v['trl']}, "
+          f"labkit {v['labkit']}  ({i['platform']})")
+    fast = "yes" if i["cpu_fast_bf16"] else "no: training runs in fp32, about 2x slower"
+    print(f"  device: {i['device']}" + (f" ({i['cuda']})" if i["cuda"] else "")
+          + f", dtype {i['dtype']}; CPU {d['cpu']}, fast bf16: {fast}")
+    if d["mps"]:
+        print(f"  {d['mps']}")
+    c = d["cores"]
+    print(f"  cores: torch uses {c['torch_threads']} threads; {c['physical']} physical / {c['logical']} logical cores"
+          + (f"; load {c['load']:.1f}" if c["load"] is not None else ""))
+    if c["torch_threads"] > 1:
+        print(f"    {c['torch_threads']} threads multiply matmuls by {c['speedup']:.2f} against 1 thread")
+    if c["speedup"] < 0.9:
+        print("    other programs hold the cores: set threads=1 in the notebooks' parameters cell "
+              "(labkit.doctor.set_threads(1)), or close them")
+    elif c["load"] is not None and c["load"] > c["physical"] + 0.5:
+        print("    other programs keep the CPU busy: the timings below come out slow")
+    mem = d["memory"]
+    if mem["total_gib"] is not None:
+        print(f"  RAM: {mem['total_gib']:.1f} GiB total, {mem['available_gib']:.1f} GiB available; "
+              "each notebook needs about (estimates, see labkit/doctor.py):")
+    else:
+        print("  RAM: could not be read; each notebook needs about:")
+    for row in mem["notebooks"]:
+        print(f"    {row['notebook']:<26} {row['needs_gib']:>4.0f} GiB  {row['verdict']}")
+    if any(r["verdict"] in ("tight", "too little") for r in mem["notebooks"]):
+        print("    short of RAM: close other programs, or lower batch_size in the notebook's parameters cell")
+    w = d["widgets"]
+    ext = w["lab_extensions"]
+    print(f"  widgets: ipywidgets {w['ipywidgets'] or 'MISSING'}, anywidget {w['anywidget'] or 'MISSING'}; "
+          f"JupyterLab {w['jupyterlab'] or 'not installed'}, its widget extensions: "
+          + ", ".join(f"{k} {'found' if ok else 'MISSING'}" for k, ok in ext.items()))
+    if not (w["ipywidgets"] and w["anywidget"]):
+        print("    install them into the kernel's environment: pip install 'ipywidgets>=8.1' anywidget")
+    elif w["jupyterlab"] and not all(ext.values()):
+        print("    reinstall them in the environment JupyterLab runs from: pip install --force-reinstall ipywidgets anywidget")
+    print("    VS Code: install the Jupyter extension and pick this environment's Python as the kernel.")
+    print("    Colab: run `from google.colab import output; output.enable_custom_widget_manager()` first"
+          + (" (this is Colab)." if w["in_colab"] else "."))
+    if "timing_error" in d:
+        print(f"  timing skipped: {d['timing_error']}")
+        return
+    t = d["timing"]
+    print(f"  timing ({d['model']}, {i['dtype']}): generation of {GENERATE_SHAPE[0]} x {GENERATE_SHAPE[1]} tokens "
+          f"{t['generate_s']:.3g} s, training step of {TRAIN_SHAPE[0]} x {TRAIN_SHAPE[1]} tokens {t['train_step_s']:.3g} s "
+          f"(development machine, bundled model: {REFERENCE_GENERATE_S:.3g} s, {REFERENCE_TRAIN_STEP_S:.3g} s)")
+    note = "" if d["model"] == models.BUNDLED else f" with model={d['model']!r}"
+    for name, minutes in d["estimates"].items():
+        print(f"  on this machine notebook {name} takes about {_fmt_minutes(minutes)} minutes{note} "
+              f"({REFERENCE_MINUTES[name]} on the development machine)")

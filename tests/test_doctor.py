@@ -1,0 +1,55 @@
+"""labkit doctor: the report on the tiny model, and the arithmetic behind its estimates."""
+
+import re
+
+import pytest
+import torch
+
+from labkit import doctor
+from labkit.cli import main
+
+torch.set_num_threads(2)
+
+
+def test_doctor_on_tiny_prints_versions_resources_and_one_estimate_per_notebook(capsys):
+    assert main(["doctor", "--model", "tiny", "--threads", "2", "--seconds", "1"]) == 0
+    out = capsys.readouterr().out
+    import transformers
+
+    assert f"torch {torch.__version__}" in out and f"transformers {transformers.__version__}" in out
+    assert re.search(r"device: cpu.*dtype (bfloat16|float32)", out)
+    assert "cores: torch uses 2 threads" in out
+    assert re.search(r"RAM: \d+\.\d GiB total, \d+\.\d GiB available", out)
+    assert all(re.search(rf"{name} +\d+ GiB +(ok|tight|too little)", out) for name in doctor.NOTEBOOK_RAM_GIB)
+    assert re.search(r"widgets: ipywidgets \d", out) and "enable_custom_widget_manager" in out
+    assert re.search(r"timing \(tiny, \w+\): generation of 8 x 32 tokens [\d.e-]+ s", out)
+    estimates = re.findall(r"on this machine notebook (\S+) takes about ([\d.e-]+) minutes", out)
+    assert [name for name, _ in estimates] == list(doctor.REFERENCE_MINUTES)
+    assert all(float(m) > 0 for _, m in estimates)
+
+
+def test_estimates_scale_the_reference_times_by_the_step_times():
+    same = doctor.estimate_minutes(doctor.REFERENCE_GENERATE_S, doctor.REFERENCE_TRAIN_STEP_S)
+    assert same == pytest.approx(doctor.REFERENCE_MINUTES)
+    slower = doctor.estimate_minutes(2 * doctor.REFERENCE_GENERATE_S, 2 * doctor.REFERENCE_TRAIN_STEP_S)
+    assert slower == pytest.approx({k: 2 * v for k, v in doctor.REFERENCE_MINUTES.items()})
+    # only generation 3x slower: notebook 04 (90% sampling) slows 2.8x, notebook 05 (30%) 1.6x
+    gen = doctor.estimate_minutes(3 * doctor.REFERENCE_GENERATE_S, doctor.REFERENCE_TRAIN_STEP_S)
+    assert gen["04_evaluation"] == pytest.approx(2.8 * 5.6) and gen["05_beyond_ppo"] == pytest.approx(1.6 * 14.8)
+
+
+def test_ram_verdicts():
+    rows = {r["notebook"]: r["verdict"] for r in doctor.ram_table(8.5)}
+    assert rows["00_tour"] == "ok" and rows["03_ppo"] == "too little"
+    assert {r["verdict"] for r in doctor.ram_table(None)} == {"unknown"}
+
+
+def test_set_threads_defaults_to_physical_cores():
+    before = torch.get_num_threads()
+    try:
+        assert doctor.set_threads() == doctor.physical_cores() == torch.get_num_threads()
+        assert doctor.set_threads(1) == 1 == torch.get_num_threads()
+        with pytest.raises(ValueError):
+            doctor.set_threads(-1)
+    finally:
+        torch.set_num_threads(before)
