@@ -107,9 +107,13 @@ def main(argv: list[str] | None = None) -> int:
     if args.command == "run":
         from labkit.pipeline import RunConfig, run
 
-        cfg = RunConfig.preset(args.preset, out=args.out, rounds=args.rounds, model=args.model, fresh=args.fresh)
-        metrics = run(cfg)
-        print(f"labkit: wrote {cfg.out}/metrics.json and {cfg.out}/report.html "
+        cfg = RunConfig.preset(args.preset, out_dir=args.out, rounds=args.rounds, model=args.model, fresh=args.fresh)
+        try:
+            metrics = run(cfg)
+        except RuntimeError as e:  # a stage stopped (interrupted or non-finite): its own message
+            print(f"labkit run: {e}", file=sys.stderr)
+            return 1
+        print(f"labkit: wrote {cfg.out_dir}/metrics.json and {cfg.out_dir}/report.html "
               f"({metrics.get('wall_s', 0):.0f} s)")
         return 0
     if args.command == "room":

@@ -19,29 +19,11 @@ from __future__ import annotations
 
 import math
 from collections import defaultdict
-from dataclasses import dataclass
 
 import torch
 
 from labkit import labelers, models
 from labkit.ppo import logprobs_from_logits
-
-
-@dataclass
-class EvalConfig:
-    model: str = "smollm2-135m"        # built-in name, folder or HF id of the model to evaluate
-    split: str = "eval"                # prompt split to answer
-    limit: int | None = None           # evaluate only the first `limit` prompts (smoke runs)
-    max_new_tokens: int = 96           # response length limit; longer responses count as not stopping
-    temperature: float = 0.0           # 0 = greedy decoding, so evaluations are repeatable
-    batch_size: int = 16               # prompts per generation batch
-    seed: int = 0                      # sampling seed when temperature > 0
-
-    def __post_init__(self):
-        if self.max_new_tokens < 1 or self.batch_size < 1:
-            raise ValueError("max_new_tokens and batch_size must be positive")
-        if self.temperature < 0:
-            raise ValueError("temperature must be >= 0")
 
 
 # ----------------------------------------------------------------------------- answering

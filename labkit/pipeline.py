@@ -23,14 +23,14 @@ import torch
 
 from labkit import evaluate, labelers, models
 from labkit.rankings import pair_stats
-from labkit.report import json_dump
+from labkit.report import json_dump, load_jsonl, write_run_report
 
 
 @dataclass
 class RunConfig:
     preset: str = "cpu"                 # tiny | cpu | gpu (see PRESETS)
     model: str = "smollm2-135m"         # base model: built-in name, folder or HF id
-    out: str = "runs/cpu"               # run folder
+    out_dir: str = "runs/cpu"           # run folder
     rounds: int = 1                     # iterations of rankings -> RM -> PPO (InstructGPT §3.1)
     fresh: bool = False                 # ignore state.json and start over
     seed: int = 0                       # seeds sampling, labelers and every stage
@@ -51,6 +51,13 @@ class RunConfig:
     ppo: dict = field(default_factory=dict)  # overrides for labkit.ppo.PPOConfig
 
     def __post_init__(self):
+        # A misspelt override fails here, in the first second, not when its stage starts.
+        for name, config_cls in _stage_configs().items():
+            fields = {f.name for f in dataclasses.fields(config_cls)}
+            unknown = sorted(set(getattr(self, name)) - fields)
+            if unknown:
+                raise ValueError(f"RunConfig.{name} has unknown key(s) {unknown}; "
+                                 f"{config_cls.__name__} knows: {sorted(fields)}")
         if self.rounds < 1:
             raise ValueError("rounds must be >= 1")
         if not 2 <= self.k <= 9:
@@ -59,14 +66,14 @@ class RunConfig:
             raise ValueError("overlap must lie in [0, 1]")
 
     @classmethod
-    def preset(cls, name: str, out: str | None = None, model: str | None = None, **kw) -> "RunConfig":
+    def preset(cls, name: str, out_dir: str | None = None, model: str | None = None, **kw) -> "RunConfig":
         if name not in PRESETS:
             raise ValueError(f"unknown preset {name!r}; choose from {sorted(PRESETS)}")
         values = json.loads(json.dumps(PRESETS[name]))  # a deep copy
         values.update({k: v for k, v in kw.items() if v is not None})
         if model:
             values["model"] = model
-        values["out"] = out or f"runs/{name}"
+        values["out_dir"] = out_dir or f"runs/{name}"
         return cls(preset=name, **values)
 
 
@@ -97,7 +104,7 @@ class Run:
 
     def __init__(self, config: RunConfig):
         self.config = config
-        self.dir = Path(config.out)
+        self.dir = Path(config.out_dir)
         self.dir.mkdir(parents=True, exist_ok=True)
         self.state_path = self.dir / "state.json"
         self.state = {} if config.fresh or not self.state_path.exists() else json.loads(self.state_path.read_text())
@@ -120,13 +127,25 @@ class Run:
         return result
 
 
+def _stage_configs() -> dict:
+    from labkit.ppo import PPOConfig
+    from labkit.reward import RewardConfig
+    from labkit.sft import SFTConfig
+
+    return {"sft": SFTConfig, "rm": RewardConfig, "ppo": PPOConfig}
+
+
 def _save_jsonl(path: Path, rows: list[dict]) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text("".join(json.dumps(r) + "\n" for r in rows), encoding="utf-8")
 
 
-def _load_jsonl(path: Path) -> list[dict]:
-    return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+def _trained(result: dict) -> dict:
+    """A stage result, or the stage's own message as an error when it stopped early."""
+    if result["stopped"] or not result["model_dir"]:
+        raise RuntimeError(f"{Path(result['out_dir']).name} stopped ({result['stopped']}): {result['message']}; "
+                           f"see {result['out_dir']}")
+    return result
 
 
 def eval_stage(run: Run, name: str, model_path: str, records: list[dict]) -> dict:
@@ -182,13 +201,60 @@ def rankings_stage(run: Run, round_: int, policy_path: str, store) -> dict:
             "inter_labeler_agreement": sum(agree) / len(agree) if agree else None}
 
 
+def train_stages(run: Run, store, upto: str = "ppo") -> dict:
+    """SFT, then rankings -> RM -> PPO for each round; a stage the run folder has is skipped.
+
+    Returns the trained model folders ``{"sft", "rm", "ppo"}`` (the last round's); ``upto``
+    ("sft", "rm" or "ppo") stops early. Evaluations are :func:`run`'s business.
+    """
+    from labkit.ppo import PPOConfig, train_ppo
+    from labkit.reward import RewardConfig, train_reward_model
+    from labkit.sft import SFTConfig, train_sft
+
+    cfg = run.config
+    folders = {"sft": run.stage("sft", lambda: _trained(train_sft(SFTConfig(
+        model=cfg.model, out_dir=str(run.dir / "sft"), seed=cfg.seed, **cfg.sft))))["model_dir"]}
+    policy = folders["sft"]
+    for k in range(1, cfg.rounds + 1):
+        if upto == "sft":
+            break
+        run.stage(f"rankings_r{k}", lambda: rankings_stage(run, k, policy, store))
+        folders["rm"] = run.stage(f"rm_r{k}", lambda: _trained(train_reward_model(RewardConfig(
+            model=folders["sft"], rankings=store, out_dir=str(run.dir / f"rm_r{k}"), seed=cfg.seed,
+            device=cfg.device, **cfg.rm))))["model_dir"]
+        if upto == "rm":
+            break
+        # later rounds start from the last policy; the KL penalty keeps pointing at SFT (§3.1)
+        policy = folders["ppo"] = run.stage(f"ppo_r{k}", lambda: _trained(train_ppo(PPOConfig(
+            model=policy, reference=folders["sft"], reward_model=folders["rm"], out_dir=str(run.dir / f"ppo_r{k}"),
+            seed=cfg.seed, **cfg.ppo))))["model_dir"]
+    return folders
+
+
+def ensure(out_dir: str | Path, upto: str = "rm", store=None, **settings) -> dict:
+    """What the earlier notebooks would have left in ``out_dir``, built where it is missing.
+
+    The stages of ``labkit run`` without its evaluations: SFT, simulated labelers ranking K
+    samples of the SFT model into ``store`` (default ``out_dir/feedback.sqlite``), the RM,
+    PPO. ``settings`` are :class:`RunConfig` fields (``model``, ``seed``, ``rm_prompts``,
+    ``sft=dict(max_steps=8)``, ...). Returns ``{"sft", "rm", "ppo"}`` folders and ``"store"``.
+
+    >>> built = ensure("runs/notebooks", upto="rm", model="tiny", rm_prompts=16)
+    >>> rm, tok = load_reward_model(built["rm"])
+    """
+    from labkit.feedback import FeedbackStore
+
+    if upto not in ("sft", "rm", "ppo"):
+        raise ValueError(f"upto must be 'sft', 'rm' or 'ppo', got {upto!r}")
+    run = Run(RunConfig(out_dir=str(out_dir), **settings))
+    store = store if store is not None else FeedbackStore(run.dir / "feedback.sqlite")
+    return {**train_stages(run, store, upto), "store": store}
+
+
 def run(config: RunConfig) -> dict:
     """Run (or resume) the whole pipeline; returns the figures also written to metrics.json."""
     from labkit.data import load_prompts
     from labkit.feedback import FeedbackStore
-    from labkit.ppo import PPOConfig
-    from labkit.reward import RewardConfig, train_reward_model
-    from labkit.sft import SFTConfig, train_sft
 
     t0 = time.perf_counter()
     torch.manual_seed(config.seed)
@@ -199,47 +265,17 @@ def run(config: RunConfig) -> dict:
     records = records[:config.eval_limit] if config.eval_limit else records
 
     r.stage("eval_base", lambda: eval_stage(r, "base", config.model, records))
-    sft_dir = str(r.dir / "sft")
-    r.stage("sft", lambda: {"path": train_sft(SFTConfig(model=config.model, out_dir=sft_dir, seed=config.seed,
-                                                           **config.sft))})
-    r.stage("eval_sft", lambda: eval_stage(r, "sft", sft_dir, records))
-
-    policy = sft_dir
+    folders = train_stages(r, store)
+    r.stage("eval_sft", lambda: eval_stage(r, "sft", folders["sft"], records))
     for k in range(1, config.rounds + 1):
-        r.stage(f"rankings_r{k}", lambda: rankings_stage(r, k, policy, store))
-        rm_dir = str(r.dir / f"rm_r{k}")
-        r.stage(f"rm_r{k}", lambda: {"path": train_reward_model(RewardConfig(
-            base=sft_dir, rankings=store, out_dir=rm_dir, seed=config.seed, device=config.device, **config.rm))})
-        ppo_dir = r.dir / f"ppo_r{k}"
-        ppo_result = r.stage(f"ppo_r{k}", lambda: ppo_stage(PPOConfig(
-            policy=policy, reference=sft_dir, reward_model=rm_dir, output_dir=str(ppo_dir),
-            seed=config.seed, **config.ppo)))
-        policy = ppo_result["policy_dir"]
-        r.stage(f"eval_ppo_r{k}", lambda: eval_stage(r, f"ppo_r{k}", policy, records))
+        r.stage(f"eval_ppo_r{k}", lambda: eval_stage(r, f"ppo_r{k}", str(r.dir / f"ppo_r{k}" / "model"), records))
 
     final = f"ppo_r{config.rounds}"
-    r.stage("compare", lambda: compare_stage(r, records, sft_dir, policy, str(r.dir / f"rm_r{config.rounds}"), final))
+    r.stage("compare", lambda: compare_stage(r, records, folders["sft"], folders["ppo"], folders["rm"], final))
     metrics = collect_metrics(r, t0)
     json_dump(metrics, r.dir / "metrics.json")
     write_run_report(r, metrics, records)
     return metrics
-
-
-def ppo_stage(config) -> dict:
-    """Run PPO; keep its per-step history in ``history.json`` and the last metrics in the state."""
-    from labkit.ppo import train_ppo
-
-    result = train_ppo(config)
-    history = result.pop("history")
-    curves: dict[str, list] = {}
-    for row in history:
-        for name, value in row.items():
-            if name != "step" and isinstance(value, (int, float)):
-                curves.setdefault(name, []).append((row["step"], value))
-    json_dump({"history": curves}, Path(config.output_dir) / "history.json")
-    if result.get("stopped") or not result.get("policy_dir"):
-        raise RuntimeError(f"PPO stopped early ({result.get('stopped')}); see {config.output_dir}")
-    return result
 
 
 def compare_stage(run: Run, records: list[dict], sft_dir: str, policy: str, rm_dir: str, final: str) -> dict:
@@ -248,7 +284,7 @@ def compare_stage(run: Run, records: list[dict], sft_dir: str, policy: str, rm_d
 
     from labkit.reward import RewardModel
 
-    answers = {name: _load_jsonl(run.dir / "eval" / f"{name}.jsonl") for name in ("base", "sft", final)}
+    answers = {name: load_jsonl(run.dir / "eval" / f"{name}.jsonl") for name in ("base", "sft", final)}
     resp = {n: [a["response"] for a in rows] for n, rows in answers.items()}
     trunc = {n: [a["truncated"] for a in rows] for n, rows in answers.items()}
     out = {}
@@ -278,111 +314,3 @@ def collect_metrics(run: Run, t0: float) -> dict:
         "comparisons": stages.get("compare", {}).get("result"),
         "stages": {name: s["result"] for name, s in stages.items() if not name.startswith("eval_")},
     }
-
-
-# ----------------------------------------------------------------------------- report
-
-def _history(folder: Path) -> dict:
-    """A stage's recorded curves (``history.json`` written by its LiveDashboard), if any."""
-    path = folder / "history.json"
-    if not path.exists():
-        return {}
-    data = json.loads(path.read_text())
-    data = data.get("history", data)  # LiveDashboard.save("*.json") wraps it with a title
-    return {k: [tuple(p) for p in v] for k, v in data.items()}
-
-
-def _pick_samples(records: list[dict], n: int) -> list[int]:
-    """Indices of ``n`` eval prompts from as many categories as possible."""
-    seen, picks = set(), []
-    for i, r in enumerate(records):
-        if r["category"] not in seen and len(picks) < n:
-            seen.add(r["category"])
-            picks.append(i)
-    return picks + [i for i in range(len(records)) if i not in picks][:n - len(picks)]
-
-
-def write_run_report(run: Run, metrics: dict, records: list[dict]) -> Path:
-    from labkit import report as rp
-
-    evals = metrics["eval"]
-    names = list(evals)
-    summary_cols = ["model", "gold/mean", "helpful/instruction_following", "honest/closed_qa_accuracy",
-                    "harmless/refusal_rate_harmful", "harmless/refusal_rate_lookalike",
-                    "response/words_mean", "response/stop_rate"]
-    short = {"gold/mean": "gold", "helpful/instruction_following": "follows all checks",
-             "honest/closed_qa_accuracy": "closed-QA correct", "harmless/refusal_rate_harmful": "refuses harmful",
-             "harmless/refusal_rate_lookalike": "refuses look-alike", "response/words_mean": "words",
-             "response/stop_rate": "stops"}
-    summary = [{"model": n, **{short[c]: evals[n].get(c) for c in summary_cols[1:]}} for n in names]
-    summary_cols = ["model"] + [short[c] for c in summary_cols[1:]]
-    comps = metrics.get("comparisons") or {}
-    wins = [{"comparison": k, "win_rate": v["win_rate"], "ci95": tuple(v["ci95"]), "wins": v["wins"],
-             "ties": v["ties"], "losses": v["losses"]} for k, v in comps.items() if isinstance(v, dict)]
-    times = [{"stage": k, "seconds": v} for k, v in metrics["stage_wall_s"].items()]
-    overview = [rp.table(summary, summary_cols), "<h3>Win rates</h3>", rp.table(wins),
-                f"<p>KL(final policy ‖ SFT) on eval responses: {rp.fmt(comps.get('kl_to_sft', float('nan')))} nats</p>",
-                "<h3>Wall time per stage</h3>", rp.table(times)]
-    sections = [("Overview", overview),
-                ("Gold score per category", [rp.category_figure({n: evals[n]["gold/per_category"] for n in names},
-                                                                 "Gold score per category (eval split)")])]
-    curves = []
-    rounds = range(1, run.config.rounds + 1)
-    key_curves = {"sft": ["loss/train", "loss/eval", "learning_rate"],
-                  "rm": None,  # the RM logs few curves: show them all
-                  "ppo": ["objective/rlhf_reward", "objective/scores", "objective/gold", "objective/kl",
-                          "objective/entropy", "loss/policy", "loss/value", "policy/clipfrac", "response/length"]}
-    for folder, title, kind in [(run.dir / "sft", "SFT", "sft")] + [
-            (run.dir / f"rm_r{k}", f"Reward model, round {k}", "rm") for k in rounds] + [
-            (run.dir / f"ppo_r{k}", f"PPO, round {k}", "ppo") for k in rounds]:
-        hist = _history(folder)
-        if hist:
-            curves.append(rp.curves_figure(hist, title, key_curves[kind]))
-    sections.append(("Training curves", curves or ["<p class='muted'>(no curves recorded)</p>"]))
-    over = []
-    for k in range(1, run.config.rounds + 1):
-        hist = _history(run.dir / f"ppo_r{k}")
-        if hist.get("objective/gold") and hist.get("objective/kl"):
-            over.append(overoptimisation_figure(hist, f"Round {k}: RM score and gold score as KL grows"))
-    sections.append(("Reward over-optimisation", over or ["<p class='muted'>(needs objective/gold in the PPO history)</p>"]))
-    gold = labelers.GoldLabeler()
-    answers = {n: _load_jsonl(run.dir / "eval" / f"{n}.jsonl") for n in names}
-    samples = []
-    for i in _pick_samples(records, run.config.n_samples):
-        rec = records[i]
-        s = {"id": rec["id"], "prompt": rec["prompt"], "category": rec["category"]}
-        for n in names:
-            a = answers[n][i]
-            b = gold.breakdown(rec, a["response"], truncated=a["truncated"])
-            s[n] = {"response": a["response"], "gold": b["score"],
-                    "checks": {c["type"]: c["passed"] for c in b["checks"]}}
-        samples.append(s)
-    sections.append(("Sample responses before and after", [rp.samples_html(samples, names)]))
-    return rp.write_report(run.dir / "report.html", f"labkit run: {run.config.preset} preset, {run.config.model}",
-                           sections)
-
-
-def overoptimisation_figure(history: dict, title: str):
-    """RM score (proxy) and gold score against KL over a PPO run (Gao et al. 2022)."""
-    import plotly.graph_objects as go
-
-    def by_step(name):
-        return dict(history.get(name, []))
-
-    kl, rm, gold = by_step("objective/kl"), by_step("objective/scores"), by_step("objective/gold")
-    steps = sorted(set(kl) & set(gold))
-    fig = go.Figure()
-    # Markers, not lines: each step samples other prompts, so KL is not monotone in the step and
-    # a line through the steps would zig-zag; the step is in the hover text.
-    fig.add_trace(go.Scatter(x=[kl[s] for s in steps if s in rm], y=[rm[s] for s in steps if s in rm],
-                             text=[f"step {s:g}" for s in steps if s in rm], mode="markers",
-                             marker=dict(size=9), name="RM score (proxy)"))
-    fig.add_trace(go.Scatter(x=[kl[s] for s in steps], y=[gold[s] for s in steps], mode="markers",
-                             text=[f"step {s:g}" for s in steps], marker=dict(size=9, symbol="diamond"),
-                             name="gold score", yaxis="y2"))
-    fig.update_layout(title=title, xaxis_title="KL(policy ‖ SFT), nats", yaxis_title="RM score",
-                      yaxis2=dict(title="gold score", overlaying="y", side="right", showgrid=False, tickmode="auto",
-                                  tickformat=".2f"), template="plotly_white",
-                      legend=dict(orientation="h", yanchor="bottom", y=1.02, xanchor="right", x=1),
-                      height=380)
-    return fig

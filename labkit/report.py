@@ -118,3 +118,109 @@ def json_dump(obj, path: str | Path) -> None:
     tmp = path.with_suffix(".tmp")
     tmp.write_text(json.dumps(obj, indent=2, default=str), encoding="utf-8")
     tmp.replace(path)
+
+
+def load_jsonl(path: str | Path) -> list[dict]:
+    return [json.loads(line) for line in Path(path).read_text(encoding="utf-8").splitlines() if line.strip()]
+
+
+# ----------------------------------------------------------------------------- the run report
+
+def _pick_samples(records: list[dict], n: int) -> list[int]:
+    """Indices of ``n`` eval prompts from as many categories as possible."""
+    seen, picks = set(), []
+    for i, r in enumerate(records):
+        if r["category"] not in seen and len(picks) < n:
+            seen.add(r["category"])
+            picks.append(i)
+    return picks + [i for i in range(len(records)) if i not in picks][:n - len(picks)]
+
+
+def write_run_report(run, metrics: dict, records: list[dict]) -> Path:
+    """``run.dir/report.html`` of a ``labkit run`` (``run``: a ``labkit.pipeline.Run``)."""
+    from labkit import labelers
+    from labkit.stage import read_history
+
+
+    evals = metrics["eval"]
+    names = list(evals)
+    summary_cols = ["model", "gold/mean", "helpful/instruction_following", "honest/closed_qa_accuracy",
+                    "harmless/refusal_rate_harmful", "harmless/refusal_rate_lookalike",
+                    "response/words_mean", "response/stop_rate"]
+    short = {"gold/mean": "gold", "helpful/instruction_following": "follows all checks",
+             "honest/closed_qa_accuracy": "closed-QA correct", "harmless/refusal_rate_harmful": "refuses harmful",
+             "harmless/refusal_rate_lookalike": "refuses look-alike", "response/words_mean": "words",
+             "response/stop_rate": "stops"}
+    summary = [{"model": n, **{short[c]: evals[n].get(c) for c in summary_cols[1:]}} for n in names]
+    summary_cols = ["model"] + [short[c] for c in summary_cols[1:]]
+    comps = metrics.get("comparisons") or {}
+    wins = [{"comparison": k, "win_rate": v["win_rate"], "ci95": tuple(v["ci95"]), "wins": v["wins"],
+             "ties": v["ties"], "losses": v["losses"]} for k, v in comps.items() if isinstance(v, dict)]
+    times = [{"stage": k, "seconds": v} for k, v in metrics["stage_wall_s"].items()]
+    overview = [table(summary, summary_cols), "<h3>Win rates</h3>", table(wins),
+                f"<p>KL(final policy ‖ SFT) on eval responses: {fmt(comps.get('kl_to_sft', float('nan')))} nats</p>",
+                "<h3>Wall time per stage</h3>", table(times)]
+    sections = [("Overview", overview),
+                ("Gold score per category", [category_figure({n: evals[n]["gold/per_category"] for n in names},
+                                                                 "Gold score per category (eval split)")])]
+    curves = []
+    rounds = range(1, run.config.rounds + 1)
+    key_curves = {"sft": ["loss/train", "loss/eval", "learning_rate"],
+                  "rm": None,  # the RM logs few curves: show them all
+                  "ppo": ["objective/rlhf_reward", "objective/scores", "objective/gold", "objective/kl",
+                          "objective/entropy", "loss/policy", "loss/value", "policy/clipfrac", "response/length"]}
+    for folder, title, kind in [(run.dir / "sft", "SFT", "sft")] + [
+            (run.dir / f"rm_r{k}", f"Reward model, round {k}", "rm") for k in rounds] + [
+            (run.dir / f"ppo_r{k}", f"PPO, round {k}", "ppo") for k in rounds]:
+        hist = read_history(folder)
+        if hist:
+            curves.append(curves_figure(hist, title, key_curves[kind]))
+    sections.append(("Training curves", curves or ["<p class='muted'>(no curves recorded)</p>"]))
+    over = []
+    for k in range(1, run.config.rounds + 1):
+        hist = read_history(run.dir / f"ppo_r{k}")
+        if hist.get("objective/gold") and hist.get("objective/kl"):
+            over.append(overoptimisation_figure(hist, f"Round {k}: RM score and gold score as KL grows"))
+    sections.append(("Reward over-optimisation", over or ["<p class='muted'>(needs objective/gold in the PPO history)</p>"]))
+    gold = labelers.GoldLabeler()
+    answers = {n: load_jsonl(run.dir / "eval" / f"{n}.jsonl") for n in names}
+    samples = []
+    for i in _pick_samples(records, run.config.n_samples):
+        rec = records[i]
+        s = {"id": rec["id"], "prompt": rec["prompt"], "category": rec["category"]}
+        for n in names:
+            a = answers[n][i]
+            b = gold.breakdown(rec, a["response"], truncated=a["truncated"])
+            s[n] = {"response": a["response"], "gold": b["score"],
+                    "checks": {c["type"]: c["passed"] for c in b["checks"]}}
+        samples.append(s)
+    sections.append(("Sample responses before and after", [samples_html(samples, names)]))
+    return write_report(run.dir / "report.html", f"labkit run: {run.config.preset} preset, {run.config.model}",
+                           sections)
+
+
+def overoptimisation_figure(history: dict, title: str):
+    """RM score (proxy) and gold score against KL over a PPO run (Gao et al. 2022).
+
+    ``history``: a PPO stage's curves, ``labkit.stage.read_history(out_dir)``.
+    """
+    def by_step(name):
+        return dict(history.get(name, []))
+
+    kl, rm, gold = by_step("objective/kl"), by_step("objective/scores"), by_step("objective/gold")
+    steps = sorted(set(kl) & set(gold))
+    fig = go.Figure()
+    # Markers, not lines: each step samples other prompts, so KL is not monotone in the step and
+    # a line through the steps would zig-zag; the step is in the hover text.
+    fig.add_trace(go.Scatter(x=[kl[s] for s in steps if s in rm], y=[rm[s] for s in steps if s in rm],
+                             text=[f"step {s:g}" for s in steps if s in rm], mode="markers",
+                             marker=dict(size=9), name="RM score (proxy)"))
+    fig.add_trace(go.Scatter(x=[kl[s] for s in steps], y=[gold[s] for s in steps], mode="markers",
+                             text=[f"step {s:g}" for s in steps], marker=dict(size=9, symbol="diamond"),
+                             name="gold score", yaxis="y2"))
+    fig.update_layout(title=title, xaxis_title="KL(policy ‖ SFT), nats", yaxis_title="RM score",
+                      yaxis2=dict(title="gold score", overlaying="y", side="right", showgrid=False, tickmode="auto",
+                                  tickformat=".2f"), template="plotly_white",
+                      legend=dict(orientation="h", yanchor="bottom", y=1.02, xanchor="right", x=1),
+                      height=380)
+    return fig

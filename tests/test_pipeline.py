@@ -18,12 +18,17 @@ def test_info_reports_dtype_cache_and_dataset_counts():
 
 def test_presets_and_validation():
     assert set(PRESETS) == {"tiny", "cpu", "gpu"}
-    cfg = RunConfig.preset("tiny", out="x", rounds=2)
-    assert cfg.model == "tiny" and cfg.rounds == 2 and cfg.out == "x"
+    cfg = RunConfig.preset("tiny", out_dir="x", rounds=2)
+    assert cfg.model == "tiny" and cfg.rounds == 2 and cfg.out_dir == "x"
     with pytest.raises(ValueError, match="unknown preset"):
         RunConfig.preset("huge")
     with pytest.raises(ValueError, match="k must lie"):
         RunConfig(k=12)
+    # a misspelt stage override fails at once, naming the valid keys
+    with pytest.raises(ValueError, match=r"RunConfig.ppo has unknown key\(s\) \['stpes'\].*PPOConfig knows:.*'steps'"):
+        RunConfig(ppo=dict(stpes=3))
+    with pytest.raises(ValueError, match="RunConfig.rm has unknown key"):
+        RunConfig(rm=dict(lr=1e-4))
 
 
 def test_win_rate_counts_ties_half_and_gives_an_interval():
@@ -51,7 +56,7 @@ def test_best_of_n_curve_picks_the_rm_favourite():
 @pytest.mark.slow
 def test_tiny_run_end_to_end_and_resume(tmp_path):
     out = tmp_path / "run"
-    cfg = RunConfig.preset("tiny", out=str(out))
+    cfg = RunConfig.preset("tiny", out_dir=str(out))
     metrics = run(cfg)
     saved = json.loads((out / "metrics.json").read_text())
     assert saved["gold_mean"].keys() == {"base", "sft", "ppo_r1"}
@@ -61,10 +66,42 @@ def test_tiny_run_end_to_end_and_resume(tmp_path):
     assert 0 <= saved["comparisons"]["gold/ppo_r1_vs_sft"]["win_rate"] <= 1
     html = (out / "report.html").read_text()
     assert "Win rates" in html and "Sample responses" in html
-    assert (out / "ppo_r1" / "policy").is_dir() and (out / "feedback.sqlite").exists()
+    assert (out / "ppo_r1" / "model").is_dir() and (out / "feedback.sqlite").exists()
+    for stage in ("sft", "rm_r1", "ppo_r1"):  # the stage contract's files
+        for name in ("config.json", "metrics.json", "history.json", "dashboard.html"):
+            assert (out / stage / name).exists(), (stage, name)
     # a second invocation resumes: every stage is skipped, nothing is ranked twice
     n_before = saved["stages"]["rankings_r1"]["rankings"]
-    again = run(RunConfig.preset("tiny", out=str(out)))
+    again = run(RunConfig.preset("tiny", out_dir=str(out)))
     assert again["stage_wall_s"] == metrics["stage_wall_s"]
     from labkit.feedback import FeedbackStore
     assert len(FeedbackStore(out / "feedback.sqlite").rankings()) == n_before
+
+
+@pytest.mark.slow
+def test_ensure_builds_what_earlier_notebooks_leave_and_reuses_it(tmp_path):
+    from labkit.pipeline import ensure
+    from labkit.reward import load_reward_model
+
+    settings = dict(model="tiny", rm_prompts=8, sample_max_new_tokens=8, sft=dict(max_steps=2),
+                    rm=dict(max_steps=2, batch_size=4))
+    built = ensure(tmp_path, upto="rm", **settings)
+    assert built["sft"] == str(tmp_path / "sft" / "model") and "ppo" not in built
+    rm, _ = load_reward_model(built["rm"], dtype="float32", device="cpu")
+    n_rankings = len(built["store"].rankings())
+    assert n_rankings >= 8
+    again = ensure(tmp_path, upto="rm", **settings)  # everything is there: nothing is redone
+    assert again["rm"] == built["rm"] and len(again["store"].rankings()) == n_rankings
+
+
+def test_a_stopped_stage_stops_labkit_run_with_its_message(tmp_path, monkeypatch, capsys):
+    import labkit.sft
+
+    def stopped_sft(config):
+        return {"out_dir": config.out_dir, "model_dir": None, "stopped": "non-finite",
+                "message": "non-finite training loss at step 3"}
+
+    monkeypatch.setattr(labkit.sft, "train_sft", stopped_sft)
+    monkeypatch.setattr("labkit.pipeline.eval_stage", lambda *a: {})
+    assert cli.main(["run", "--preset", "tiny", "--out", str(tmp_path / "run")]) == 1
+    assert "sft stopped (non-finite): non-finite training loss at step 3" in capsys.readouterr().err
