@@ -157,6 +157,7 @@ def worker_labkit(spec: dict) -> dict:
     import torch
 
     from labkit import ppo
+    from labkit.stage import history_rows
 
     trained_tokens = []
     original_forward = ppo.PolicyAndValue.forward
@@ -169,8 +170,8 @@ def worker_labkit(spec: dict) -> dict:
     ppo.PolicyAndValue.forward = counting_forward
     shared = spec.get("share_backbone", False)
     steps = spec["warmup"] + spec["steps"]
-    config = ppo.PPOConfig(policy=spec["policy"], reward_model=spec["rm"], prompts=spec["prompts"],
-                           output_dir=spec["out_dir"], steps=steps, batch_size=spec["batch_size"],
+    config = ppo.PPOConfig(model=spec["policy"], reward_model=spec["rm"], prompts=spec["prompts"],
+                           out_dir=spec["out_dir"], steps=steps, batch_size=spec["batch_size"],
                            mini_batch_size=spec["batch_size"], micro_batch_size=spec["micro_batch_size"],
                            ppo_epochs=spec["ppo_epochs"], max_new_tokens=spec["response_length"],
                            temperature=0.7, learning_rate=1e-5, kl_coef=0.05, missing_eos_penalty=1.0,
@@ -179,7 +180,7 @@ def worker_labkit(spec: dict) -> dict:
                            rollout_batch_size=spec["rollout_batch_size"])
     per_step = spec["batch_size"] // spec["micro_batch_size"] * spec["ppo_epochs"]
     result = ppo.train_ppo(config)
-    hist = result["history"][spec["warmup"]:]
+    hist = history_rows(result["out_dir"])[spec["warmup"]:]
     tokens = [sum(trained_tokens[i * per_step:(i + 1) * per_step]) for i in range(steps)][spec["warmup"]:]
     return {"step_s": [h["time/step_s"] for h in hist], "train_s": [h["time/train_s"] for h in hist],
             "generate_s": [h["time/generate_s"] for h in hist],
@@ -194,6 +195,7 @@ def worker_rloo(spec: dict) -> dict:
     from transformers import TrainerCallback
 
     from labkit import beyond
+    from labkit.stage import history_rows
 
     marks, rollout_s, trained_tokens = [], [], []
 
@@ -222,8 +224,8 @@ def worker_rloo(spec: dict) -> dict:
     trl.RLOOTrainer.compute_loss = counting_loss
     steps = spec["warmup"] + spec["steps"]
     B = spec["batch_size"]
-    config = beyond.RLOOConfig(policy=spec["policy"], reward_model=spec["rm"], prompts=spec["prompts"],
-                               output_dir=spec["out_dir"], steps=steps, batch_size=B,
+    config = beyond.RLOOConfig(model=spec["policy"], reward_model=spec["rm"], prompts=spec["prompts"],
+                               out_dir=spec["out_dir"], steps=steps, batch_size=B,
                                num_generations=spec["rloo_generations"], mini_batch_size=B,
                                micro_batch_size=spec["micro_batch_size"], num_iterations=spec["ppo_epochs"],
                                max_completion_length=spec["response_length"], temperature=0.7,
@@ -236,7 +238,7 @@ def worker_rloo(spec: dict) -> dict:
     step_s = [b - a for a, b in zip(ends, ends[1:])][spec["warmup"]:]
     micro_per_step = B // spec["micro_batch_size"] * spec["ppo_epochs"]
     tokens = [sum(trained_tokens[i * micro_per_step:(i + 1) * micro_per_step]) for i in range(steps)]
-    lengths = [h["completions/mean_length"] for h in result["history"] if "completions/mean_length" in h]
+    lengths = [h["completions/mean_length"] for h in history_rows(result["out_dir"]) if "completions/mean_length" in h]
     rollouts = rollout_s[spec["warmup"]:]
     return {"step_s": step_s, "train_s": [s - r for s, r in zip(step_s, rollouts)], "rollout_s": rollouts,
             "response_tokens": [x * B for x in lengths][spec["warmup"]:], "trained_tokens": tokens[spec["warmup"]:],

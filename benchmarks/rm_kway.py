@@ -33,7 +33,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import os
 import platform
 import random
@@ -47,6 +46,7 @@ import torch
 from labkit.models import build_tiny, cpu_has_fast_bf16, cpu_name, fast_dtype, load_model
 from labkit.rankings import tiers_to_ranks
 from labkit.reward import RewardConfig, RewardModel, collate, encode, load_reward_model, ranking_loss, train_reward_model
+from labkit.stage import read_history
 
 RESULTS = Path(__file__).parent / "results" / "rm_kway.json"
 # A mid-sized model built in code: big enough that compute, not Python overhead, dominates.
@@ -170,18 +170,17 @@ def run_trl(init: Path, records: list[dict], args, work: Path) -> dict:
 
 
 def run_labkit(init: Path, records: list[dict], args, work: Path) -> dict:
-    config = RewardConfig(base=str(init), rankings=records, out_dir=str(work / "labkit"), epochs=1,
-                          batch_size=args.prompts_per_step, lr=args.lr, min_lr_ratio=0.1, max_grad_norm=1.0,
+    config = RewardConfig(model=str(init), rankings=records, out_dir=str(work / "labkit"), epochs=1,
+                          batch_size=args.prompts_per_step, learning_rate=args.lr, min_lr_ratio=0.1, max_grad_norm=1.0,
                           max_length=args.max_length, eval_fraction=0.0, normalize=False, seed=args.seed,
-                          precision="fp32" if args.fp32 else "auto", device="cpu", live=False, progress=False)
+                          precision="fp32" if args.fp32 else "auto", device="cpu", dashboard=False, progress=False)
     load0 = os.getloadavg()
     t0 = time.perf_counter()
-    out = train_reward_model(config)
+    m = train_reward_model(config)
     total = time.perf_counter() - t0
-    m = json.loads((Path(out) / "metrics.json").read_text())
     k = len(records[0]["responses"])
     return {"epoch_s": m["time/train_s"], "epoch_cpu_s": m["time/train_cpu_s"], "call_s": total, "initial_loss_fp32": labkit_initial_loss(init, records, args.max_length),
-            "first_step_loss": m["train/loss_first"], "final_loss": m["train/curve"]["loss"][-1],
+            "first_step_loss": m["loss/first"], "final_loss": read_history(m["out_dir"])["loss/ranking"][-1][1],
             "comparisons": m["data/n_comparisons"], "forward_sequences": len(records) * k,
             "optimizer_steps": m["train/steps_done"], "sequences_per_forward": args.prompts_per_step * k,
             "bf16_autocast": not args.fp32 and fast_dtype("cpu") == torch.bfloat16,

@@ -107,7 +107,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.command == "run":
         from labkit.pipeline import RunConfig, run
 
-        cfg = RunConfig.preset(args.preset, out_dir=args.out, rounds=args.rounds, model=args.model, fresh=args.fresh)
+        cfg = RunConfig.from_preset(args.preset, out_dir=args.out, rounds=args.rounds, model=args.model, fresh=args.fresh)
         try:
             metrics = run(cfg)
         except RuntimeError as e:  # a stage stopped (interrupted or non-finite): its own message

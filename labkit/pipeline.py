@@ -66,7 +66,7 @@ class RunConfig:
             raise ValueError("overlap must lie in [0, 1]")
 
     @classmethod
-    def preset(cls, name: str, out_dir: str | None = None, model: str | None = None, **kw) -> "RunConfig":
+    def from_preset(cls, name: str, out_dir: str | None = None, model: str | None = None, **kw) -> "RunConfig":
         if name not in PRESETS:
             raise ValueError(f"unknown preset {name!r}; choose from {sorted(PRESETS)}")
         values = json.loads(json.dumps(PRESETS[name]))  # a deep copy

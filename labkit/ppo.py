@@ -30,7 +30,6 @@ import json
 import random
 import shutil
 import time
-import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable

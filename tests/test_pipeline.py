@@ -18,10 +18,10 @@ def test_info_reports_dtype_cache_and_dataset_counts():
 
 def test_presets_and_validation():
     assert set(PRESETS) == {"tiny", "cpu", "gpu"}
-    cfg = RunConfig.preset("tiny", out_dir="x", rounds=2)
+    cfg = RunConfig.from_preset("tiny", out_dir="x", rounds=2)
     assert cfg.model == "tiny" and cfg.rounds == 2 and cfg.out_dir == "x"
     with pytest.raises(ValueError, match="unknown preset"):
-        RunConfig.preset("huge")
+        RunConfig.from_preset("huge")
     with pytest.raises(ValueError, match="k must lie"):
         RunConfig(k=12)
     # a misspelt stage override fails at once, naming the valid keys
@@ -56,7 +56,7 @@ def test_best_of_n_curve_picks_the_rm_favourite():
 @pytest.mark.slow
 def test_tiny_run_end_to_end_and_resume(tmp_path):
     out = tmp_path / "run"
-    cfg = RunConfig.preset("tiny", out_dir=str(out))
+    cfg = RunConfig.from_preset("tiny", out_dir=str(out))
     metrics = run(cfg)
     saved = json.loads((out / "metrics.json").read_text())
     assert saved["gold_mean"].keys() == {"base", "sft", "ppo_r1"}
@@ -72,7 +72,7 @@ def test_tiny_run_end_to_end_and_resume(tmp_path):
             assert (out / stage / name).exists(), (stage, name)
     # a second invocation resumes: every stage is skipped, nothing is ranked twice
     n_before = saved["stages"]["rankings_r1"]["rankings"]
-    again = run(RunConfig.preset("tiny", out_dir=str(out)))
+    again = run(RunConfig.from_preset("tiny", out_dir=str(out)))
     assert again["stage_wall_s"] == metrics["stage_wall_s"]
     from labkit.feedback import FeedbackStore
     assert len(FeedbackStore(out / "feedback.sqlite").rankings()) == n_before

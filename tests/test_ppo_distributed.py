@@ -9,7 +9,6 @@ from pathlib import Path
 import pytest
 import torch
 
-from labkit import ppo
 from labkit.models import load_model
 from labkit.stage import history_rows
 
@@ -18,7 +17,6 @@ ROOT = Path(__file__).resolve().parents[1]
 SCRIPT = """
 import json, sys, torch
 torch.set_num_threads(1)
-from labkit import ppo
 policy, out = sys.argv[1], sys.argv[2]
 prompts = [f"Tell me about topic number {i}." for i in range(32)]
 m = ppo.train_ppo(ppo.PPOConfig(
