@@ -140,6 +140,15 @@ def _save_jsonl(path: Path, rows: list[dict]) -> None:
     path.write_text("".join(json.dumps(r) + "\n" for r in rows), encoding="utf-8")
 
 
+def _finished(out_dir: Path, fresh: bool) -> dict | None:
+    """The result of a stage that already finished in ``out_dir`` (a notebook trained it), if any."""
+    path = out_dir / "metrics.json"
+    if fresh or not path.exists():
+        return None
+    result = json.loads(path.read_text())
+    return result if result.get("model_dir") and not result.get("stopped") else None
+
+
 def _trained(result: dict) -> dict:
     """A stage result, or the stage's own message as an error when it stopped early."""
     if result["stopped"] or not result["model_dir"]:
@@ -202,7 +211,8 @@ def rankings_stage(run: Run, round_: int, policy_path: str, store) -> dict:
 
 
 def train_stages(run: Run, store, upto: str = "ppo") -> dict:
-    """SFT, then rankings -> RM -> PPO for each round; a stage the run folder has is skipped.
+    """SFT, then rankings -> RM -> PPO for each round; a stage the run folder has is skipped
+    (recorded in ``state.json``, or a finished stage folder, e.g. one a notebook trained).
 
     Returns the trained model folders ``{"sft", "rm", "ppo"}`` (the last round's); ``upto``
     ("sft", "rm" or "ppo") stops early. Evaluations are :func:`run`'s business.
@@ -212,22 +222,26 @@ def train_stages(run: Run, store, upto: str = "ppo") -> dict:
     from labkit.sft import SFTConfig, train_sft
 
     cfg = run.config
-    folders = {"sft": run.stage("sft", lambda: _trained(train_sft(SFTConfig(
-        model=cfg.model, out_dir=str(run.dir / "sft"), seed=cfg.seed, **cfg.sft))))["model_dir"]}
+
+    def stage(name: str, train, config_cls, **fields) -> str:
+        out = run.dir / name
+        return run.stage(name, lambda: _finished(out, cfg.fresh) or _trained(train(config_cls(
+            out_dir=str(out), seed=cfg.seed, **fields, **getattr(cfg, name.split("_")[0])))))["model_dir"]
+
+    folders = {"sft": stage("sft", train_sft, SFTConfig, model=cfg.model)}
     policy = folders["sft"]
     for k in range(1, cfg.rounds + 1):
         if upto == "sft":
             break
-        run.stage(f"rankings_r{k}", lambda: rankings_stage(run, k, policy, store))
-        folders["rm"] = run.stage(f"rm_r{k}", lambda: _trained(train_reward_model(RewardConfig(
-            model=folders["sft"], rankings=store, out_dir=str(run.dir / f"rm_r{k}"), seed=cfg.seed,
-            device=cfg.device, **cfg.rm))))["model_dir"]
+        if not _finished(run.dir / f"rm_r{k}", cfg.fresh):  # an RM trained elsewhere needs no new rankings
+            run.stage(f"rankings_r{k}", lambda: rankings_stage(run, k, policy, store))
+        folders["rm"] = stage(f"rm_r{k}", train_reward_model, RewardConfig, model=folders["sft"], rankings=store,
+                              device=cfg.device)
         if upto == "rm":
             break
         # later rounds start from the last policy; the KL penalty keeps pointing at SFT (§3.1)
-        policy = folders["ppo"] = run.stage(f"ppo_r{k}", lambda: _trained(train_ppo(PPOConfig(
-            model=policy, reference=folders["sft"], reward_model=folders["rm"], out_dir=str(run.dir / f"ppo_r{k}"),
-            seed=cfg.seed, **cfg.ppo))))["model_dir"]
+        policy = folders["ppo"] = stage(f"ppo_r{k}", train_ppo, PPOConfig, model=policy, reference=folders["sft"],
+                                        reward_model=folders["rm"])
     return folders
 
 
