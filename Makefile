@@ -45,6 +45,7 @@ demo: $(STAMP)
 	$(BIN)/labkit run
 
 test: $(STAMP) browser
+	$(BIN)/ruff check labkit tests benchmarks scripts
 	$(BIN)/python -m pytest $(PYTEST_ARGS)
 
 clean:

@@ -183,19 +183,6 @@ PROMPTS = [{"id": f"t-{i}", "prompt": f"Tell me about topic number {i}.", "categ
             "style": "plain", "checks": [{"type": "max_words", "n": 5}], "harmful": False} for i in range(32)]
 
 
-@pytest.fixture(scope="module")
-def peaked_tiny(tmp_path_factory):
-    """The tiny model with its final norm scaled up: a peaked next-token distribution in which a
-    newline is a common but not dominant first token, so a reward on newlines is learnable fast."""
-    model, tok = load_model("tiny", dtype="float32")
-    with torch.no_grad():
-        model.model.norm.weight.mul_(12.0)
-    path = tmp_path_factory.mktemp("peaked_tiny")
-    model.save_pretrained(path)
-    tok.save_pretrained(path)
-    return str(path)
-
-
 def newline_reward(prompts, responses):
     return [r.count("\n") / 8 for r in responses]
 

@@ -7,9 +7,7 @@ import sys
 from pathlib import Path
 
 import pytest
-import torch
 
-from labkit.models import load_model
 from labkit.stage import history_rows
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -32,19 +30,8 @@ json.dump({"final": final, "world": state.num_processes},
 """
 
 
-@pytest.fixture(scope="module")
-def peaked_policy(tmp_path_factory):
-    model, tok = load_model("tiny", dtype="float32")
-    with torch.no_grad():
-        model.model.norm.weight.mul_(12.0)  # see tests/test_ppo.py: a learnable newline reward
-    path = tmp_path_factory.mktemp("peaked")
-    model.save_pretrained(path)
-    tok.save_pretrained(path)
-    return str(path)
-
-
 @pytest.mark.slow
-def test_two_process_run_matches_single_process_statistics(peaked_policy, tmp_path):
+def test_two_process_run_matches_single_process_statistics(peaked_tiny, tmp_path):
     script = tmp_path / "run_ppo.py"
     script.write_text(SCRIPT)
     env = dict(os.environ, OMP_NUM_THREADS="1")
@@ -53,9 +40,9 @@ def test_two_process_run_matches_single_process_statistics(peaked_policy, tmp_pa
         out = tmp_path / f"n{n}"
         cmd = [sys.executable, "-m", "accelerate.commands.launch", "--config_file",
                str(ROOT / "configs/accelerate/ddp_cpu.yaml"), "--num_processes", str(n),
-               "--main_process_port", str(29600 + n), str(script), peaked_policy, str(out)]
+               "--main_process_port", str(29600 + n), str(script), peaked_tiny, str(out)]
         if n == 1:
-            cmd = [sys.executable, str(script), peaked_policy, str(out)]
+            cmd = [sys.executable, str(script), peaked_tiny, str(out)]
         proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=900)
         assert proc.returncode == 0, proc.stderr[-3000:]
         results = [json.loads(p.read_text()) for p in sorted(out.glob("result_*.json"))]

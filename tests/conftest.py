@@ -1,0 +1,20 @@
+"""Fixtures several test modules share."""
+
+import pytest
+import torch
+
+from labkit.models import load_model
+
+
+@pytest.fixture(scope="session")
+def peaked_tiny(tmp_path_factory) -> str:
+    """A folder holding the tiny model with its final norm scaled up: a peaked next-token
+    distribution in which a newline is a common but not dominant first token, so a reward on
+    newlines is learnable in a few PPO steps."""
+    model, tok = load_model("tiny", dtype="float32")
+    with torch.no_grad():
+        model.model.norm.weight.mul_(12.0)
+    path = tmp_path_factory.mktemp("peaked_tiny")
+    model.save_pretrained(path)
+    tok.save_pretrained(path)
+    return str(path)
