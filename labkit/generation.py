@@ -1,46 +1,72 @@
 """Sampling responses: batched, KV-cached, left-padded, reproducible.
 
 Every stage that needs model outputs goes through here: SFT samples for inspection, the K
-responses per prompt that labelers rank (InstructGPT §3.5: K = 4..9), evaluation.
+responses per prompt that labelers rank (InstructGPT §3.5: K = 4..9), PPO rollouts,
+evaluation, and the chat playground.
 
 - **Left padding.** A batch of prompts of different lengths is padded on the left, so every
   prompt ends at the same column and the first new token of every row is sampled at the
-  same step. Position ids and the attention mask skip the padding (the HF
-  ``generate`` loop derives them from ``attention_mask``).
-- **KV cache.** Each step feeds one new token per row and reuses cached keys/values, so a
-  64-token response costs 64 small forward passes, not 64 growing ones.
-- **Sorted batches.** Prompts are sorted by token length before batching (less padding);
-  results come back in the caller's order. ``sample_k`` repeats each prompt K times, so
-  the K copies land in the same batch instead of costing K separate passes.
+  same step. Position ids count real tokens only and the attention mask hides the padding.
+- **KV cache, allocated once.** Keys and values of the prompt and of every new token go
+  into one buffer per layer sized for prompt + ``max_new_tokens`` (:class:`KVSlab`); a
+  decoding step feeds one token per row, writes one column and attends over the filled
+  part, with no per-step ``torch.cat`` of the whole cache.
+- **bf16 weights, cast once.** Under bf16 autocast every ``nn.Linear`` would re-cast its
+  fp32 weight to bf16 at every step; a decoding step of a few rows is then mostly that
+  memory traffic. The loop swaps each fp32 linear weight for a bf16 copy cast once per
+  weight version (:func:`bf16_linear_weights`); the result is the same numbers autocast
+  computes, since autocast rounds the same weights the same way. Embeddings, norms and the
+  residual stream stay in the weights' own dtype.
+- **Last position only.** The unembedding (49k columns for SmolLM2) runs on the last
+  position of each row (``logits_to_keep=1``), in the prompt pass too.
+- **Sampling in labkit.** Greedy = argmax. Sampling draws from ``softmax(logits / T)`` by
+  inverse CDF (one uniform per row); top-p keeps the smallest set of most likely tokens
+  whose mass reaches ``top_p``, found among the top 256 tokens when they hold that mass
+  (a full sort of 49k columns per row per step costs more than the model's step), with a
+  full sort for rows where they do not.
+- **Finished rows leave the batch.** A row that emitted EOS gets pad tokens from then on;
+  once half the rows are finished the cache, mask and positions are compacted to the
+  unfinished rows, so a long tail of one response does not cost a full batch.
+- **Sorted batches.** ``generate`` sorts prompts by token length before batching (less
+  padding); results come back in the caller's order. ``sample_k`` repeats each prompt K
+  times, so the K copies land in the same batch instead of costing K separate passes.
 - **Stop at EOS.** A response ends at the chat template's end-of-turn token
   ``<|im_end|>`` (``tokenizer.eos_token_id``); a response that hits ``max_new_tokens``
   first is *truncated*, which PPO penalises and the gold labeler notices.
+- **Other architectures.** Models whose cache is not plain full attention (sliding windows
+  shorter than the sequence, recurrent or linear-attention layers, encoder-decoders) go
+  through Hugging Face ``model.generate`` with the same settings instead.
 
-Measured with the bundled model's architecture, 64 new tokens per prompt (no early stop),
-CPU with 2 threads on a Xeon with AMX (uncontended), seconds:
+**What greedy decoding guarantees across batches.** In fp32 (``bf16=False`` with fp32
+weights) a row's greedy tokens do not depend on which other prompts share its batch, nor on
+its left padding: padded positions are masked out and positions count real tokens, so the
+row's logits differ from the same prompt run alone only by float rounding (matrix kernels
+may block a different number of rows differently), far below the gap between the two best
+tokens except at exact ties. Under bf16 the same holds with bf16 rounding, which is coarse
+enough to flip a near-tie (two best logits within about 1%), after which the two
+continuations differ; a test checks the fp32 guarantee on the tiny model.
 
-==================  =====  =====  =====  =====
-prompts x batch     8x8    32x8   32x16  32x32
-==================  =====  =====  =====  =====
-bf16 weights        6.7    26.8   19.6   17.5
-fp32 weights        6.0    25.6   20.4   18.6
-==================  =====  =====  =====  =====
-
-Per step, decoding is bound by the fixed costs of a forward pass, so larger batches pay
-off (32 prompts in one batch: 1.5x faster than four batches of 8), hence ``batch_size=32``.
-Both rows run under bf16 autocast; the dtype the weights are stored in hardly matters.
+Speed against ``transformers``' ``generate`` and the machine's compute bound:
+``benchmarks/generation.py`` (results in ``benchmarks/results/generation.json``).
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import inspect
+import weakref
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 
 import torch
+import torch.nn.functional as F
+from transformers.cache_utils import Cache, DynamicLayer
 
 from labkit.live import progress
-from labkit.models import autocast, format_prompt
+from labkit.models import autocast, fast_dtype, format_prompt, position_ids
 
-__all__ = ["generate", "sample_k", "encode_prompts"]
+__all__ = ["generate", "sample_k", "encode_prompts", "sample_tokens", "stream", "KVSlab"]
+
+TOP_P_CANDIDATES = 256  # top-p looks for the nucleus among this many most likely tokens first
 
 
 def encode_prompts(tokenizer, prompts: Sequence[str], max_length: int | None = None) -> tuple[list[list[int]], int]:
@@ -77,20 +103,266 @@ def _cut_at_eos(tokens: list[int], eos_id: int) -> tuple[list[int], bool]:
     return tokens, True
 
 
+# ----------------------------------------------------------------------------- the KV cache
+
+
+class KVSlab(DynamicLayer):
+    """One layer's keys and values in a buffer of ``capacity`` positions, allocated at the
+    first update; each update writes its columns in place and returns views of the filled
+    part, (B, H, t, D), so attention never sees the empty tail and nothing is re-allocated."""
+
+    def __init__(self, capacity: int):
+        super().__init__()
+        self.capacity = capacity
+        self.length = 0
+
+    def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs):
+        if not self.is_initialized:
+            B, H, _, D = key_states.shape
+            self.device = key_states.device
+            self._keys = key_states.new_empty(B, H, self.capacity, D)  # (B, H, capacity, D)
+            self._values = value_states.new_empty(B, H, self.capacity, value_states.shape[-1])
+            self.is_initialized = True
+        end = self.length + key_states.shape[-2]
+        if end > self.capacity:
+            raise RuntimeError(f"KV cache full: {end} positions > capacity {self.capacity}")
+        self._keys[:, :, self.length:end] = key_states
+        self._values[:, :, self.length:end] = value_states
+        self.length = end
+        self.keys, self.values = self._keys[:, :, :end], self._values[:, :, :end]
+        return self.keys, self.values
+
+    def keep_rows(self, rows: torch.Tensor) -> None:
+        """Keep only batch rows ``rows`` (finished responses leave the batch)."""
+        if self.is_initialized:
+            self._keys, self._values = self._keys[rows], self._values[rows]
+            self.keys, self.values = self._keys[:, :, :self.length], self._values[:, :, :self.length]
+
+
+def _cache_argument(model) -> str | None:
+    """The name under which ``model.forward`` takes a KV cache (transformers renamed it)."""
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model  # peft wrappers
+    params = inspect.signature(base.forward).parameters
+    return next((name for name in ("cache", "past_key_values") if name in params), None)
+
+
+def fast_path_supported(model, total_length: int) -> bool:
+    """True when labkit's decoding loop can run ``model``: a decoder-only HF model with full
+    attention over ``total_length`` positions in every layer. Others use HF ``generate``."""
+    config = getattr(model, "config", None)
+    if config is None or getattr(config, "is_encoder_decoder", False) or _cache_argument(model) is None:
+        return False
+    layer_types = getattr(config, "layer_types", None)
+    if layer_types is not None and any(t != "full_attention" for t in layer_types):
+        return False
+    window = getattr(config, "sliding_window", None)
+    if window is not None and getattr(config, "use_sliding_window", True) and window < total_length:
+        return False
+    return True
+
+
+# ----------------------------------------------------------------------------- bf16 weights
+
+# id(fp32 weight) -> (weakref to it, (version, data pointer) it was cast at, bf16 copy); an entry
+# goes when its weight is freed.
+_BF16_COPIES: dict[int, tuple[weakref.ref, tuple[int, int], torch.nn.Parameter]] = {}
+
+
+@contextmanager
+def bf16_linear_weights(model, enabled: bool = True):
+    """Within the block, every ``nn.Linear`` with an fp32 weight uses a bf16 copy of it.
+
+    The copy is cast once per weight version (an optimizer step makes a new version) and kept
+    for the next call. Embeddings keep their weights, so a tied unembedding gets its own bf16
+    copy while the embedding lookup (and the residual stream) stays fp32, as under autocast.
+    """
+    swapped = []
+    if enabled:
+        for module in model.modules():
+            w = module._parameters.get("weight") if isinstance(module, torch.nn.Linear) else None
+            if w is None or w.dtype != torch.float32:
+                continue
+            stamp = (w._version, w.data_ptr())  # an optimizer step or a load changes one of them
+            cached = _BF16_COPIES.get(id(w))
+            if cached is None or cached[0]() is not w or cached[1] != stamp:
+                ref = weakref.ref(w, lambda _, key=id(w): _BF16_COPIES.pop(key, None))
+                cached = (ref, stamp, torch.nn.Parameter(w.detach().to(torch.bfloat16), requires_grad=False))
+                _BF16_COPIES[id(w)] = cached
+            module._parameters["weight"] = cached[2]
+            swapped.append((module, w))
+    try:
+        yield
+    finally:
+        for module, w in swapped:
+            module._parameters["weight"] = w
+
+
+# ----------------------------------------------------------------------------- sampling
+
+
+def _top_p_mask(logits: torch.Tensor, top_p: float) -> torch.Tensor:
+    """Boolean (B, V): the smallest set of most likely tokens whose probability reaches ``top_p``.
+
+    Searched among the top ``TOP_P_CANDIDATES`` tokens first; rows whose candidates hold less
+    than ``top_p`` of the mass fall back to a full sort.
+    """
+    probs = logits.softmax(-1)  # (B, V)
+    k = min(TOP_P_CANDIDATES, logits.shape[-1])
+    top, idx = probs.topk(k, dim=-1)  # (B, k), descending
+    mass_before = top.cumsum(-1) - top  # (B, k): mass of the more likely tokens
+    keep = torch.zeros_like(probs, dtype=torch.bool).scatter_(1, idx, mass_before < top_p)  # (B, V)
+    short = (mass_before[:, -1] + top[:, -1]) < top_p  # (B,): nucleus not within the candidates
+    if short.any():
+        rows = short.nonzero().squeeze(1)
+        sorted_p, order = probs[rows].sort(-1, descending=True)  # (b, V)
+        keep_sorted = (sorted_p.cumsum(-1) - sorted_p) < top_p
+        keep[rows] = torch.zeros_like(keep_sorted).scatter_(1, order, keep_sorted)
+    return keep
+
+
+def sample_next(logits: torch.Tensor, temperature: float = 1.0, top_p: float = 1.0, do_sample: bool = True,
+                generator: torch.Generator | None = None) -> torch.Tensor:
+    """Next token (B,) from last-position logits (B, V): argmax, or a draw from
+    ``softmax(logits / temperature)`` restricted to the top-p nucleus."""
+    if not do_sample:
+        return logits.argmax(-1)
+    logits = logits / temperature
+    if top_p < 1.0:
+        logits = logits.masked_fill(~_top_p_mask(logits, top_p), float("-inf"))
+    cdf = logits.softmax(-1).cumsum(-1)  # (B, V)
+    u = torch.rand(cdf.shape[0], 1, device=cdf.device, generator=generator) * cdf[:, -1:]  # (B, 1)
+    # Inverse CDF: one uniform per row instead of torch.multinomial (several times slower at 49k columns).
+    return torch.searchsorted(cdf, u).squeeze(1).clamp_(max=cdf.shape[1] - 1)
+
+
+# ----------------------------------------------------------------------------- the decoding loop
+
+
+def _decode(model, input_ids: torch.Tensor, attention_mask: torch.Tensor, max_new_tokens: int,
+            temperature: float, top_p: float, do_sample: bool, eos_token_id: int | None, pad_token_id: int,
+            with_logprobs: bool, generator: torch.Generator | None) -> Iterator[tuple]:
+    """Yield, per step, ``(tokens, logprobs, entropy)``, each (B,) for all rows of the batch
+    (pad token, 0 and 0 for finished rows; logprobs and entropy None unless asked for).
+
+    Runs under the caller's autocast and weight context; stops when every row has emitted EOS.
+    """
+    B, T = input_ids.shape
+    device = input_ids.device
+    slabs = [KVSlab(T + max_new_tokens) for _ in range(model.config.num_hidden_layers)]
+    cache = Cache(layers=slabs)
+    cache_arg = _cache_argument(model)
+    mask = torch.ones(B, T + max_new_tokens, dtype=attention_mask.dtype, device=device)  # (B, T + R)
+    mask[:, :T] = attention_mask
+    positions = position_ids(attention_mask)  # (B, T)
+    next_position = positions[:, -1:] + 1  # (B, 1)
+    active = torch.arange(B, device=device)  # rows of the full batch still in the running batch
+    done = torch.zeros(B, dtype=torch.bool, device=device)  # (b,): emitted EOS, awaiting compaction
+    tokens_in, n_filled = input_ids, T
+    for step in range(max_new_tokens):
+        out = model(input_ids=tokens_in, attention_mask=mask[:, :n_filled], position_ids=positions,
+                    use_cache=True, logits_to_keep=1, **{cache_arg: cache})
+        logits = out.logits[:, -1].float()  # (b, V)
+        tokens = sample_next(logits, temperature, top_p, do_sample, generator).masked_fill_(done, pad_token_id)  # (b,)
+        full = torch.full((B,), pad_token_id, dtype=torch.long, device=device).index_copy_(0, active, tokens)  # (B,)
+        logprobs = entropy = None
+        if with_logprobs:  # under the temperature-scaled distribution, as PPO's forward computes them
+            logp = (logits / temperature).log_softmax(-1)  # (b, V)
+            picked = logp.gather(1, tokens[:, None])[:, 0].masked_fill_(done, 0.0)  # (b,)
+            ent = (-(logp.exp() * logp).sum(-1)).masked_fill_(done, 0.0)  # (b,)
+            logprobs = torch.zeros(B, device=device).index_copy_(0, active, picked)
+            entropy = torch.zeros(B, device=device).index_copy_(0, active, ent)
+        yield full, logprobs, entropy
+        if eos_token_id is not None:
+            done |= tokens == eos_token_id
+        n_running = len(active) - int(done.sum())
+        if n_running == 0 or step == max_new_tokens - 1:
+            return
+        if n_running <= len(active) // 2:  # compact: finished rows leave the batch
+            keep = (~done).nonzero().squeeze(1)
+            for slab in slabs:
+                slab.keep_rows(keep)
+            active, tokens, mask, next_position, done = (active[keep], tokens[keep], mask[keep],
+                                                         next_position[keep], done[keep])
+        tokens_in, positions = tokens[:, None], next_position  # (b, 1)
+        next_position, n_filled = next_position + 1, n_filled + 1
+
+
+@torch.no_grad()
+def sample_tokens(model, input_ids: torch.Tensor, attention_mask: torch.Tensor, max_new_tokens: int,
+                  temperature: float = 1.0, top_p: float = 1.0, do_sample: bool = True,
+                  eos_token_id: int | None = None, pad_token_id: int = 0, bf16: bool = True,
+                  generator: torch.Generator | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Sample responses to left-padded prompts ``input_ids``/``attention_mask`` (B, T).
+
+    Returns ``responses`` (B, R) long, pad id after each row's first EOS (the EOS is kept),
+    R <= ``max_new_tokens`` (the loop stops when every row has stopped); ``logprobs`` (B, R)
+    fp32 of the sampled tokens under ``softmax(logits / temperature)`` (the full distribution,
+    also when ``top_p`` < 1 narrows the draw), and its ``entropy`` (B, R) fp32; both 0 after EOS.
+    ``bf16`` runs under bf16 autocast where the hardware is fast at it (``labkit.models.autocast``).
+    """
+    device = input_ids.device
+    steps = []
+    with _sampling_context(model, device, bf16):
+        if not fast_path_supported(model, input_ids.shape[1] + max_new_tokens):
+            return _hf_sample_tokens(model, input_ids, attention_mask, max_new_tokens, temperature, top_p, do_sample,
+                                     eos_token_id, pad_token_id)
+        for step in _decode(model, input_ids, attention_mask, max_new_tokens, temperature, top_p, do_sample,
+                            eos_token_id, pad_token_id, with_logprobs=True, generator=generator):
+            steps.append(step)
+    responses = torch.stack([s[0] for s in steps], 1)  # (B, R)
+    return responses, torch.stack([s[1] for s in steps], 1), torch.stack([s[2] for s in steps], 1)
+
+
+@contextmanager
+def _sampling_context(model, device: torch.device, bf16: bool):
+    """eval mode, bf16 autocast (if asked for and fast here) with bf16 linear weights cast once."""
+    use_bf16 = bf16 and fast_dtype(device) == torch.bfloat16
+    was_training = model.training
+    model.eval()
+    try:
+        with autocast(device, enabled=use_bf16), bf16_linear_weights(model, enabled=use_bf16):
+            yield
+    finally:
+        model.train(was_training)
+
+
+def _hf_sample_tokens(model, input_ids, attention_mask, max_new_tokens, temperature, top_p, do_sample,
+                      eos_token_id, pad_token_id):
+    """The same contract through HF ``generate`` (architectures the fast path does not run)."""
+    from transformers import GenerationConfig
+
+    gen = GenerationConfig(max_new_tokens=max_new_tokens, do_sample=do_sample,
+                           temperature=temperature if do_sample else None, top_p=top_p if do_sample else None,
+                           top_k=0 if do_sample else None, eos_token_id=eos_token_id, pad_token_id=pad_token_id,
+                           output_logits=True, return_dict_in_generate=True)
+    out = model.generate(input_ids=input_ids, attention_mask=attention_mask, generation_config=gen)
+    responses = out.sequences[:, input_ids.shape[1]:]  # (B, R)
+    logp = (torch.stack(out.logits, 1).float() / temperature).log_softmax(-1)  # (B, R, V)
+    logprobs = logp.gather(2, responses[..., None])[..., 0]  # (B, R)
+    entropy = -(logp.exp() * logp).sum(-1)  # (B, R)
+    if eos_token_id is not None:
+        is_eos = responses == eos_token_id
+        after = (is_eos.long().cumsum(1) - is_eos.long()) > 0  # strictly after the first EOS
+        responses = responses.masked_fill(after, pad_token_id)
+        logprobs, entropy = logprobs.masked_fill(after, 0.0), entropy.masked_fill(after, 0.0)
+    return responses, logprobs, entropy
+
+
+# ----------------------------------------------------------------------------- public entry points
+
+
 @torch.no_grad()
 def generate(model, tokenizer, prompts: Sequence[str], max_new_tokens: int = 64,
              temperature: float = 0.7, top_p: float = 0.9, do_sample: bool = True,
              batch_size: int = 32, seed: int | None = None, return_truncated: bool = False,
              max_prompt_length: int | None = None, show_progress: bool = True,
-             desc: str = "generate"):
+             desc: str = "generate", bf16: bool = True):
     """Responses (str) to raw user ``prompts``; with ``return_truncated`` also a list of bools
     telling which responses hit ``max_new_tokens`` before EOS.
 
     >>> model, tok = load_model("tiny")
     >>> generate(model, tok, ["Say hi."], max_new_tokens=8, seed=0)
     """
-    from transformers import GenerationConfig
-
     if not prompts:
         return ([], []) if return_truncated else []
     device = next(model.parameters()).device
@@ -104,36 +376,23 @@ def generate(model, tokenizer, prompts: Sequence[str], max_new_tokens: int = 64,
         print(f"labkit.generate: {n_long} prompt(s) longer than {max_prompt_length} tokens were "
               "truncated from the left")
 
-    gen_config = GenerationConfig(
-        max_new_tokens=max_new_tokens, do_sample=do_sample,
-        temperature=temperature if do_sample else None, top_p=top_p if do_sample else None,
-        top_k=0 if do_sample else None,  # 0 turns HF's default top-k=50 off: top-p alone
-        eos_token_id=eos_id, pad_token_id=pad_id, use_cache=True,
-    )
     order = sorted(range(len(ids)), key=lambda i: len(ids[i]))  # similar lengths share a batch
     responses: list[str] = [""] * len(ids)
     truncated: list[bool] = [False] * len(ids)
     batches = [order[i:i + batch_size] for i in range(0, len(order), batch_size)]
-    was_training = model.training
-    model.eval()
     devices = [device] if device.type == "cuda" else []
-    try:
-        with torch.random.fork_rng(devices=devices, enabled=seed is not None):
-            if seed is not None:
-                torch.manual_seed(seed)
-            for batch in progress(batches, desc=desc, disable=not show_progress, leave=False):
-                input_ids, attention_mask = _left_pad([ids[i] for i in batch], pad_id)  # (B, T)
-                input_ids, attention_mask = input_ids.to(device), attention_mask.to(device)
-                with autocast(device):
-                    out = model.generate(input_ids=input_ids, attention_mask=attention_mask,
-                                         generation_config=gen_config)  # (B, T + new)
-                new_tokens = out[:, input_ids.shape[1]:].tolist()  # (B, <= max_new_tokens)
-                for i, tokens in zip(batch, new_tokens):
-                    tokens, cut = _cut_at_eos(tokens, eos_id)
-                    responses[i] = tokenizer.decode(tokens, skip_special_tokens=True)
-                    truncated[i] = cut
-    finally:
-        model.train(was_training)
+    with torch.random.fork_rng(devices=devices, enabled=seed is not None):
+        if seed is not None:
+            torch.manual_seed(seed)
+        for batch in progress(batches, desc=desc, disable=not show_progress, leave=False):
+            input_ids, attention_mask = _left_pad([ids[i] for i in batch], pad_id)  # (B, T)
+            new_tokens, _, _ = sample_tokens(model, input_ids.to(device), attention_mask.to(device),
+                                             max_new_tokens, temperature, top_p, do_sample, eos_id, pad_id,
+                                             bf16=bf16)  # (B, R)
+            for i, tokens in zip(batch, new_tokens.tolist()):
+                tokens, cut = _cut_at_eos(tokens, eos_id)
+                responses[i] = tokenizer.decode(tokens, skip_special_tokens=True)
+                truncated[i] = cut
     return (responses, truncated) if return_truncated else responses
 
 
@@ -155,3 +414,48 @@ def sample_k(model, tokenizer, records: Sequence[dict | str], k: int = 4, **kwar
         out.append({"prompt_id": r.get("id", r.get("prompt_id")), "prompt": r["prompt"],
                     "responses": responses[j * k:(j + 1) * k], "truncated": truncated[j * k:(j + 1) * k]})
     return out
+
+
+def stream(model, tokenizer, prompt: str, max_new_tokens: int = 256, temperature: float = 0.7,
+           top_p: float = 0.9, do_sample: bool = True, seed: int | None = None,
+           max_prompt_length: int | None = None, bf16: bool = True) -> Iterator[str]:
+    """Yield the response to one raw user ``prompt`` as text pieces, as tokens are produced
+    (for a chat view); joined, the pieces equal ``generate``'s response at the same settings.
+
+    ``seed`` draws from a private generator (the global RNG is left alone). Stops at EOS.
+    """
+    device = next(model.parameters()).device
+    eos_id = tokenizer.eos_token_id
+    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else eos_id
+    if max_prompt_length is None:
+        context = getattr(model.config, "max_position_embeddings", None) or 2048
+        max_prompt_length = max(1, context - max_new_tokens)
+    ids, _ = encode_prompts(tokenizer, [prompt], max_prompt_length)
+    input_ids = torch.tensor(ids, dtype=torch.long, device=device)  # (1, T)
+    generator = None
+    if seed is not None:
+        generator = torch.Generator(device=device)
+        generator.manual_seed(seed)
+    if not fast_path_supported(model, input_ids.shape[1] + max_new_tokens):  # whole response, then one piece
+        response = generate(model, tokenizer, [prompt], max_new_tokens, temperature, top_p, do_sample,
+                            seed=seed, max_prompt_length=max_prompt_length, show_progress=False, bf16=bf16)[0]
+        if response:
+            yield response
+        return
+    tokens: list[int] = []
+    sent = ""
+    with torch.no_grad(), _sampling_context(model, device, bf16):
+        for token, _, _ in _decode(model, input_ids, torch.ones_like(input_ids), max_new_tokens, temperature,
+                                   top_p, do_sample, eos_id, pad_id, with_logprobs=False, generator=generator):
+            if int(token) == eos_id:
+                break
+            tokens.append(int(token))
+            text = tokenizer.decode(tokens, skip_special_tokens=True)
+            if text.endswith("\ufffd"):  # an incomplete UTF-8 character: wait for its other bytes
+                continue
+            if len(text) > len(sent) and text.startswith(sent):
+                yield text[len(sent):]
+                sent = text
+    text = tokenizer.decode(tokens, skip_special_tokens=True)
+    if text != sent and text.startswith(sent) and len(text) > len(sent):
+        yield text[len(sent):]

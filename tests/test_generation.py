@@ -3,8 +3,10 @@
 import pytest
 import torch
 
-from labkit.generation import _cut_at_eos, _left_pad, encode_prompts, generate, sample_k
-from labkit.models import build_tiny, format_prompt, load_model
+from labkit import generation
+from labkit.generation import (_cut_at_eos, _left_pad, _top_p_mask, bf16_linear_weights, encode_prompts, generate,
+                               sample_k, sample_next, sample_tokens, stream)
+from labkit.models import autocast, build_tiny, fast_dtype, format_prompt, load_model, position_ids
 
 PROMPTS = ["Hi.", "Write a short poem about the sea and the wind and the rain, please.", "List three colours."]
 
@@ -120,12 +122,166 @@ def test_sample_k_repeats_prompts_within_batches(tiny, monkeypatch):
     """K responses cost one pass over the prompts: with batch_size = 2K, 3 prompts take 2 batches."""
     model, tok = tiny
     calls = []
-    real = model.generate
+    real = generation.sample_tokens
 
-    def counting_generate(*args, **kwargs):
-        calls.append(kwargs["input_ids"].shape)
-        return real(*args, **kwargs)
+    def counting_sample_tokens(model, input_ids, *args, **kwargs):
+        calls.append(input_ids.shape)
+        return real(model, input_ids, *args, **kwargs)
 
-    monkeypatch.setattr(model, "generate", counting_generate)
+    monkeypatch.setattr(generation, "sample_tokens", counting_sample_tokens)
     sample_k(model, tok, PROMPTS, k=4, batch_size=8, max_new_tokens=2, show_progress=False)
     assert [s[0] for s in calls] == [8, 4]
+
+
+# ----------------------------------------------------------------------------- the decoding loop
+
+
+@pytest.fixture(scope="module")
+def peaked():
+    """A random tiny model whose greedy output depends on the prompt (init 0.2, not 0.02), fp32."""
+    torch.set_num_threads(2)
+    return build_tiny(initializer_range=0.2)
+
+
+def batch(tok, prompts):
+    ids, _ = encode_prompts(tok, prompts)
+    return _left_pad(ids, tok.pad_token_id)  # (B, T) each
+
+
+def test_greedy_matches_transformers_generate(peaked):
+    model, tok = peaked
+    input_ids, mask = batch(tok, PROMPTS)
+    ours, _, _ = sample_tokens(model, input_ids, mask, 8, do_sample=False, pad_token_id=tok.pad_token_id, bf16=False)
+    theirs = model.generate(input_ids=input_ids, attention_mask=mask, max_new_tokens=8, do_sample=False,
+                            pad_token_id=tok.pad_token_id, eos_token_id=None)[:, input_ids.shape[1]:]
+    assert torch.equal(ours, theirs)
+
+
+def test_fp32_greedy_is_batch_invariant(peaked):
+    """The guarantee in the module docstring: in fp32 a prompt's greedy tokens do not depend on
+    its batch (here: alone vs between a shorter and a longer prompt, so it is left-padded)."""
+    model, tok = peaked
+    target = PROMPTS[2]
+    alone, _, _ = sample_tokens(model, *batch(tok, [target]), 12, do_sample=False, bf16=False)
+    input_ids, mask = batch(tok, [PROMPTS[0], target, PROMPTS[1]])
+    assert mask[1].sum() < mask.shape[1]  # the target row is padded in the batch
+    batched, _, _ = sample_tokens(model, input_ids, mask, 12, do_sample=False, bf16=False)
+    assert torch.equal(batched[1], alone[0])
+
+
+@pytest.mark.parametrize("bf16", [False, True])
+def test_sample_tokens_logprobs_match_a_teacher_forced_forward(peaked, bf16):
+    """PPO's old log-probs come from sampling; they must equal the log-probs of a forward pass
+    over prompt + response (exactly in fp32, up to bf16 rounding under bf16 autocast)."""
+    model, tok = peaked
+    input_ids, mask = batch(tok, PROMPTS)
+    torch.manual_seed(0)
+    T, temperature = input_ids.shape[1], 0.7
+    responses, logprobs, entropy = sample_tokens(model, input_ids, mask, 10, temperature=temperature,
+                                                 eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id,
+                                                 bf16=bf16)
+    assert responses.shape == logprobs.shape == entropy.shape == (3, 10)
+    assert logprobs.dtype == entropy.dtype == torch.float32
+    full = torch.cat([input_ids, responses], 1)  # (B, T + R)
+    full_mask = torch.cat([mask, torch.ones_like(responses)], 1)
+    with torch.no_grad(), autocast("cpu", enabled=bf16):
+        logits = model(input_ids=full, attention_mask=full_mask, position_ids=position_ids(full_mask)).logits
+    logp = (logits[:, T - 1:-1].float() / temperature).log_softmax(-1)  # (B, R, V)
+    expected = logp.gather(2, responses[..., None])[..., 0]
+    expected_entropy = -(logp.exp() * logp).sum(-1)
+    tol = 5e-2 if bf16 and fast_dtype("cpu") == torch.bfloat16 else 1e-4
+    torch.testing.assert_close(logprobs, expected, atol=tol, rtol=0)
+    torch.testing.assert_close(entropy, expected_entropy, atol=tol, rtol=0)
+
+
+def test_finished_rows_get_pad_and_leave_the_batch(peaked):
+    """Rows that emit EOS get pad tokens and zero log-probs after it; the others go on as if
+    alone (three of four rows stop at step 2, so the batch is compacted to one row)."""
+    model, tok = peaked
+    prompts = [PROMPTS[0]] * 3 + [PROMPTS[1]]
+    input_ids, mask = batch(tok, prompts)
+    free, _, _ = sample_tokens(model, input_ids, mask, 8, do_sample=False, pad_token_id=tok.pad_token_id, bf16=False)
+    eos = int(free[0, 1])
+    responses, logprobs, _ = sample_tokens(model, input_ids, mask, 8, do_sample=False, eos_token_id=eos,
+                                           pad_token_id=tok.pad_token_id, bf16=False)
+    for row, ref in zip(responses.tolist(), free.tolist()):
+        n = ref.index(eos) + 1 if eos in ref else len(ref)
+        expected = ref[:n] + [tok.pad_token_id] * (len(ref) - n)
+        assert row == expected[:len(row)] and set(expected[len(row):]) <= {tok.pad_token_id}
+    assert responses[0, 1] == eos and (logprobs[:3, 2:] == 0).all()
+
+
+def test_sample_tokens_stops_when_every_row_has_stopped(tiny):
+    _, tok = tiny
+    model = force_next_token(load_model("tiny", dtype="float32")[0], tok.eos_token_id)
+    input_ids, mask = batch(tok, PROMPTS)
+    responses, logprobs, entropy = sample_tokens(model, input_ids, mask, 16, eos_token_id=tok.eos_token_id,
+                                                 pad_token_id=tok.pad_token_id)
+    assert responses.tolist() == [[tok.eos_token_id]] * 3 and logprobs.shape == entropy.shape == (3, 1)
+
+
+def naive_top_p(logits, top_p):
+    """Reference nucleus: sort everything, keep tokens while the mass before them is < top_p."""
+    probs = logits.softmax(-1)
+    sorted_p, order = probs.sort(-1, descending=True)
+    keep_sorted = (sorted_p.cumsum(-1) - sorted_p) < top_p
+    return torch.zeros_like(keep_sorted).scatter(1, order, keep_sorted)
+
+
+def test_top_p_mask_matches_a_full_sort():
+    g = torch.Generator().manual_seed(0)
+    peaked_rows = torch.randn(4, 5000, generator=g) * 4  # nucleus among the top candidates
+    flat_rows = torch.randn(2, 5000, generator=g) * 0.1  # nucleus of thousands: the fallback sort
+    logits = torch.cat([peaked_rows, flat_rows])
+    for top_p in (0.5, 0.9, 0.99):
+        assert torch.equal(_top_p_mask(logits, top_p), naive_top_p(logits, top_p))
+
+
+def test_sample_next_draws_from_the_tempered_nucleus():
+    logits = torch.log(torch.tensor([[0.5, 0.3, 0.15, 0.05]])).expand(20000, 4)
+    g = torch.Generator().manual_seed(0)
+    counts = torch.bincount(sample_next(logits, 1.0, 1.0, generator=g), minlength=4) / 20000
+    torch.testing.assert_close(counts, torch.tensor([0.5, 0.3, 0.15, 0.05]), atol=0.015, rtol=0)
+    counts = torch.bincount(sample_next(logits, 1.0, 0.75, generator=g), minlength=4) / 20000  # keeps 0.5 + 0.3
+    torch.testing.assert_close(counts, torch.tensor([0.625, 0.375, 0.0, 0.0]), atol=0.015, rtol=0)
+    counts = torch.bincount(sample_next(logits, 0.5, 1.0, generator=g), minlength=4) / 20000  # p^2, renormalised
+    p2 = torch.tensor([0.5, 0.3, 0.15, 0.05]) ** 2
+    torch.testing.assert_close(counts, p2 / p2.sum(), atol=0.015, rtol=0)
+    assert torch.equal(sample_next(logits[:2], do_sample=False), torch.tensor([0, 0]))
+
+
+def test_stream_pieces_join_to_the_generated_response(peaked):
+    model, tok = peaked
+    pieces = list(stream(model, tok, PROMPTS[1], max_new_tokens=12, do_sample=False, bf16=False))
+    assert len(pieces) > 1
+    assert "".join(pieces) == generate(model, tok, [PROMPTS[1]], max_new_tokens=12, do_sample=False,
+                                       show_progress=False, bf16=False)[0]
+    a = "".join(stream(model, tok, PROMPTS[0], max_new_tokens=12, seed=3, temperature=1.0))
+    assert a == "".join(stream(model, tok, PROMPTS[0], max_new_tokens=12, seed=3, temperature=1.0))
+
+
+def test_unsupported_architectures_fall_back_to_transformers_generate(peaked, monkeypatch):
+    model, tok = peaked
+    fast = generate(model, tok, PROMPTS, max_new_tokens=6, do_sample=False, show_progress=False, bf16=False)
+    monkeypatch.setattr(generation, "fast_path_supported", lambda model, total_length: False)
+    assert generate(model, tok, PROMPTS, max_new_tokens=6, do_sample=False, show_progress=False, bf16=False) == fast
+    input_ids, mask = batch(tok, PROMPTS)
+    responses, logprobs, _ = sample_tokens(model, input_ids, mask, 6, do_sample=False, bf16=False)
+    assert responses.shape == logprobs.shape == (3, 6)
+
+
+def test_bf16_weight_copies_follow_weight_updates():
+    model, _ = build_tiny()
+    linear = model.model.layers[0].mlp.up_proj
+    original = linear.weight
+    with bf16_linear_weights(model):
+        assert linear.weight.dtype == torch.bfloat16
+        assert model.model.embed_tokens.weight.dtype == torch.float32  # the tied embedding keeps fp32
+        first = linear.weight
+    assert linear.weight is original and model.lm_head.weight is model.model.embed_tokens.weight
+    with bf16_linear_weights(model):
+        assert linear.weight is first  # cached: no second cast
+    with torch.no_grad():
+        original.add_(1.0)  # what an optimizer step does
+    with bf16_linear_weights(model):
+        torch.testing.assert_close(linear.weight.float(), original, atol=0.05, rtol=0.01)
