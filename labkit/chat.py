@@ -25,92 +25,23 @@ it reaches an HTML view, as in :mod:`labkit.widgets`.
 from __future__ import annotations
 
 import html
-import inspect
 import json
 import time
 from collections.abc import Iterator
 
 import ipywidgets as W
-import torch
 import traitlets as T
 
 from labkit.data import CATEGORIES
 from labkit.feedback import FeedbackStore, prompt_key
-from labkit.generation import encode_prompts
+from labkit.generation import stream  # text pieces of one response, as tokens are sampled
 from labkit.labelers import GoldLabeler, describe_check, is_refusal
-from labkit.models import autocast
 
 USER_PROMPT_PREFIX = "user-"  # prompt ids of typed prompts: "user-" + 10 hex digits of the text
 DRAW_EVERY_S = 0.1  # redraw the answers at most this often while they stream
 
 
 # ----------------------------------------------------------------------------- streaming
-
-def _sample_token(logits: torch.Tensor, temperature: float, top_p: float, generator: torch.Generator) -> int:
-    """One token id from logits (V,): greedy at temperature 0, else top-p (nucleus) sampling."""
-    if temperature <= 0:
-        return int(logits.argmax())
-    probs = torch.softmax(logits.float() / temperature, dim=-1)  # (V,)
-    if top_p < 1:
-        sorted_p, order = probs.sort(descending=True)  # (V,)
-        keep = sorted_p.cumsum(-1) - sorted_p < top_p  # the smallest prefix holding top_p of the mass
-        probs = torch.zeros_like(probs).scatter_(0, order[keep], sorted_p[keep])
-    return int(torch.multinomial(probs, 1, generator=generator))
-
-
-@torch.no_grad()
-def _token_loop(model, tokenizer, prompt: str, max_new_tokens: int, temperature: float, top_p: float,
-                seed: int | None) -> Iterator[str]:
-    """Text pieces of one response: a KV-cached loop, one token per step, stopping at EOS."""
-    device = next(model.parameters()).device
-    context = getattr(model.config, "max_position_embeddings", None) or 2048
-    ids, _ = encode_prompts(tokenizer, [prompt], max_length=max(1, context - max_new_tokens))
-    input_ids = torch.tensor(ids, device=device)  # (1, T)
-    generator = torch.Generator(device=device)
-    generator.manual_seed(seed) if seed is not None else generator.seed()
-    # transformers 5.x renamed the KV cache argument and output field past_key_values -> cache
-    cache_arg = "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
-    tokens: list[int] = []
-    text, past = "", None
-    was_training = model.training
-    model.eval()
-    try:
-        for _ in range(max_new_tokens):
-            with autocast(device):
-                out = model(input_ids=input_ids, use_cache=True, **{cache_arg: past})
-            token = _sample_token(out.logits[0, -1], temperature, top_p, generator)
-            if token == tokenizer.eos_token_id:
-                return
-            tokens.append(token)
-            decoded = tokenizer.decode(tokens, skip_special_tokens=True)
-            # A character split over several byte tokens decodes as U+FFFD until its last byte.
-            if len(decoded) > len(text) and not decoded.endswith("\ufffd"):
-                yield decoded[len(text):]
-                text = decoded
-            past, input_ids = getattr(out, cache_arg), torch.tensor([[token]], device=device)  # (1, 1)
-    finally:
-        model.train(was_training)
-
-
-def stream(model, tokenizer, prompt: str, max_new_tokens: int = 96, temperature: float = 0.7,
-           top_p: float = 0.9, seed: int | None = None) -> Iterator[str]:
-    """Text pieces of one response to a raw user ``prompt``, as they are generated.
-
-    Uses ``labkit.generation.stream`` where it exists (passing the arguments it takes), else a
-    KV-cached token loop with the same sampling as :func:`labkit.generation.generate`.
-    """
-    from labkit import generation
-
-    if hasattr(generation, "stream"):
-        kwargs = {"max_new_tokens": max_new_tokens, "temperature": temperature, "top_p": top_p,
-                  "seed": seed, "do_sample": temperature > 0}
-        params = inspect.signature(generation.stream).parameters
-        if not any(p.kind is p.VAR_KEYWORD for p in params.values()):
-            kwargs = {k: v for k, v in kwargs.items() if k in params}
-        yield from generation.stream(model, tokenizer, prompt, **kwargs)
-        return
-    yield from _token_loop(model, tokenizer, prompt, max_new_tokens, temperature, top_p, seed)
-
 
 def interleave(streams: dict[str, Iterator[str]]) -> Iterator[tuple[str, str]]:
     """``(name, piece)`` taking one piece from each stream in turn, so all answers grow together."""
@@ -217,7 +148,8 @@ class ChatWidget(W.VBox):
         self.record = self._record_of(prompt)
         self.prompt = self.record["prompt"]
         self.answers, self.scores, self.gold, self.user_score = {n: "" for n in self.models}, {}, {}, None
-        streams = {n: stream(m, tok, self.prompt, self.max_new_tokens, self.temperature, self.top_p, self.seed)
+        streams = {n: stream(m, tok, self.prompt, max_new_tokens=self.max_new_tokens, temperature=self.temperature,
+                             top_p=self.top_p, do_sample=self.temperature > 0, seed=self.seed)
                    for n, (m, tok) in self.models.items()}
         for name, piece in interleave(streams):
             self.answers = {**self.answers, name: self.answers[name] + piece}

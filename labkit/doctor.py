@@ -15,7 +15,6 @@ times (``notebooks/README.md``) into estimates for this one.
 from __future__ import annotations
 
 import os
-import platform
 import statistics
 import sys
 import time

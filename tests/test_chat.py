@@ -6,7 +6,7 @@ import pytest
 import torch
 
 import labkit.chat as chat
-from labkit.chat import ChatWidget, interleave, stream, user_prompts
+from labkit.chat import ChatWidget, interleave, user_prompts
 from labkit.feedback import FeedbackStore
 from labkit.generation import generate
 from labkit.models import load_model
@@ -31,19 +31,20 @@ def test_interleave_takes_one_piece_from_each_stream_in_turn():
     assert out == [("a", "a1"), ("b", "b1"), ("c", "c1"), ("a", "a2"), ("c", "c2"), ("a", "a3")]
 
 
-def test_token_loop_matches_greedy_generate(tiny):
+def test_streamed_answer_equals_greedy_generate(tiny):
     model, tok = tiny
-    pieces = list(chat._token_loop(model, tok, "Name a colour.", 12, 0.0, 1.0, None))
-    assert pieces and all(isinstance(p, str) and p for p in pieces)
+    w = ChatWidget({"base": (model, tok)}, max_new_tokens=12, temperature=0)
+    pieces = [piece for _, piece in w.stream_answers("Name a colour.")]
+    assert len(pieces) > 1 and all(isinstance(p, str) and p for p in pieces)  # token by token, not at once
     assert "".join(pieces) == generate(model, tok, ["Name a colour."], max_new_tokens=12, do_sample=False,
                                        show_progress=False)[0]
 
 
-def test_stream_is_seeded_and_yields_text(tiny):
+def test_sampled_answers_are_seeded(tiny):
     model, tok = tiny
-    a = "".join(stream(model, tok, "Say hi.", max_new_tokens=10, seed=3))
-    b = "".join(stream(model, tok, "Say hi.", max_new_tokens=10, seed=3))
-    assert a == b and a
+    a = ChatWidget({"base": (model, tok)}, max_new_tokens=10, seed=3).ask("Say hi.")
+    b = ChatWidget({"base": (model, tok)}, max_new_tokens=10, seed=3).ask("Say hi.")
+    assert a == b and a["base"]
 
 
 def test_answers_stream_side_by_side_then_get_rm_scores(tiny, rm, tmp_path):
