@@ -471,7 +471,7 @@ def train_reward_model(config: RewardConfig) -> dict:
                     if config.max_grad_norm > 0:
                         torch.nn.utils.clip_grad_norm_(rm.parameters(), config.max_grad_norm)
                     optimizer.step()
-                step += 1
+                    step += 1  # counted inside: a Ctrl-C held during the step is raised after it
                 curve_loss.append(loss)
                 if step % config.log_every == 0 or step == total_steps:
                     dash.log(step, {"loss/ranking": loss, "accuracy/train": correct / pairs, "lr": lr})

@@ -101,11 +101,14 @@ def test_notebook_runs_in_smoke_mode(name, tmp_path):
         (tmp_path / f"{name}.executed.ipynb").write_text(json.dumps(nb))
     print(f"{name}: {time.perf_counter() - t0:.1f}s")
     # the run folder holds what the notebook built (the next notebooks reuse it)
-    expected = {"00_tour": [], "01_demonstrations_sft": ["sft/config.json", "feedback.sqlite"],
-                "02_rankings_reward_model": ["sft/config.json", "rm/reward_model.json", "feedback.sqlite"],
-                "03_ppo": ["sft/config.json", "rm/reward_model.json", "ppo/policy/config.json", "ppo_ptx/policy"],
-                "04_evaluation": ["sft/config.json", "rm/reward_model.json", "ppo/policy/config.json"],
-                "05_beyond_ppo": ["rm/reward_model.json"] + [f"beyond/{m}/policy/config.json"
-                                                             for m in ("ppo", "rloo", "grpo", "dpo")]}[name]
+    expected = {"00_tour": [], "01_demonstrations_sft": ["sft/model/config.json", "feedback.sqlite"],
+                "02_rankings_reward_model": ["sft/model/config.json", "rm_r1/model/reward_model.json",
+                                             "feedback.sqlite"],
+                "03_ppo": ["sft/model/config.json", "rm_r1/model/reward_model.json", "ppo_r1/model/config.json",
+                           "ppo_ptx/model"],
+                "04_evaluation": ["sft/model/config.json", "rm_r1/model/reward_model.json",
+                                  "ppo_r1/model/config.json"],
+                "05_beyond_ppo": ["rm_r1/model/reward_model.json"] + [f"beyond/{m}/model/config.json"
+                                                                      for m in ("ppo", "rloo", "grpo", "dpo")]}[name]
     missing = [p for p in expected if not (tmp_path / "runs" / p).exists()]
     assert not missing, f"{name} did not leave {missing} in its run folder"
