@@ -48,12 +48,14 @@ GENERATION_SHARE = {
     "05_beyond_ppo": 0.3,
 }
 
-# time_steps() on the bundled model on the development machine (bf16 autocast, 2 threads,
-# median of the timed repeats). Remeasure on the machine the notebook times come from with
+# time_steps() on the bundled model on the development machine (bf16 autocast), for the 2
+# threads the notebook times ran with. The machine was shared when these were taken, so they
+# are one thread's CPU time (process_time: waits for the core do not count), median of 2,
+# halved. On a quiet machine, remeasure with
 #   labkit doctor --model smollm2-135m --threads 2
 # and copy the two figures of its "timing" line here.
-REFERENCE_GENERATE_S = 1.0
-REFERENCE_TRAIN_STEP_S = 1.0
+REFERENCE_GENERATE_S = 2.6
+REFERENCE_TRAIN_STEP_S = 2.25
 
 # Peak memory (GiB) of each notebook with its default parameters on the bundled model.
 # 03 and 05: the PPO benchmark's peak RSS, 8.1 GiB for labkit PPO with a separate value model
@@ -276,11 +278,16 @@ def doctor(model: str = models.BUNDLED, threads: int | None = None, seconds: flo
     out["widgets"] = widgets_status()
     out["mps"] = mps_status()
     out["model"] = model
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()  # no "Loading weights" bar inside the report
     try:
         m, tok = models.load_model(model, dtype="float32")  # fp32 master weights, as the stages train
     except (ValueError, FileNotFoundError) as e:
         out["timing_error"] = str(e)
         return out
+    finally:
+        hf_logging.enable_progress_bar()
     out["timing"] = time_steps(m, tok, seconds)
     out["estimates"] = estimate_minutes(out["timing"]["generate_s"], out["timing"]["train_step_s"])
     return out
