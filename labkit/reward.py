@@ -67,12 +67,27 @@ class RewardModel(nn.Module):
     def config(self):
         return self.backbone.config
 
-    def token_values(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
-        """Per-token scalars (B, T), minus ``bias``; the reward is the value at the last real token."""
-        # Positions count real tokens only, so left and right padding give the same numbers
-        # (HF decoders would otherwise number left-padded tokens from the pad columns). Without
-        # left padding the decoder's default 0..T-1 is the same thing and cheaper (shared by rows).
-        positions = None if bool(attention_mask[:, 0].all()) else position_ids(attention_mask)  # (B, T)
+    def token_values(self, input_ids: torch.Tensor, attention_mask: torch.Tensor,
+                     positions: torch.Tensor | None = None) -> torch.Tensor:
+        """Per-token scalars (B, T), minus ``bias``; the reward is the value at the last real token.
+
+        ``attention_mask`` is (B, T) padding, or (B, 1, T, T) bool (True = may attend) with
+        ``positions`` (B, T) for rows packed by :func:`pack`.
+        """
+        if attention_mask.dim() == 4:
+            if positions is None:
+                raise ValueError("a 4D attention mask needs position ids")
+            if self.config._attn_implementation != "sdpa":
+                # transformers hands a 4D mask to the attention as it is: SDPA takes booleans,
+                # eager attention adds the mask to the scores, so it needs 0 / -inf-like numbers.
+                blocked = torch.finfo(torch.float32).min
+                attention_mask = torch.zeros(attention_mask.shape, device=attention_mask.device).masked_fill(
+                    ~attention_mask, blocked)
+        elif positions is None and not bool(attention_mask[:, 0].all()):
+            # Positions count real tokens only, so left and right padding give the same numbers
+            # (HF decoders would otherwise number left-padded tokens from the pad columns). Without
+            # left padding the decoder's default 0..T-1 is the same thing and cheaper (shared by rows).
+            positions = position_ids(attention_mask)  # (B, T)
         hidden = self.backbone(input_ids=input_ids, attention_mask=attention_mask,
                                position_ids=positions, use_cache=False).last_hidden_state  # (B, T, H)
         # The head runs in fp32 even under autocast: bf16 would round rewards to ~3 digits,
@@ -89,8 +104,12 @@ class RewardModel(nn.Module):
     # ------------------------------------------------------------------ scoring text
     @torch.no_grad()
     def score(self, tokenizer, prompts: list[str], responses: list[str], batch_size: int = 8,
-              max_length: int = 1024, progress: bool = True) -> list[float]:
-        """Rewards for (prompt, response) pairs; the RM's view of the text is :func:`encode`."""
+              max_length: int = 1024, progress: bool = True, prefix_sharing: bool = True) -> list[float]:
+        """Rewards for (prompt, response) pairs; the RM's view of the text is :func:`encode`.
+
+        With ``prefix_sharing``, consecutive pairs with the same prompt (K responses to one
+        prompt) go through the model as one packed row that holds the prompt once (:func:`pack`).
+        """
         if len(prompts) != len(responses):
             raise ValueError(f"{len(prompts)} prompts but {len(responses)} responses")
         from tqdm.auto import tqdm
@@ -102,18 +121,30 @@ class RewardModel(nn.Module):
                           f"max_length={max_length} and lost the start of their prompt")
         was_training = self.training
         self.eval()
+        # Groups: runs of consecutive pairs with the same prompt (one pair each without sharing).
+        groups: list[list[int]] = []
+        for i in range(len(ids)):
+            if prefix_sharing and groups and prompts[i] == prompts[groups[-1][0]]:
+                groups[-1].append(i)
+            else:
+                groups.append([i])
         # Longest first, so each batch holds texts of similar length (little padding) and the
-        # largest batch comes first (an out-of-memory error shows up at once).
-        order = sorted(range(len(ids)), key=lambda i: -len(ids[i]))
+        # largest batch comes first (an out-of-memory error shows up at once). A batch holds
+        # about batch_size texts, whole groups only.
+        groups.sort(key=lambda g: -sum(len(ids[i]) for i in g))
+        batches: list[list[list[int]]] = [[]]
+        for g in groups:
+            if batches[-1] and sum(map(len, batches[-1])) + len(g) > batch_size:
+                batches.append([])
+            batches[-1].append(g)
         out = [0.0] * len(ids)
-        starts = range(0, len(ids), batch_size)
-        for s in tqdm(starts, desc="scoring", disable=not progress or len(starts) < 2, leave=False):
-            rows = order[s:s + batch_size]
-            input_ids, mask = pad_rows([ids[i] for i in rows], tokenizer.pad_token_id)  # (b, T)
+        for batch in tqdm(batches, desc="scoring", disable=not progress or len(batches) < 2, leave=False):
+            rows = collate_rows([[ids[i] for i in g] for g in batch], tokenizer.pad_token_id, prefix_sharing)
             with autocast(device):
-                rewards = self(input_ids.to(device), mask.to(device)).tolist()
-            for i, r in zip(rows, rewards):
-                out[i] = r
+                rewards = batch_rewards(self, {k: v.to(device) for k, v in rows.items()})  # (b, K)
+            for g, r in zip(batch, rewards.tolist()):
+                for i, x in zip(g, r):
+                    out[i] = x
         self.train(was_training)
         return out
 
@@ -279,26 +310,99 @@ def split_rankings(records: list[dict], eval_fraction: float, seed: int) -> tupl
     return train, [r for r in records if (r["prompt_id"] or r["prompt"]) in held]
 
 
-def collate(items: list[dict], pad_id: int):
-    """Prompts with their K responses -> ``input_ids`` (N, T), ``attention_mask`` (N, T), the slot
-    b*K+k of each of the N = sum K_b responses, and ``ranks`` (B, K) with -1 padding."""
+def shared_prefix_length(rows: list[list[int]]) -> int:
+    """How many leading tokens all ``rows`` share, leaving every row at least its last token
+    (the EOS its reward is read at). Compared as token ids, not text, so a tokenizer that merges
+    the prompt's last characters with the response's first still gives exact sequences."""
+    n = min(len(r) for r in rows) - 1
+    first = rows[0]
+    for r in rows[1:]:
+        i = 0
+        while i < n and r[i] == first[i]:
+            i += 1
+        n = i
+    return n
+
+
+def pack(groups: list[list[list[int]]], pad_id: int) -> dict[str, torch.Tensor]:
+    """Prefix sharing: each group of rows (K responses to one prompt, each ``encode``d with the
+    prompt) becomes one packed row: their shared prefix once, then each row's remaining tokens.
+
+    A block attention mask lets each response see the prefix and itself (causally), never the
+    other responses, and each response's positions continue from the prefix's end, so every
+    token computes what it computes in its own sequence. A prompt of P tokens with K answers of
+    A tokens costs P + K·A tokens instead of K·(P + A). Returns ``input_ids`` (G, T),
+    ``positions`` (G, T), ``attention_mask`` (G, 1, T, T) bool (True = may attend) and ``ends``
+    (G, K): the flat index ``g*T + t`` of each row's last token, -1 for padding slots.
+    """
+    K = max(len(g) for g in groups)
+    packed = []  # per group: token ids, positions, segment (0 = prefix, k+1 = response k), last indices
+    for rows in groups:
+        n = shared_prefix_length(rows)
+        ids, pos, seg, last = list(rows[0][:n]), list(range(n)), [0] * n, []
+        for k, r in enumerate(rows):
+            ids += r[n:]
+            pos += range(n, len(r))
+            seg += [k + 1] * (len(r) - n)
+            last.append(len(ids) - 1)
+        packed.append((ids, pos, seg, last))
+    T = max(len(ids) for ids, *_ in packed)
+    input_ids = torch.full((len(groups), T), pad_id, dtype=torch.long)  # (G, T)
+    positions = torch.zeros((len(groups), T), dtype=torch.long)  # (G, T)
+    segments = torch.full((len(groups), T), -1, dtype=torch.long)  # (G, T): -1 = padding
+    ends = torch.full((len(groups), K), -1, dtype=torch.long)  # (G, K)
+    for g, (ids, pos, seg, last) in enumerate(packed):
+        input_ids[g, :len(ids)] = torch.tensor(ids)
+        positions[g, :len(ids)] = torch.tensor(pos)
+        segments[g, :len(ids)] = torch.tensor(seg)
+        ends[g, :len(last)] = torch.tensor(last) + g * T
+    query, key = segments[:, :, None], segments[:, None, :]  # (G, T, 1), (G, 1, T)
+    causal = torch.ones(T, T, dtype=torch.bool).tril()  # (T, T)
+    # Same segment (prefix within prefix, a response within itself), or a real token looking at
+    # the prefix. Padding sees only earlier padding and itself: no row is fully masked, which
+    # would give NaN in the attention and poison the gradients through 0 * NaN.
+    mask = causal & ((query == key) | ((key == 0) & (query > 0)))  # (G, T, T)
+    return {"input_ids": input_ids, "positions": positions, "attention_mask": mask[:, None], "ends": ends}
+
+
+def collate_rows(groups: list[list[list[int]]], pad_id: int, prefix_sharing: bool = True) -> dict[str, torch.Tensor]:
+    """Token rows grouped by prompt -> the model's inputs and ``ends`` (G, K), the flat index
+    into the (rows, T) values of each row's last token (-1 for padding slots).
+
+    With ``prefix_sharing`` (and some group of two or more), one packed row per group
+    (:func:`pack`); otherwise one right-padded row per response.
+    """
+    if prefix_sharing and any(len(g) > 1 for g in groups):
+        return pack(groups, pad_id)
+    K = max(len(g) for g in groups)
+    flat = [r for g in groups for r in g]
+    input_ids, mask = pad_rows(flat, pad_id)  # (N, T)
+    T = input_ids.shape[1]
+    ends = torch.full((len(groups), K), -1, dtype=torch.long)  # (G, K)
+    n = 0
+    for g, rows in enumerate(groups):
+        for k, r in enumerate(rows):
+            ends[g, k] = n * T + len(r) - 1
+            n += 1
+    return {"input_ids": input_ids, "attention_mask": mask, "ends": ends}
+
+
+def collate(items: list[dict], pad_id: int, prefix_sharing: bool = True) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
+    """Prompts with their K responses (``{"ids": K token rows, "ranks"}``) -> the model's inputs
+    (:func:`collate_rows`) and ``ranks`` (B, K) with -1 padding."""
     K = max(len(it["ranks"]) for it in items)
-    rows, slots = [], []
     ranks = torch.full((len(items), K), -1, dtype=torch.long)  # (B, K)
     for b, it in enumerate(items):
-        rows += it["ids"]
-        slots += [b * K + k for k in range(len(it["ids"]))]
         ranks[b, :len(it["ranks"])] = torch.tensor(it["ranks"], dtype=torch.long)
-    input_ids, mask = pad_rows(rows, pad_id)  # (N, T)
-    return input_ids, mask, torch.tensor(slots), ranks
+    return collate_rows([it["ids"] for it in items], pad_id, prefix_sharing), ranks
 
 
-def batch_rewards(rm: RewardModel, input_ids, mask, slots, ranks) -> torch.Tensor:
+def batch_rewards(rm: RewardModel, batch: dict[str, torch.Tensor]) -> torch.Tensor:
     """Rewards (B, K) of all responses of all prompts in one forward pass (padding slots = 0)."""
-    flat = rm(input_ids, mask)  # (N,)
-    rewards = flat.new_zeros(ranks.numel())  # (B*K,)
-    rewards = rewards.index_put((slots.to(flat.device),), flat)  # (B*K,)
-    return rewards.view_as(ranks.to(flat.device).float())  # (B, K)
+    values = rm.token_values(batch["input_ids"], batch["attention_mask"], batch.get("positions"))  # (rows, T)
+    ends = batch["ends"]  # (B, K)
+    rewards = values.flatten()[ends.clamp(min=0)]  # (B, K)
+    return torch.where(ends >= 0, rewards, torch.zeros_like(rewards))
 
 
 # ----------------------------------------------------------------------------- training
@@ -321,6 +425,10 @@ class RewardConfig:
     weight_decay: float = 0.0  # AdamW weight decay
     max_grad_norm: float = 1.0  # gradient clipping (global L2 norm); 0 disables
     max_length: int = 512  # tokens per (prompt, response); longer ones lose the start of the prompt
+    # Compute each prompt once for its K responses: one packed row, block attention mask (see pack()).
+    # Same loss and gradients as K separate sequences; the RM stage is compute-bound and a
+    # prompt is often longer than an answer (benchmarks/rm_kway.py measures the saving).
+    prefix_sharing: bool = True
     eval_fraction: float = 0.1  # share of prompts held out for accuracy (split by prompt)
     eval_batch_size: int = 16  # sequences per forward pass when scoring held-out data and demonstrations
     normalize: bool = True  # set `bias` so the demonstrations score 0 on average (§3.5)
@@ -367,7 +475,8 @@ def _lr_at(step: int, total: int, config: RewardConfig) -> float:
     return lr * (config.min_lr_ratio + (1 - config.min_lr_ratio) * cosine)
 
 
-def train_step(rm: RewardModel, items: list[dict], pad_id: int, micro: int, device, use_autocast: bool):
+def train_step(rm: RewardModel, items: list[dict], pad_id: int, micro: int, device, use_autocast: bool,
+               prefix_sharing: bool = True):
     """Forward and backward one batch of prompts, ``micro`` prompts per pass; returns (loss, correct, pairs).
 
     Gradients equal those of one pass over the whole batch: each micro-batch's mean is
@@ -376,9 +485,9 @@ def train_step(rm: RewardModel, items: list[dict], pad_id: int, micro: int, devi
     total, correct, pairs = 0.0, 0, 0
     for s in range(0, len(items), micro):
         chunk = items[s:s + micro]
-        input_ids, mask, slots, ranks = collate(chunk, pad_id)
+        batch, ranks = collate(chunk, pad_id, prefix_sharing)
         with autocast(device, enabled=use_autocast):
-            rewards = batch_rewards(rm, input_ids.to(device), mask.to(device), slots, ranks)  # (b, K)
+            rewards = batch_rewards(rm, {k: v.to(device) for k, v in batch.items()})  # (b, K)
         loss = ranking_loss(rewards, ranks.to(device)) * (len(chunk) / len(items))
         if not torch.isfinite(loss):
             raise NonFiniteError(f"non-finite ranking loss ({loss.item()})")
@@ -467,7 +576,8 @@ def train_reward_model(config: RewardConfig) -> dict:
                         group["lr"] = lr
                     batch = [items[i] for i in order[s:s + config.batch_size]]
                     optimizer.zero_grad(set_to_none=True)
-                    loss, correct, pairs = train_step(rm, batch, tok.pad_token_id, micro, device, use_autocast)
+                    loss, correct, pairs = train_step(rm, batch, tok.pad_token_id, micro, device, use_autocast,
+                                                           config.prefix_sharing)
                     if config.max_grad_norm > 0:
                         torch.nn.utils.clip_grad_norm_(rm.parameters(), config.max_grad_norm)
                     optimizer.step()
@@ -534,7 +644,7 @@ def evaluate_rankings(rm: RewardModel, tokenizer, held: list[dict], config: Rewa
     prompts = [r["prompt"] for r in held for _ in r["responses"]]
     responses = [x for r in held for x in r["responses"]]
     flat = rm.score(tokenizer, prompts, responses, batch_size=config.eval_batch_size,
-                    max_length=config.max_length, progress=config.progress)
+                    max_length=config.max_length, progress=config.progress, prefix_sharing=config.prefix_sharing)
     K = max(len(r["responses"]) for r in held)
     rewards = torch.zeros(len(held), K)  # (B, K)
     ranks = torch.full((len(held), K), -1, dtype=torch.long)  # (B, K)

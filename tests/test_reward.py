@@ -12,7 +12,8 @@ import torch
 from labkit.models import load_model, pad_rows
 from labkit.rankings import tiers_to_ranks
 from labkit.reward import (RewardConfig, RewardModel, as_rankings, batch_rewards, collate, encode,
-                           load_reward_model, ranking_loss, train_reward_model, train_step)
+                           evaluate_rankings, load_reward_model, pack, ranking_loss, shared_prefix_length,
+                           train_reward_model, train_step)
 from labkit.stage import read_history
 
 torch.set_num_threads(2)
@@ -162,8 +163,8 @@ def test_kway_loss_and_gradients_equal_the_pairwise_expansion(tiny):
                 "tiers": [[2], [0], [3], [1]]} for b in range(3)]  # no ties: C(4,2)=6 pairs each
     items = [{"ids": encode(tok, [r["prompt"]] * 4, r["responses"])[0], "ranks": tiers_to_ranks(r["tiers"], 4)}
              for r in records]
-    input_ids, mask, slots, ranks = collate(items, tok.pad_token_id)
-    kway = ranking_loss(batch_rewards(rm, input_ids, mask, slots, ranks), ranks)
+    batch, ranks = collate(items, tok.pad_token_id, prefix_sharing=False)
+    kway = ranking_loss(batch_rewards(rm, batch), ranks)
     kway.backward()
     g_kway = [p.grad.clone() for p in rm.parameters()]
     rm.zero_grad()
@@ -200,6 +201,111 @@ def test_micro_batches_accumulate_to_the_full_batch_gradient(tiny):
     rm.zero_grad()
     for a, b in zip(*grads):
         torch.testing.assert_close(a, b, atol=1e-6, rtol=1e-4)
+
+
+# ----------------------------------------------------------------------------- prefix sharing
+
+def packed_vs_separate(rm, items, pad_id):
+    """Rewards, loss and parameter gradients of one batch, each response as its own sequence and packed."""
+    out = []
+    for sharing in (False, True):
+        rm.zero_grad()
+        batch, ranks = collate(items, pad_id, prefix_sharing=sharing)
+        rewards = batch_rewards(rm, batch)  # (B, K)
+        loss = ranking_loss(rewards, ranks)
+        loss.backward()
+        out.append((rewards.detach(), loss.item(), [p.grad.clone() for p in rm.parameters()], batch))
+    rm.zero_grad()
+    return out
+
+
+def ranked_items(tok, prompts, ks, ranks, max_length=1024, seed=0):
+    rng = random.Random(seed)
+    items = []
+    for prompt, k, r in zip(prompts, ks, ranks):
+        responses = [" ".join(rng.choice(["yes", "no", "maybe", "the", "answer", "is"]) for _ in range(rng.randint(1, 12)))
+                     for _ in range(k)]
+        items.append({"ids": encode(tok, [prompt] * k, responses, max_length)[0], "ranks": r})
+    return items
+
+
+def test_prefix_sharing_equals_separate_sequences(tiny):
+    """Packed rows (prompt once, block mask, continued positions) give the rewards, loss and
+    parameter gradients of K separate sequences: prompts of different lengths, K from 2 to 5
+    (padding ranks -1), ties."""
+    rm, tok = tiny
+    prompts = ["Hi.", "Name three rivers in Europe and say which is longest, please.", "Sum 2 and 3.",
+               "Write a haiku " + "about the sea " * 6]
+    ranks = [[0, 1, 1, 2, 3], [1, 0], [0, 0, 1], [2, 0, 1, 1]]  # ties in three prompts
+    items = ranked_items(tok, prompts, [5, 2, 3, 4], ranks)
+    (r_sep, l_sep, g_sep, sep), (r_pack, l_pack, g_pack, packed) = packed_vs_separate(rm, items, tok.pad_token_id)
+    assert packed["input_ids"].shape[0] == 4 and sep["input_ids"].shape[0] == 14  # one row per prompt
+    assert packed["input_ids"].numel() < sep["input_ids"].numel()
+    assert (packed["ends"] < 0).sum() == 6 and (r_pack[packed["ends"] < 0] == 0).all()
+    torch.testing.assert_close(r_pack, r_sep, atol=1e-5, rtol=1e-5)
+    assert l_pack == pytest.approx(l_sep, abs=1e-6)
+    for a, b in zip(g_pack, g_sep):
+        torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-4)
+
+
+def test_prefix_sharing_with_truncated_prompts(tiny):
+    """max_length cuts each text's prompt start by a different amount, so the rows share less
+    (or nothing) of the prompt; the packed rows still compute exactly the separate sequences."""
+    rm, tok = tiny
+    prompts = ["word " * 40, "short one"]
+    items = ranked_items(tok, prompts, [4, 3], [[0, 1, 2, 3], [0, 1, 1]], max_length=30, seed=1)
+    full = ranked_items(tok, prompts, [4, 3], [[0, 1, 2, 3], [0, 1, 1]], seed=1)
+    assert all(len(r) == 30 for r in items[0]["ids"]) and len(full[0]["ids"][0]) > 30  # truncated
+    assert shared_prefix_length(items[0]["ids"]) < shared_prefix_length(full[0]["ids"])
+    (r_sep, l_sep, g_sep, _), (r_pack, l_pack, g_pack, _) = packed_vs_separate(rm, items, tok.pad_token_id)
+    torch.testing.assert_close(r_pack, r_sep, atol=1e-5, rtol=1e-5)
+    assert l_pack == pytest.approx(l_sep, abs=1e-6)
+    for a, b in zip(g_pack, g_sep):
+        torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-4)
+
+
+def test_pack_layout_by_hand():
+    """Prefix once, then each row's tail; positions continue from the prefix; each tail sees the
+    prefix and itself; padding sees only padding; identical rows keep their last token apart."""
+    batch = pack([[[1, 2, 3, 4], [1, 2, 5]], [[7, 8], [7, 8]]], pad_id=0)
+    assert batch["input_ids"].tolist() == [[1, 2, 3, 4, 5], [7, 8, 8, 0, 0]]
+    assert batch["positions"].tolist() == [[0, 1, 2, 3, 2], [0, 1, 1, 0, 0]]
+    assert batch["ends"].tolist() == [[3, 4], [5 + 1, 5 + 2]]  # flat index g*T + t
+    mask = batch["attention_mask"][:, 0].int().tolist()
+    assert mask[0] == [[1, 0, 0, 0, 0], [1, 1, 0, 0, 0], [1, 1, 1, 0, 0], [1, 1, 1, 1, 0], [1, 1, 0, 0, 1]]
+    assert mask[1] == [[1, 0, 0, 0, 0], [1, 1, 0, 0, 0], [1, 0, 1, 0, 0], [0, 0, 0, 1, 0], [0, 0, 0, 1, 1]]
+    assert shared_prefix_length([[5, 6], [5, 6, 7]]) == 1
+
+
+def test_train_step_with_and_without_prefix_sharing_gives_the_same_gradients(tiny):
+    rm, tok = tiny
+    items = ranked_items(tok, ["p one", "a longer second prompt here", "p3"], [3, 4, 2],
+                         [[0, 1, 2], [1, 1, 0, 2], [0, 1]])
+    grads, results = [], []
+    for sharing, micro in ((False, 3), (True, 3), (True, 1)):
+        rm.zero_grad()
+        results.append(train_step(rm, items, tok.pad_token_id, micro, "cpu", use_autocast=False,
+                                  prefix_sharing=sharing))
+        grads.append([p.grad.clone() for p in rm.parameters()])
+    rm.zero_grad()
+    assert results[1][0] == pytest.approx(results[0][0], abs=1e-6) and results[1][1:] == results[0][1:]
+    for g in grads[1:]:
+        for a, b in zip(g, grads[0]):
+            torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-4)
+
+
+def test_score_shares_consecutive_prompts_and_keeps_the_order(tiny):
+    rm, tok = tiny
+    prompts = ["Say hi."] * 3 + ["What is 2+2?"] * 2 + ["Say hi."]
+    responses = ["Hi!", "Hello there, friend.", "", "4", "four", "hey"]
+    separate = rm.score(tok, prompts, responses, prefix_sharing=False, progress=False)
+    for batch_size in (1, 2, 8):
+        shared = rm.score(tok, prompts, responses, batch_size=batch_size, progress=False)
+        assert shared == pytest.approx(separate, abs=1e-5)
+    held = [{"prompt": "Say hi.", "responses": responses[:3], "tiers": [[1], [0, 2]], "prompt_id": None},
+            {"prompt": "What is 2+2?", "responses": responses[3:5], "tiers": [[0], [1]], "prompt_id": None}]
+    m = [evaluate_rankings(rm, tok, held, RewardConfig(gold=False, progress=False, prefix_sharing=s)) for s in (0, 1)]
+    assert m[0]["eval/loss"] == pytest.approx(m[1]["eval/loss"], abs=1e-6)
 
 
 # ----------------------------------------------------------------------------- training
