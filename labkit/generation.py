@@ -291,7 +291,8 @@ def _decode(model, input_ids: torch.Tensor, attention_mask: torch.Tensor, max_ne
 def sample_tokens(model, input_ids: torch.Tensor, attention_mask: torch.Tensor, max_new_tokens: int,
                   temperature: float = 1.0, top_p: float = 1.0, do_sample: bool = True,
                   eos_token_id: int | None = None, pad_token_id: int = 0, bf16: bool = True,
-                  generator: torch.Generator | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+                  generator: torch.Generator | None = None, return_logprobs: bool = True
+                  ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
     """Sample responses to left-padded prompts ``input_ids``/``attention_mask`` (B, T).
 
     Returns ``responses`` (B, R) long, pad id after each row's first EOS (the EOS is kept),
@@ -299,17 +300,20 @@ def sample_tokens(model, input_ids: torch.Tensor, attention_mask: torch.Tensor, 
     fp32 of the sampled tokens under ``softmax(logits / temperature)`` (the full distribution,
     also when ``top_p`` < 1 narrows the draw), and its ``entropy`` (B, R) fp32; both 0 after EOS.
     ``bf16`` runs under bf16 autocast where the hardware is fast at it (``labkit.models.autocast``).
+    ``return_logprobs=False`` skips the two (B, V) softmaxes per step and returns None for both.
     """
     device = input_ids.device
     steps = []
     with _sampling_context(model, device, bf16):
         if not fast_path_supported(model, input_ids.shape[1] + max_new_tokens):
             return _hf_sample_tokens(model, input_ids, attention_mask, max_new_tokens, temperature, top_p, do_sample,
-                                     eos_token_id, pad_token_id)
+                                     eos_token_id, pad_token_id, return_logprobs)
         for step in _decode(model, input_ids, attention_mask, max_new_tokens, temperature, top_p, do_sample,
-                            eos_token_id, pad_token_id, with_logprobs=True, generator=generator):
+                            eos_token_id, pad_token_id, with_logprobs=return_logprobs, generator=generator):
             steps.append(step)
     responses = torch.stack([s[0] for s in steps], 1)  # (B, R)
+    if not return_logprobs:
+        return responses, None, None
     return responses, torch.stack([s[1] for s in steps], 1), torch.stack([s[2] for s in steps], 1)
 
 
@@ -327,25 +331,25 @@ def _sampling_context(model, device: torch.device, bf16: bool):
 
 
 def _hf_sample_tokens(model, input_ids, attention_mask, max_new_tokens, temperature, top_p, do_sample,
-                      eos_token_id, pad_token_id):
+                      eos_token_id, pad_token_id, return_logprobs):
     """The same contract through HF ``generate`` (architectures the fast path does not run)."""
     from transformers import GenerationConfig
 
     gen = GenerationConfig(max_new_tokens=max_new_tokens, do_sample=do_sample,
                            temperature=temperature if do_sample else None, top_p=top_p if do_sample else None,
                            top_k=0 if do_sample else None, eos_token_id=eos_token_id, pad_token_id=pad_token_id,
-                           output_logits=True, return_dict_in_generate=True)
+                           output_logits=return_logprobs, return_dict_in_generate=True)
     out = model.generate(input_ids=input_ids, attention_mask=attention_mask, generation_config=gen)
     responses = out.sequences[:, input_ids.shape[1]:]  # (B, R)
+    is_eos = responses == eos_token_id if eos_token_id is not None else torch.zeros_like(responses, dtype=torch.bool)
+    after = (is_eos.long().cumsum(1) - is_eos.long()) > 0  # (B, R): strictly after the first EOS
+    responses = responses.masked_fill(after, pad_token_id)
+    if not return_logprobs:
+        return responses, None, None
     logp = (torch.stack(out.logits, 1).float() / temperature).log_softmax(-1)  # (B, R, V)
     logprobs = logp.gather(2, responses[..., None])[..., 0]  # (B, R)
     entropy = -(logp.exp() * logp).sum(-1)  # (B, R)
-    if eos_token_id is not None:
-        is_eos = responses == eos_token_id
-        after = (is_eos.long().cumsum(1) - is_eos.long()) > 0  # strictly after the first EOS
-        responses = responses.masked_fill(after, pad_token_id)
-        logprobs, entropy = logprobs.masked_fill(after, 0.0), entropy.masked_fill(after, 0.0)
-    return responses, logprobs, entropy
+    return responses, logprobs.masked_fill(after, 0.0), entropy.masked_fill(after, 0.0)
 
 
 # ----------------------------------------------------------------------------- public entry points
@@ -388,7 +392,7 @@ def generate(model, tokenizer, prompts: Sequence[str], max_new_tokens: int = 64,
             input_ids, attention_mask = _left_pad([ids[i] for i in batch], pad_id)  # (B, T)
             new_tokens, _, _ = sample_tokens(model, input_ids.to(device), attention_mask.to(device),
                                              max_new_tokens, temperature, top_p, do_sample, eos_id, pad_id,
-                                             bf16=bf16)  # (B, R)
+                                             bf16=bf16, return_logprobs=False)  # (B, R)
             for i, tokens in zip(batch, new_tokens.tolist()):
                 tokens, cut = _cut_at_eos(tokens, eos_id)
                 responses[i] = tokenizer.decode(tokens, skip_special_tokens=True)
