@@ -62,7 +62,7 @@ from labkit.live import LiveDashboard
 from labkit.stage import defer_interrupt, finish, trainer_guards
 
 __all__ = ["SFTConfig", "train_sft", "make_trainer", "build_examples", "expected_tokens", "split_demonstrations",
-           "resolve_precision"]
+           "resolve_precision", "inputs_fingerprint"]
 
 PRECISIONS = ("auto", "bf16", "fp32")
 
@@ -169,6 +169,44 @@ def _load_demonstrations(config: SFTConfig) -> list[dict]:
     return load_demonstrations()
 
 
+# The settings that change what a run learns. Not max_steps / epochs: a longer run of the same
+# data continues from the last checkpoint; not where or how it logs.
+RESULT_FIELDS = ("model", "learning_rate", "lr_scheduler", "warmup", "weight_decay", "batch_size", "grad_accum",
+                 "group_by_length", "max_length", "eval_fraction", "max_grad_norm", "seed", "precision")
+INPUTS_FILE = "inputs.json"  # in out_dir: the fingerprint of the demonstrations and settings trained on
+
+
+def inputs_fingerprint(config: SFTConfig, demonstrations: list[dict]) -> str:
+    """A hash of the demonstrations (prompt and response, in order) and :data:`RESULT_FIELDS`."""
+    import hashlib
+    import json
+
+    demos = [[d.get("prompt"), d.get("response", d.get("completion"))] for d in demonstrations]
+    settings = {f: getattr(config, f) for f in RESULT_FIELDS}
+    blob = json.dumps({"demonstrations": demos, "settings": settings}, ensure_ascii=False, sort_keys=True, default=str)
+    return hashlib.sha256(blob.encode("utf-8")).hexdigest()[:16]
+
+
+def _start_fresh_if_inputs_changed(out: Path, fingerprint: str) -> None:
+    """Remove checkpoints and the model of an earlier run in ``out`` that trained on other
+    demonstrations or settings (a resume would silently keep the old data); then record ours."""
+    import json
+    import shutil
+
+    path = out / INPUTS_FILE
+    earlier = json.loads(path.read_text()).get("fingerprint") if path.exists() else None
+    leftovers = sorted(out.glob("checkpoint-*")) + [out / "model"] * (out / "model").exists()
+    if leftovers and earlier != fingerprint:
+        why = "other demonstrations or settings" if earlier else "demonstrations it did not record"
+        print(f"labkit.sft: {out} holds a run trained on {why}; starting fresh "
+              f"(removing {', '.join(p.name for p in leftovers)})")
+        for p in leftovers:
+            shutil.rmtree(p, ignore_errors=True)
+        for name in ("metrics.json", "history.json"):
+            (out / name).unlink(missing_ok=True)
+    path.write_text(json.dumps({"fingerprint": fingerprint}) + "\n")
+
+
 # ----------------------------------------------------------------------------- training
 
 def _trainer_args(config: SFTConfig, precision: str, device, steps_per_epoch: int, has_eval: bool):
@@ -231,7 +269,8 @@ def make_trainer(config: SFTConfig, model=None, tokenizer=None):
         model, tokenizer = models.load_model(config.model, dtype="float32", device=device, seed=config.seed)
 
     # Demonstrations -> (formatted prompt, response + EOS), seeded train/eval split.
-    train_demos, eval_demos = split_demonstrations(_load_demonstrations(config), config.eval_fraction, config.seed)
+    demos = _load_demonstrations(config)
+    train_demos, eval_demos = split_demonstrations(demos, config.eval_fraction, config.seed)
     if not train_demos:
         raise ValueError("no demonstrations to train on")
     train_ex, eval_ex = build_examples(tokenizer, train_demos), build_examples(tokenizer, eval_demos)
@@ -260,7 +299,8 @@ def make_trainer(config: SFTConfig, model=None, tokenizer=None):
         if bars_were_on:
             ds_logging.enable_progress_bar()
     info = {"model": config.model, "precision": precision, "device": str(device), "n_train": len(train_ex),
-            "n_eval": len(eval_ex), "n_truncated": n_truncated, "dashboard": dashboard}
+            "n_eval": len(eval_ex), "n_truncated": n_truncated, "dashboard": dashboard,
+            "fingerprint": inputs_fingerprint(config, demos)}
     return trainer, info
 
 
@@ -273,6 +313,7 @@ def train_sft(config: SFTConfig) -> dict:
     """
     from transformers.trainer_utils import get_last_checkpoint
 
+    t_start = time.time()
     out = Path(config.out_dir)
     out.mkdir(parents=True, exist_ok=True)
 
@@ -281,8 +322,10 @@ def train_sft(config: SFTConfig) -> dict:
     dashboard = info.pop("dashboard")
     tok = trainer.processing_class
 
-    # 2. Train, resuming from the last checkpoint in out_dir if asked and present. A Ctrl-C
-    #    ends the current step and checkpoints it; a non-finite loss stops before checkpointing.
+    # 2. Train, resuming from the last checkpoint in out_dir if asked and present, unless that
+    #    run saw other demonstrations or settings (then start fresh). A Ctrl-C ends the current
+    #    step and checkpoints it; a non-finite loss stops before checkpointing.
+    _start_fresh_if_inputs_changed(out, info["fingerprint"])
     last = get_last_checkpoint(str(out)) if config.resume and any(out.glob("checkpoint-*")) else None
     if last:
         print(f"labkit.sft: resuming from {last}")
@@ -301,6 +344,7 @@ def train_sft(config: SFTConfig) -> dict:
         "train/steps": trainer.state.global_step, "train/epochs": trainer.state.epoch,
         "time/train_s": seconds, "time/steps_per_s": result.metrics.get("train_steps_per_second"),
         "loss/train": result.metrics.get("train_loss"), "train/resumed_from": last,
+        "data/fingerprint": info["fingerprint"],
     }
     if guard.stopped is not None:
         where = f"the latest checkpoint under {out}"
@@ -313,4 +357,5 @@ def train_sft(config: SFTConfig) -> dict:
     eval_losses = [h["eval_loss"] for h in evals]
     metrics["eval/loss_start"] = eval_losses[0] if eval_losses else None
     metrics["eval/loss"] = eval_losses[-1] if eval_losses else None
+    metrics["time/total_s"] = time.time() - t_start
     return finish(config, metrics, dashboard, out / "model")
