@@ -13,26 +13,35 @@ people at best, so labkit stands in for the rest with simulated labelers built i
        IF  instruction following = fraction of the prompt's checks passed   (none -> undefined)
        H   honesty               = 1 if the response contains the reference (``contains_reference``;
                                    no reference -> undefined)
-       Q   basic quality         = (w_length*L + w_relevance*R) / (w_length + w_relevance)
+       Q   basic quality         = (w_length*L + w_relevance*R + w_info*N + w_ending*E) / (sum of those weights)
                                    * (truncated_factor if the response did not stop else 1)
        S   harmlessness          = harmful prompt -> the response is a refusal;
                                    any other prompt (look-alikes included) -> it is not
 
        score = 0                                              if the response is empty
-             = (S ? 1 : unsafe_factor) * rep * Σ w_c·c / Σ w_c   over the defined c in {IF, H, Q}
+             = (S ? 1 : unsafe_factor) * rep * case * Σ w_c·c / Σ w_c   over the defined c in {IF, H, Q}
 
    where ``rep`` is 1 minus the share of repeated word 4-grams / repeated lines (a degenerate
-   loop scores near 0 however well it fits the format), ``L`` rewards a sensible length
-   (short answers are fine for classification, closed QA, extraction, one-of and "just the
-   name" prompts; very long ones decay) and ``R`` is
-   a cheap relevance signal: whether the response shares content words (crude stems, stop
-   words and generic instruction verbs left out) with the prompt; a poem about a lighthouse
-   need not say "lighthouse", so sharing none lowers R to ``relevance_floor``, not to 0.
-   Prompts without checks or reference still get a discriminating score through Q and S.
-3. **Simulated labelers** (:class:`SimulatedLabeler`): utility = gold score + per-labeler
-   biases (length, format strictness) + Gaussian noise, then rank; near-equal utilities tie.
-   The default noise is calibrated (:func:`measure_agreement`,
-   ``benchmarks/labeler_agreement.py``) so two labelers agree on about 73% of pairs.
+   loop scores near 0 however well it fits the format), ``case`` is ``shouting_factor`` for an
+   answer written in capitals that nobody asked for (:func:`is_shouting`) and 1 otherwise,
+   ``L`` rewards a sensible length (short answers are fine for classification, closed QA,
+   extraction, one-of and "just the name" prompts; very long ones decay), ``R`` is a graded
+   relevance signal: ``floor + (1 - floor) * (1 - exp(-shared / need))`` over the content words
+   (crude stems, stop words and generic instruction verbs left out) the response shares with
+   the prompt (a poem about a lighthouse need not say "lighthouse", so sharing none lowers R to
+   ``relevance_floor``, not to 0), ``N`` is informativeness, ``1 - exp(-distinct content
+   stems / info_scale)`` (1 where a short answer is fine), and ``E`` is 1 when the answer ends
+   cleanly (:func:`ends_cleanly`: a full stop, a list item, a short label) and
+   ``unfinished_ending`` otherwise.
+   R and N are graded, not pass/fail, so two different answers rarely get exactly the same
+   score (a tie teaches the reward model nothing and makes labelers order the pair by noise);
+   prompts without checks or reference still get a discriminating score through Q and S.
+3. **Simulated labelers** (:class:`SimulatedLabeler`): utility = gold score + small
+   per-labeler biases (length, format strictness, ...) + Gaussian noise, then rank; a labeler
+   ties answers it cannot tell apart (utilities within ``tie_threshold`` of a tier's best),
+   as InstructGPT's labelers could. The default noise and tie threshold are calibrated
+   (:func:`measure_agreement`, ``benchmarks/labeler_agreement.py``) so two labelers agree on
+   about 73% of the pairs both order.
 """
 
 from __future__ import annotations
@@ -350,6 +359,25 @@ def repetition_score(text: str, n: int = 4) -> float:
     return 1.0 - max(rep_grams, rep_lines)
 
 
+def is_shouting(text: str, min_letters: int = 12) -> bool:
+    """The answer is written in capitals: at least ``min_letters`` letters, over 60% of them upper case."""
+    letters = [c for c in text if c.isalpha()]
+    return len(letters) >= min_letters and sum(c.isupper() for c in letters) > 0.6 * len(letters)
+
+
+_CLEAN_END = tuple(".!?…:;)]}\"'”’*`>|")
+_LIST_ITEM = re.compile(r"^\s*(?:[-*•]|\d+[.)])\s+\S")
+
+
+def ends_cleanly(text: str) -> bool:
+    """The answer ends like a finished answer, not mid-sentence: closing punctuation, an emoji,
+    a list item or a short last line (verse, a sign-off), or a short label ("Positive", "Paris")."""
+    text = text.rstrip()
+    last_line = text.rsplit("\n", 1)[-1]
+    return (text.endswith(_CLEAN_END) or text[-1:] > "\u2600" or len(words(text)) < 6
+            or ("\n" in text and (_LIST_ITEM.match(last_line) is not None or len(words(last_line)) <= 8)))
+
+
 @dataclass
 class GoldLabeler:
     """Deterministic gold score in [0, 1] (formula in the module docstring)."""
@@ -357,8 +385,13 @@ class GoldLabeler:
     w_instruction: float = 0.45  # weight of the fraction of checks passed
     w_honesty: float = 0.25  # weight of "contains the reference answer" (closed QA)
     w_quality: float = 0.30  # weight of basic quality (length, relevance, no repetition)
-    w_length: float = 0.5  # inside quality: weight of the length term
-    w_relevance: float = 0.5  # inside quality: weight of the relevance term
+    w_length: float = 0.3  # inside quality: weight of the length term L
+    w_relevance: float = 0.3  # inside quality: weight of the graded relevance term R
+    w_info: float = 0.3  # inside quality: weight of informativeness N (distinct content words)
+    w_ending: float = 0.1  # inside quality: weight of E (the answer ends cleanly)
+    info_scale: float = 6.0  # N = 1 - exp(-distinct content stems / info_scale)
+    unfinished_ending: float = 0.5  # E of an answer that stops mid-sentence
+    shouting_factor: float = 0.5  # multiplies the score of an all-capitals answer nobody asked for
     unsafe_factor: float = 0.25  # multiplies the score when harmlessness fails
     truncated_factor: float = 0.5  # multiplies quality when the response did not stop on its own
     min_words: int = 8  # fewer words than this lowers the length term (open-ended prompts)
@@ -369,16 +402,25 @@ class GoldLabeler:
     def __post_init__(self):
         if min(self.w_instruction, self.w_honesty, self.w_quality) < 0 or self.w_quality == 0:
             raise ValueError("weights must be >= 0 and w_quality > 0")
-        if not all(0 <= x <= 1 for x in (self.unsafe_factor, self.truncated_factor, self.relevance_floor)):
-            raise ValueError("unsafe_factor, truncated_factor and relevance_floor must lie in [0, 1]")
+        factors = (self.unsafe_factor, self.truncated_factor, self.relevance_floor, self.unfinished_ending,
+                   self.shouting_factor)
+        if not all(0 <= x <= 1 for x in factors):
+            raise ValueError("unsafe_factor, truncated_factor, relevance_floor, unfinished_ending and "
+                             "shouting_factor must lie in [0, 1]")
+        if min(self.w_length, self.w_relevance, self.w_info, self.w_ending) < 0 or self.info_scale <= 0:
+            raise ValueError("quality weights must be >= 0 and info_scale > 0")
         if not 0 < self.min_words < self.max_words:
             raise ValueError("need 0 < min_words < max_words")
 
-    def _length(self, record: dict, n_words: int) -> float:
-        short_ok = (record.get("category") in _SHORT_CATEGORIES or record.get("harmful")
+    @staticmethod
+    def short_ok(record: dict) -> bool:
+        """A short answer is a full answer here (classification, closed QA, "just the name", ...)."""
+        return bool(record.get("category") in _SHORT_CATEGORIES or record.get("harmful")
                     or _SHORT_REQUEST.search(record.get("prompt", "")) is not None
                     or any(c.get("type") in ("one_of", "max_words", "max_chars") for c in record.get("checks", [])))
-        low = 1 if short_ok else self.min_words
+
+    def _length(self, record: dict, n_words: int) -> float:
+        low = 1 if self.short_ok(record) else self.min_words
         if n_words < low:
             return n_words / low
         if n_words > self.max_words:
@@ -394,7 +436,13 @@ class GoldLabeler:
         shared = sum(any(a.startswith(b) or b.startswith(a) for b in prompt if min(len(a), len(b)) >= 4)
                      or a in prompt for a in resp)
         need = 1 if len(resp) < 30 else self.relevance_target  # short answers: one shared word is enough
-        return self.relevance_floor + (1 - self.relevance_floor) * min(1.0, shared / need)
+        # graded, not capped: one more shared topic word is always worth a little
+        return self.relevance_floor + (1 - self.relevance_floor) * (1 - math.exp(-shared / need))
+
+    def _info(self, record: dict, response: str) -> float:
+        if self.short_ok(record):
+            return 1.0  # "Positive." is a complete answer to a classification prompt
+        return 1 - math.exp(-len(content_stems(response)) / self.info_scale)
 
     def breakdown(self, record: dict, response: str, truncated: bool = False) -> dict:
         """Every component of the score, the per-check results, and the score itself."""
@@ -406,12 +454,18 @@ class GoldLabeler:
                "honesty": None, "harmlessness": float(refusal == harmful)}
         if record.get("reference"):
             out["honesty"] = float(contains_reference(response, record["reference"]))
+        asked_caps = any(c.get("type") == "uppercase" for c in record.get("checks", [])) or re.search(
+            r"\b(?:all caps|capital letters|upper ?case)\b", record.get("prompt", ""), re.IGNORECASE)
         parts = {"length": self._length(record, len(words(response))),
                  # a refusal of a harmful request need not echo the request
                  "relevance": 1.0 if harmful and refusal else self._relevance(record, response),
-                 "repetition": repetition_score(response), "stopped": float(not truncated)}
-        quality = (self.w_length * parts["length"] + self.w_relevance * parts["relevance"]) / (
-            self.w_length + self.w_relevance)
+                 "info": self._info(record, response),
+                 "ending": 1.0 if ends_cleanly(response) else self.unfinished_ending,
+                 "repetition": repetition_score(response), "stopped": float(not truncated),
+                 "case": self.shouting_factor if is_shouting(response) and not asked_caps else 1.0}
+        weights = {"length": self.w_length, "relevance": self.w_relevance, "info": self.w_info,
+                   "ending": self.w_ending}
+        quality = sum(w * parts[k] for k, w in weights.items()) / sum(weights.values())
         quality *= 1.0 if not truncated else self.truncated_factor
         out["quality_parts"], out["quality"] = parts, quality
         if out["empty"]:
@@ -421,7 +475,8 @@ class GoldLabeler:
                  (self.w_quality, quality)]
         terms = [(w, v) for w, v in terms if v is not None and w > 0]
         score = sum(w * v for w, v in terms) / sum(w for w, _ in terms)
-        out["score"] = score * parts["repetition"] * (1.0 if out["harmlessness"] else self.unsafe_factor)
+        out["score"] = (score * parts["repetition"] * parts["case"]
+                        * (1.0 if out["harmlessness"] else self.unsafe_factor))
         return out
 
     def score(self, record: dict, response: str, truncated: bool = False) -> float:
@@ -530,28 +585,60 @@ def gold_agreement(labeler: SimulatedLabeler, candidates: list[dict]) -> float:
     return pooled_agreement(stats)
 
 
-def measure_agreement(candidates: list[dict], pool: list[SimulatedLabeler] | None = None) -> dict:
+def measure_agreement(candidates: list[dict], pool: list[SimulatedLabeler] | None = None,
+                      gold: GoldLabeler | None = None, n_boot: int = 500, seed: int = 0) -> dict:
     """Inter-labeler and labeler-vs-gold agreement, pooled over all compared pairs.
 
     ``candidates``: dicts ``{"record": prompt record, "responses": [K str], "truncated": [K bool]}``.
-    Returns ``{"inter_labeler", "per_pair": {"a/b": float}, "with_gold": {name: float},
-    "n_prompts", "n_labelers", "tie_rate"}``.
+    Returns ``{"inter_labeler", "inter_labeler_ci95", "per_pair": {"a/b": float},
+    "with_gold": {name: float}, "gold": pooled over the pool, "gold_tied_share", "n_prompts",
+    "n_labelers", "n_pairs", "tie_rate"}``. ``gold_tied_share`` is the share of all C(K,2) pairs
+    the gold scorer scores exactly the same (nobody can order them for a reason);
+    ``tie_rate`` the share the labelers tie. The interval resamples prompts (``n_boot`` times),
+    since the pairs of one prompt are not independent.
     """
     pool = pool or labeler_pool()
+    gold = gold or pool[0].gold
     rankings = {lab.name: [lab.rank(c["record"], c["responses"], c.get("truncated")) for c in candidates]
                 for lab in pool}
-    per_pair, every = {}, []
+    golds = [gold_tiers(c["record"], c["responses"], c.get("truncated"), gold) for c in candidates]
+    per_prompt = [[] for _ in candidates]  # inter-labeler pair_stats of each prompt
+    per_pair = {}
     for a, b in itertools.combinations(rankings, 2):
         stats = [pair_stats(ta, tb) for ta, tb in zip(rankings[a], rankings[b])]
         per_pair[f"{a}/{b}"] = pooled_agreement(stats)
-        every += stats
-    pairs = sum(len(c["responses"]) * (len(c["responses"]) - 1) // 2 for c in candidates) * len(pool)
-    ties = pairs - sum(n_comparisons(tiers) for r in rankings.values() for tiers in r)
+        for i, st in enumerate(stats):
+            per_prompt[i].append(st)
+    with_gold = {name: [pair_stats(t, g) for t, g in zip(r, golds)] for name, r in rankings.items()}
+    all_pairs = [len(c["responses"]) * (len(c["responses"]) - 1) // 2 for c in candidates]
+    ties = sum(all_pairs) * len(pool) - sum(n_comparisons(tiers) for r in rankings.values() for tiers in r)
+    every = [st for row in per_prompt for st in row]
     return {"inter_labeler": pooled_agreement(every),
+            "inter_labeler_ci95": _prompt_bootstrap(per_prompt, n_boot, seed),
             "per_pair": per_pair,
-            "with_gold": {lab.name: gold_agreement(lab, candidates) for lab in pool},
-            "n_prompts": len(candidates), "n_labelers": len(pool),
-            "tie_rate": ties / pairs if pairs else 0.0}
+            "with_gold": {name: pooled_agreement(st) for name, st in with_gold.items()},
+            "gold": pooled_agreement([st for sts in with_gold.values() for st in sts]),
+            "gold_tied_share": 1 - sum(map(n_comparisons, golds)) / sum(all_pairs) if candidates else 0.0,
+            "n_prompts": len(candidates), "n_labelers": len(pool), "n_pairs": sum(s["pairs"] for s in every),
+            "tie_rate": ties / (sum(all_pairs) * len(pool)) if candidates else 0.0}
+
+
+def _prompt_bootstrap(per_prompt: list[list[dict]], n_boot: int, seed: int) -> tuple[float, float]:
+    """95% percentile interval of the pooled agreement, resampling prompts with replacement."""
+    sums = [(sum(s["agreeing"] for s in row), sum(s["pairs"] for s in row)) for row in per_prompt]
+    if not sums or n_boot < 1:
+        return (math.nan, math.nan)
+    rng = random.Random(seed)
+    draws = []
+    for _ in range(n_boot):
+        pick = [sums[rng.randrange(len(sums))] for _ in sums]
+        total = sum(p for _, p in pick)
+        if total:
+            draws.append(sum(a for a, _ in pick) / total)
+    draws.sort()
+    if not draws:
+        return (math.nan, math.nan)
+    return (draws[int(0.025 * (len(draws) - 1))], draws[int(0.975 * (len(draws) - 1))])
 
 
 # ----------------------------------------------------------------------------- candidate sets

@@ -22,7 +22,7 @@ from pathlib import Path
 import torch
 
 from labkit import evaluate, labelers, models
-from labkit.rankings import pair_stats
+from labkit.rankings import pair_stats, pooled_agreement
 from labkit.report import json_dump, load_jsonl, write_run_report
 
 
@@ -188,9 +188,10 @@ def rankings_stage(run: Run, round_: int, policy_path: str, store) -> dict:
     tag = f"round{round_}"
     # a resumed stage must not rank twice what a crashed one already stored
     stored = {(x["prompt_id"], x["annotator"]) for x in store.rankings() if x["models"] and x["models"][0] == tag}
-    n_rankings, agree = 0, []
+    n_rankings, agree, candidates = 0, [], []
     for i, (rec, s) in enumerate(zip(prompts, samples)):
         responses = [y if y.strip() else "(empty response)" for y in s["responses"]]
+        candidates.append({"record": rec, "responses": responses, "truncated": s["truncated"]})
         who = [pool[i % len(pool)]]
         if (i * cfg.overlap) % 1 + cfg.overlap >= 1:  # a steady `overlap` share gets a second labeler
             who.append(pool[(i + 1) % len(pool)])
@@ -203,11 +204,17 @@ def rankings_stage(run: Run, round_: int, policy_path: str, store) -> dict:
             tiers_list.append(tiers)
             n_rankings += 1
         if len(tiers_list) == 2:
-            a = pair_stats(*tiers_list)["agreement"]
-            if not math.isnan(a):  # NaN when the two rankings share no ordered pair
-                agree.append(a)
+            agree.append(pair_stats(*tiers_list))
+    # How good are these labels? Every labeler of the pool ranks every prompt of this round
+    # (not stored): agreement between labelers (InstructGPT: 72.6 ± 1.5%) and with the gold
+    # scorer, on this run's own samples, and the share of pairs gold cannot order.
+    m = labelers.measure_agreement(candidates, pool, seed=cfg.seed)
+    overlap = pooled_agreement(agree)
     return {"prompts": len(prompts), "rankings": n_rankings, "k": cfg.k,
-            "inter_labeler_agreement": sum(agree) / len(agree) if agree else None}
+            "inter_labeler_agreement": None if math.isnan(overlap) else overlap,  # the stored double rankings
+            "labeler_agreement": {"inter": m["inter_labeler"], "inter_ci95": m["inter_labeler_ci95"],
+                                  "gold": m["gold"], "gold_tied_share": m["gold_tied_share"],
+                                  "tie_rate": m["tie_rate"], "n_pairs": m["n_pairs"]}}
 
 
 def train_stages(run: Run, store, upto: str = "ppo") -> dict:

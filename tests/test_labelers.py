@@ -1,6 +1,7 @@
 """Checks, refusal detection, the gold scorer and the simulated labelers."""
 
 import json
+import math
 from pathlib import Path
 
 import pytest
@@ -112,14 +113,26 @@ CLOSED_QA = {"id": "t-4", "prompt": "Mia is 12 and her brother Leo is 9. How old
              "checks": [{"type": "num_sentences", "n": 1}]}
 
 
+def quality(length=1.0, shared=None, stems=None, info=None, ending=1.0):
+    """Q by hand: 0.3 L + 0.3 R + 0.3 N + 0.1 E, R = 0.4 + 0.6 (1 - e^-shared) (0.4 when nothing is
+    shared), N = 1 - e^(-stems/6) (or ``info`` as given)."""
+    r = 0.4 if not shared else 0.4 + 0.6 * (1 - math.exp(-shared))
+    n = info if info is not None else 1 - math.exp(-stems / 6)
+    return 0.3 * length + 0.3 * r + 0.3 * n + 0.1 * ending
+
+
 def test_gold_orderings():
     g = L.GoldLabeler()
     demo, off, empty = g.score(HAIKU, DEMO), g.score(HAIKU, OFF_TOPIC), g.score(HAIKU, "")
-    assert demo == pytest.approx(1.0)
+    # the haiku: 10 content stems (autumn, drift, gutter, leav, low, rain, sing, tap, wet, window),
+    # 2 of them in the prompt; a short last line of verse ends cleanly; lowercase passed (IF = 1)
+    assert len(L.content_stems(DEMO)) == 10
+    q_demo = quality(shared=2, stems=10)  # 0.91898
+    assert demo == pytest.approx((0.45 * 1 + 0.30 * q_demo) / 0.75)  # 0.96759
     assert empty == 0.0
     assert demo > off > empty
-    # off-topic fails lowercase (IF=0) and shares no content word (R = floor 0.4): Q = 0.5*1 + 0.5*0.4
-    assert off == pytest.approx(0.30 * 0.7 / 0.75)
+    # off-topic fails lowercase (IF = 0), shares no content word (R = floor 0.4), 9 content stems
+    assert off == pytest.approx(0.30 * quality(shared=0, stems=9) / 0.75)  # 0.30122
     assert g.score(HAIKU, DEMO, truncated=True) < demo
     loop = " ".join(["rain taps the window"] * 10)
     assert g.score(HAIKU, loop) < 0.3  # fits the format, but degenerate
@@ -142,9 +155,12 @@ def test_gold_honesty_and_breakdown():
     wrong = g.breakdown(CLOSED_QA, "Leo is 12 years old.")
     assert right["honesty"] == 1.0 and wrong["honesty"] == 0.0
     assert right["checks"][0]["passed"] and right["instruction"] == 1.0
-    # wrong answer loses exactly the honesty weight share: (0.45 + 0.30*Q) / 1.0 with Q = 1
-    assert right["score"] == pytest.approx(1.0)
-    assert wrong["score"] == pytest.approx(0.75)
+    # closed QA: short answers are fine (L = N = 1); "leo", "9"/"12" and "old" are shared with the prompt
+    q = quality(shared=3, info=1.0)  # 0.99104
+    assert right["quality"] == pytest.approx(q) and wrong["quality"] == pytest.approx(q)
+    # the wrong answer loses exactly the honesty weight share: (0.45 + 0.25 H + 0.30 Q) / 1.0
+    assert right["score"] == pytest.approx(0.45 + 0.25 + 0.30 * q)
+    assert wrong["score"] == pytest.approx(0.45 + 0.30 * q)
     assert 0.0 <= g.score(CLOSED_QA, "Ninety-nine.") <= 1.0
 
 
@@ -160,11 +176,47 @@ def test_gold_discriminates_without_checks():
     rec = {"id": "t-5", "prompt": "What are good ways to keep basil plants healthy indoors?",
            "category": "open_qa", "style": "plain", "split": "eval", "checks": []}
     g = L.GoldLabeler()
-    good = g.score(rec, "Keep basil plants in a sunny window, water the soil when the top dries, "
-                        "and pinch off flower buds so the plants stay bushy and healthy.")
-    assert good == pytest.approx(1.0)
-    assert g.score(rec, OFF_TOPIC) == pytest.approx(0.7)
+    text = ("Keep basil plants in a sunny window, water the soil when the top dries, "
+            "and pinch off flower buds so the plants stay bushy and healthy.")
+    good = g.score(rec, text)
+    # 15 content stems, 4 shared with the prompt (keep, basil, plant, health); no checks: score = Q
+    assert len(L.content_stems(text)) == 15
+    assert good == pytest.approx(quality(shared=4, stems=15))
+    assert g.score(rec, OFF_TOPIC) == pytest.approx(quality(shared=0, stems=9))
+    # one word: L = 1/8, one shared stem, one content stem
+    assert g.score(rec, "Basil.") == pytest.approx(quality(length=1 / 8, shared=1, stems=1))
     assert g.score(rec, "Basil.") < good
+
+
+def test_gold_shouting_and_ending():
+    rec = {"id": "t-7", "prompt": "What are good ways to keep basil plants healthy indoors?",
+           "category": "open_qa", "checks": []}
+    text = "Keep basil plants in a sunny window and water the soil when the top dries."
+    g = L.GoldLabeler()
+    # capitals nobody asked for halve the score; the stems (lower-cased) are the same
+    assert L.is_shouting(text.upper()) and not L.is_shouting(text) and not L.is_shouting("NASA and the ESA.")
+    assert g.score(rec, text.upper()) == pytest.approx(0.5 * g.score(rec, text))
+    asked = {**rec, "checks": [{"type": "uppercase"}]}
+    assert g.breakdown(asked, text.upper())["quality_parts"]["case"] == 1.0
+    # an answer that stops mid-sentence: E = 0.5 instead of 1, so Q loses 0.1 * 0.5
+    cut = text[:-1] + " and then"
+    assert not L.ends_cleanly(cut) and L.ends_cleanly(text)
+    assert L.ends_cleanly("- one\n- two") and L.ends_cleanly("Positive") and L.ends_cleanly("roses are red\nthe end")
+    b = g.breakdown(rec, cut)
+    assert b["quality_parts"]["ending"] == 0.5
+    assert b["quality"] == pytest.approx(0.3 * 1 + 0.3 * b["quality_parts"]["relevance"]
+                                         + 0.3 * b["quality_parts"]["info"] + 0.1 * 0.5)
+
+
+def test_gold_rarely_ties_different_answers():
+    """Graded relevance and informativeness: different sensible answers get different scores."""
+    rec = {"id": "t-8", "prompt": "Give me tips for sleeping better.", "category": "open_qa", "checks": []}
+    answers = ["Go to bed at the same time every night and keep your bedroom dark and cool.",
+               "Avoid screens an hour before bed, skip coffee after noon, and get morning sunlight.",
+               "Keep a regular sleep schedule, exercise during the day, and avoid heavy meals at night.",
+               "Try reading a book in bed and keep the room quiet so you can sleep better."]
+    scores = [L.GoldLabeler().score(rec, a) for a in answers]
+    assert len({round(s, 9) for s in scores}) == len(answers)
 
 
 def test_simulated_labeler_deterministic_and_seeded():
@@ -263,3 +315,15 @@ def test_measure_agreement_by_hand():
     # gold orders all 6 pairs (threshold 1e-9), the same 2 disagree
     assert r["per_pair"]["a/c"] == pytest.approx(3 / 5)
     assert r["with_gold"]["c"] == pytest.approx(4 / 6)
+    # pooled with gold over both labelers: "a" orders 5 pairs, all as gold; "c" 6, 4 as gold: 9 / 11
+    assert r["gold"] == pytest.approx(9 / 11) and r["gold_tied_share"] == 0.0
+
+
+def test_measure_agreement_gold_ties_and_interval():
+    # two identical answers: gold ties 1 of the 6 pairs, and so do noiseless labelers
+    cands = [{"record": HAIKU, "responses": [DEMO, DEMO, "", OFF_TOPIC]}] * 3
+    quiet = [L.SimulatedLabeler(name="a", noise=0.0), L.SimulatedLabeler(name="b", noise=0.0)]
+    r = L.measure_agreement(cands, quiet)
+    assert r["gold_tied_share"] == pytest.approx(1 / 6) and r["tie_rate"] == pytest.approx(1 / 6)
+    assert r["inter_labeler"] == 1.0 and r["inter_labeler_ci95"] == (1.0, 1.0)
+    assert r["n_pairs"] == 3 * 5 and r["gold"] == 1.0
