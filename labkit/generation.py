@@ -448,18 +448,26 @@ def stream(model, tokenizer, prompt: str, max_new_tokens: int = 256, temperature
         return
     tokens: list[int] = []
     sent = ""
-    with torch.no_grad(), _sampling_context(model, device, bf16):
-        for token, _, _ in _decode(model, input_ids, torch.ones_like(input_ids), max_new_tokens, temperature,
-                                   top_p, do_sample, eos_id, pad_id, with_logprobs=False, generator=generator):
-            if int(token) == eos_id:
+    steps = _decode(model, input_ids, torch.ones_like(input_ids), max_new_tokens, temperature, top_p, do_sample,
+                    eos_id, pad_id, with_logprobs=False, generator=generator)
+    try:
+        while True:
+            # The contexts (no_grad, eval mode, autocast, bf16 weights) are entered per token and left
+            # before each yield: the caller's code between pieces, or another stream interleaved with
+            # this one (the chat view), must not run inside them.
+            with torch.no_grad(), _sampling_context(model, device, bf16):
+                step = next(steps, None)
+            if step is None or int(step[0]) == eos_id:
                 break
-            tokens.append(int(token))
+            tokens.append(int(step[0]))
             text = tokenizer.decode(tokens, skip_special_tokens=True)
             if text.endswith("\ufffd"):  # an incomplete UTF-8 character: wait for its other bytes
                 continue
             if len(text) > len(sent) and text.startswith(sent):
                 yield text[len(sent):]
                 sent = text
+    finally:
+        steps.close()
     text = tokenizer.decode(tokens, skip_special_tokens=True)
-    if text != sent and text.startswith(sent) and len(text) > len(sent):
+    if len(text) > len(sent) and text.startswith(sent):
         yield text[len(sent):]

@@ -285,3 +285,19 @@ def test_bf16_weight_copies_follow_weight_updates():
         original.add_(1.0)  # what an optimizer step does
     with bf16_linear_weights(model):
         torch.testing.assert_close(linear.weight.float(), original, atol=0.05, rtol=0.01)
+
+
+def test_interleaved_streams_leave_no_context_behind(peaked):
+    """Between pieces the caller runs with its own grad mode, autocast and weights (the chat view
+    interleaves one stream per model), and interleaving does not change either stream's text."""
+    model, tok = peaked
+    alone = ["".join(stream(model, tok, p, max_new_tokens=8, do_sample=False)) for p in PROMPTS[:2]]
+    a, b = (stream(model, tok, p, max_new_tokens=8, do_sample=False) for p in PROMPTS[:2])
+    mode = model.training
+    texts = ["", ""]
+    for pieces in zip(a, b):
+        assert torch.is_grad_enabled() and not torch.is_autocast_enabled("cpu")
+        assert model.lm_head.weight.dtype == torch.float32 and model.training is mode
+        texts = [t + p for t, p in zip(texts, pieces)]
+    texts = [t + "".join(rest) for t, rest in zip(texts, (a, b))]
+    assert texts == alone
