@@ -99,12 +99,12 @@ def prompt_batch(tok, prompts: list[str], batch_size: int):
 def run_labkit(model, input_ids, mask, new_tokens: int, sampled: bool, bf16: bool) -> float:
     from labkit.generation import sample_tokens
 
-    t0 = time.perf_counter()
+    t0, c0 = time.perf_counter(), time.process_time()
     responses, _, _ = sample_tokens(model, input_ids, mask, new_tokens, temperature=0.7, top_p=0.9,
                                     do_sample=sampled, eos_token_id=None, pad_token_id=0, bf16=bf16,
                                     return_logprobs=False)
     assert responses.shape[1] == new_tokens
-    return time.perf_counter() - t0
+    return time.perf_counter() - t0, time.process_time() - c0
 
 
 def run_hf(model, input_ids, mask, new_tokens: int, sampled: bool, bf16: bool) -> float:
@@ -113,12 +113,12 @@ def run_hf(model, input_ids, mask, new_tokens: int, sampled: bool, bf16: bool) -
     from labkit.models import autocast
 
     kwargs = dict(do_sample=True, temperature=0.7, top_p=0.9, top_k=0) if sampled else dict(do_sample=False)
-    t0 = time.perf_counter()
+    t0, c0 = time.perf_counter(), time.process_time()
     with torch.no_grad(), autocast(model.device, enabled=bf16):
         out = model.generate(input_ids=input_ids, attention_mask=mask, max_new_tokens=new_tokens,
                              min_new_tokens=new_tokens, eos_token_id=None, pad_token_id=0, **kwargs)
     assert out.shape[1] == input_ids.shape[1] + new_tokens
-    return time.perf_counter() - t0
+    return time.perf_counter() - t0, time.process_time() - c0
 
 
 def run_llamacpp(python: str, gguf: str, prompts: list[str], new_tokens: int, threads: int, repeats: int) -> dict:
@@ -149,8 +149,8 @@ def ensure_llamacpp(install: bool) -> tuple[str | None, str | None]:
 
 
 def table(rows: list[dict]) -> str:
-    head = (f"{'batch':>5} {'mode':<8}{'dtype':<6}{'method':<10}{'tokens/s':>10}{'share':>8}{'mfu':>8}"
-            f"{'vs hf':>7}{'load':>6}")
+    head = (f"{'batch':>5} {'mode':<8}{'dtype':<6}{'method':<10}{'tokens/s':>10}{'tok/cpu-s':>10}{'share':>8}"
+            f"{'mfu':>8}{'vs hf':>7}{'cpu vs hf':>10}{'load':>6}")
     lines = [head, "-" * len(head)]
     for r in rows:
         if "error" in r:
@@ -158,8 +158,10 @@ def table(rows: list[dict]) -> str:
                          f"{r['error'].splitlines()[-1][:70]}")
             continue
         vs = f"{r['speedup_vs_hf']:.2f}x" if r.get("speedup_vs_hf") else ""
+        cvs = f"{r['cpu_speedup_vs_hf']:.2f}x" if r.get("cpu_speedup_vs_hf") else ""
         lines.append(f"{r['batch_size']:>5} {r['mode']:<8}{r['dtype']:<6}{r['method']:<10}{r['tokens_per_s']:>10.1f}"
-                     f"{100 * r['share_of_bound']:>7.1f}%{100 * r['mfu']:>7.1f}%{vs:>7}{r['loadavg'][0]:>6.1f}")
+                     f"{r.get('tokens_per_cpu_s', float('nan')):>10.1f}{100 * r['share_of_bound']:>7.1f}%"
+                     f"{100 * r['mfu']:>7.1f}%{vs:>7}{cvs:>10}{r['loadavg'][0]:>6.1f}")
     return "\n".join(lines)
 
 
@@ -220,15 +222,19 @@ def main(argv: list[str] | None = None) -> dict:
                         loads.append(os.getloadavg())
                 bound = peaks[dtype] / (2 * params)
                 for m, ts in times.items():
-                    wall = statistics.median(ts)
+                    wall = statistics.median(t[0] for t in ts)
+                    cpu = statistics.median(t[1] for t in ts)
                     tps = B * args.new_tokens / wall
-                    rows.append({"batch_size": B, "mode": mode, "dtype": dtype, "method": m, "wall_s": ts,
-                                 "tokens_per_s": tps, "bound_tokens_per_s": bound, "share_of_bound": tps / bound,
+                    rows.append({"batch_size": B, "mode": mode, "dtype": dtype, "method": m,
+                                 "wall_s": [t[0] for t in ts], "cpu_s": [t[1] for t in ts], "tokens_per_s": tps,
+                                 "tokens_per_cpu_s": B * args.new_tokens / cpu, "bound_tokens_per_s": bound,
+                                 "share_of_bound": tps / bound,
                                  "mfu": 2 * params * processed / wall / peaks[dtype],
                                  "prompt_tokens": int(mask.sum()), "padded_prompt_length": mask.shape[1],
                                  "loadavg": max(loads)})
                 if "hf" in times and "labkit" in times:
-                    rows[-2]["speedup_vs_hf"] = rows[-1]["tokens_per_s"] and rows[-2]["tokens_per_s"] / rows[-1]["tokens_per_s"]
+                    rows[-2]["speedup_vs_hf"] = rows[-2]["tokens_per_s"] / rows[-1]["tokens_per_s"]
+                    rows[-2]["cpu_speedup_vs_hf"] = rows[-2]["tokens_per_cpu_s"] / rows[-1]["tokens_per_cpu_s"]
                 print(table(rows[-len(times):]).split("\n", 2)[-1], flush=True)
 
     llamacpp = None
