@@ -24,6 +24,7 @@ the classic views ``html.escape`` everything, so a response is never run as HTML
 from __future__ import annotations
 
 import html
+import os
 import random
 import time
 from pathlib import Path
@@ -33,7 +34,7 @@ import anywidget
 import ipywidgets as W
 import traitlets as T
 
-from labkit.feedback import FLAGS, MAX_K, MIN_K, FeedbackStore
+from labkit.feedback import FLAGS, MAX_K, MIN_K, FeedbackStore, open_store
 from labkit.labelers import describe_check, run_check
 from labkit.rankings import tier_of
 
@@ -89,15 +90,31 @@ class _Session:
 
     def resume(self, widget) -> None:
         """Re-read what ``widget.annotator`` finished; the item on screen stays if still open
-        (a name typed mid-item keeps it), else the next item shows."""
-        done = self.store.done_ids(widget.annotator, self.kind) if widget.annotator.strip() else set()
+        (a name typed mid-item keeps it), else the next item shows.
+
+        A name is required (it labels every item, and later cells read it from ``widget.annotator``);
+        in a room it must be unique: a name another laptop holds is refused and cleared.
+        """
+        name = widget.annotator.strip()
+        if name and hasattr(self.store, "claim"):  # a room client: hold the name for this laptop
+            try:
+                self.store.claim(name)
+            except ValueError as e:
+                widget.annotator = ""  # resumes as nobody; then say why
+                widget.message = str(e)
+                return
+        done = self.store.done_ids(name, self.kind) if name else set()
         self.left = [it for it in self.items if _item_id(it) not in done]
         if self.current is None or self.current not in self.left:
             widget._next()
-            return
-        self.left.remove(self.current)
-        self.left.insert(0, self.current)
-        widget._draw_progress()
+        else:
+            self.left.remove(self.current)
+            self.left.insert(0, self.current)
+            widget._draw_progress()
+        if not name and self.current is not None and not widget.message:  # keep a refusal's reason
+            widget.message = "Type your name in the Annotator box first: it labels every item you submit."
+        elif name and widget.message.startswith("Type your name"):
+            widget.message = ""
 
     def switch(self, widget, name_box: W.Text | None = None) -> None:
         """The annotator changed: keep the name box in step, then resume for that annotator."""
@@ -128,8 +145,10 @@ _current = property(lambda self: self._session.current,
                     doc="The item on screen (with model names), or None when all are done.")
 
 
-def _store(store: FeedbackStore | str) -> FeedbackStore:
-    return store if isinstance(store, FeedbackStore) else FeedbackStore(store)
+def _store(store):
+    """A store path or room URL opened with ``labkit.feedback.open_store``; a store object
+    (``FeedbackStore`` or a room client) as it is."""
+    return open_store(store) if isinstance(store, (str, os.PathLike)) else store
 
 
 def _header(annotator: str, total: int) -> tuple[W.Text, W.IntProgress, W.HTML]:
@@ -316,7 +335,9 @@ class RankingWidget(anywidget.AnyWidget):
     @staticmethod
     def _view_of(it: dict) -> dict:
         rec = _record_of(it)
+        k = len(it["responses"])
         return {"prompt_id": _item_id(it), "prompt": it["prompt"], "responses": list(it["responses"]),
+                "truncated": [bool(t) for t in (it.get("truncated") or [False] * k)],  # from sample_k: hit the limit
                 "category": rec.get("category", ""), "checks": [describe_check(c) for c in rec.get("checks", [])]}
 
     @T.observe("annotator")
@@ -416,11 +437,14 @@ class _ClassicRanking:
         _show_progress(self.progress, self.progress_label, w.done, w.total)
         tiers = tier_of(w.tiers)
         cards = []
+        cut_off = item.get("truncated") or []
         for i, text in enumerate(item.get("responses", [])):
             badge = f"#{tiers[i] + 1}" if i in tiers else "–"
             color = "#2e7d32" if i in tiers else "#999"
+            cut = (" <span class='lk-cutoff' style='color:#b26a00'>✂ cut off (hit the length limit)</span>"
+                   if i < len(cut_off) and cut_off[i] else "")
             cards.append(f"<div style='border:1px solid {color};border-radius:8px;padding:6px 8px;margin:4px 0'>"
-                         f"<b>Response {i + 1}</b> <span style='color:{color};font-weight:bold'>{badge}</span>"
+                         f"<b>Response {i + 1}</b> <span style='color:{color};font-weight:bold'>{badge}</span>{cut}"
                          f"{_pre(text)}</div>")
         self.cards.value = "".join(cards)
         order = _order_text(w.tiers)

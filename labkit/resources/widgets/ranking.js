@@ -161,6 +161,13 @@ function render({ model, el }) {
       top.append(h("span", "lk-key", i + 1), h("span", "lk-card-title", `Response ${i + 1}`), h("span", "lk-grip", "⠿"), badge);
       const body = h("pre", "lk-text", text);
       card.append(top, body);
+      if (item.truncated && item.truncated[i]) {
+        // the model hit the length limit: the answer did not end on its own (the gold labeler counts it)
+        card.classList.add("lk-cut");
+        const cut = h("div", "lk-cutoff", "✂ cut off: the answer hit the length limit");
+        cut.title = "the model did not stop on its own; the text ends where the length limit cut it";
+        card.appendChild(cut);
+      }
       card.addEventListener("click", () => {
         if (window.getSelection && String(window.getSelection()).length > 0) return; // selecting text
         send("rank", { index: i });
