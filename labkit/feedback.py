@@ -573,6 +573,34 @@ class FeedbackStore:
         return result
 
 
+def agreement_matrix(agreement: dict, stat: str = "agreement") -> dict:
+    """Annotator-by-annotator table of ``FeedbackStore.agreement()``'s result (a store's or a room's).
+
+    Rows and columns are the annotators, people first, then simulated labelers (``sim:...``),
+    then ``"gold"`` when the result has gold rows. Returns ``{"names", "matrix", "items"}``:
+    ``matrix[i][j]`` is ``stat`` ("agreement" or "kendall_tau") of the pair (nan when they share
+    no item or no untied pair; 1.0 on the diagonal), ``items[i][j]`` the number of shared items.
+    """
+    if stat not in ("agreement", "kendall_tau"):
+        raise ValueError(f"stat must be 'agreement' or 'kendall_tau', got {stat!r}")
+    names = {p[side] for p in agreement.get("pairs", []) for side in ("a", "b")}
+    names |= {g["annotator"] for g in agreement.get("gold", [])}
+    names = sorted(names, key=lambda n: (is_simulated(n), n))
+    if agreement.get("gold"):
+        names.append("gold")
+    index = {n: i for i, n in enumerate(names)}
+    matrix = [[1.0 if i == j else math.nan for j in range(len(names))] for i in range(len(names))]
+    items = [[0] * len(names) for _ in names]
+    cells = [(p["a"], p["b"], p) for p in agreement.get("pairs", [])]
+    cells += [(g["annotator"], "gold", g) for g in agreement.get("gold", [])]
+    for a, b, row in cells:
+        i, j = index[a], index[b]
+        value = row[stat]
+        matrix[i][j] = matrix[j][i] = float("nan") if value is None else float(value)
+        items[i][j] = items[j][i] = row["items"]
+    return {"names": names, "matrix": matrix, "items": items}
+
+
 def _mean_stats(rows: list[dict]) -> dict[str, float]:
     """Pair-weighted agreement and mean tau over items (nan entries left out)."""
     strict = sum(r["pairs"] for r in rows)
@@ -580,6 +608,60 @@ def _mean_stats(rows: list[dict]) -> dict[str, float]:
     taus = [r["kendall_tau"] for r in rows if not math.isnan(r["kendall_tau"])]
     return {"agreement": agree / strict if strict else math.nan,
             "kendall_tau": sum(taus) / len(taus) if taus else math.nan, "pairs": strict}
+
+
+# ----------------------------------------------------------------------------- people and simulated labelers
+
+SIMULATED_PREFIX = "sim:"  # simulated labelers' annotator names start with this
+
+
+def is_simulated(annotator: str) -> bool:
+    return annotator.startswith(SIMULATED_PREFIX)
+
+
+def human_count(store: Any, kind: str = "ranking", annotator: str | None = None) -> int:
+    """Submitted items of ``kind`` by people (``annotator``, or anyone not ``sim:...``) in a store or room."""
+    if kind not in KINDS:
+        raise ValueError(f"kind must be one of {KINDS}, got {kind!r}")
+    rows = {"demonstration": store.demonstrations, "ranking": store.rankings, "comparison": store.comparisons}[kind](
+        annotator=annotator.strip() if annotator else None)
+    return sum(not is_simulated(r["annotator"]) for r in rows)
+
+
+def report_human(store: Any, kind: str, annotator: str | None) -> int:
+    """Say how many ``kind`` items ``annotator`` submitted, or clearly that none has arrived yet
+    and what to do (interactive notebooks call it in the cells after a widget); return the count."""
+    n = human_count(store, kind, annotator) if annotator and annotator.strip() else 0
+    if not annotator or not annotator.strip():
+        print(f"No {kind} from you yet: type your name in the widget above first (it names every item you "
+              "submit), then submit and run this cell again. Until then the simulated labelers carry on alone.")
+    elif n == 0:
+        print(f"No {kind} from {annotator!r} has reached the store yet: use the widget above (each Submit saves "
+              "one item at once), then run this cell again. Until then the simulated labelers carry on alone.")
+    else:
+        print(f"{n} {kind}{'s' if n != 1 else ''} from {annotator!r} in the store.")
+    return n
+
+
+def pooled_demonstrations(store: Any, base: list[dict] | None = None, prompts: list[dict] | None = None,
+                          annotator: str | None = None) -> list[dict]:
+    """SFT records from people's demonstrations in ``store``, every annotator's kept.
+
+    Several annotators who answered one prompt give one record each (a room's demonstrations
+    pool, they do not overwrite each other); an annotator who answered a prompt twice counts
+    once, with the latest answer. A prompt that people answered drops its record from ``base``
+    (e.g. the embedded demonstrations); ``prompts`` (records by ``id``) fill in category and checks.
+    Each record is ``{**prompt record, "prompt", "response", "annotator"}``.
+    """
+    by_id = {p["id"]: p for p in prompts or []}
+    latest: dict[tuple[str, str], dict] = {}
+    for d in store.demonstrations(annotator=annotator):  # submitted only, oldest first
+        if not is_simulated(d["annotator"]):
+            latest[(d["prompt_id"], d["annotator"])] = d
+    human = [{**by_id.get(d["prompt_id"], {"id": d["prompt_id"]}), "prompt": d["prompt"], "response": d["response"],
+              "annotator": d["annotator"]} for d in latest.values()]
+    answered = {pid for pid, _ in latest}
+    return [r for r in base or [] if r.get("id") not in answered] + human
 
 
 # ----------------------------------------------------------------------------- rooms and files
@@ -613,7 +695,7 @@ def records(store: Any, annotator: str | None = None, simulated: bool = True) ->
                         ("ranking", store.rankings(annotator, status=None)),
                         ("comparison", store.comparisons(annotator, status=None))):
         for item in items:
-            if not simulated and item["annotator"].startswith("sim:"):
+            if not simulated and is_simulated(item["annotator"]):
                 continue
             rec = {"kind": kind, **{f: item[f] for f in CONTENT_FIELDS[kind]}, "created": item["created"]}
             if kind == "comparison" and rec["a_shown_first"] is not None:

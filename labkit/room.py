@@ -73,8 +73,14 @@ CREATE TABLE IF NOT EXISTS room_submissions (
 CREATE TABLE IF NOT EXISTS room_settings (
     key   TEXT PRIMARY KEY,             -- 'token': a restart keeps the join URL
     value TEXT NOT NULL
+);
+CREATE TABLE IF NOT EXISTS room_names (
+    name    TEXT PRIMARY KEY,           -- an annotator name, held by the first laptop that claimed it
+    device  TEXT NOT NULL,              -- that laptop's id (labkit.room.device_id)
+    claimed REAL NOT NULL
 )
 """
+MAX_NAME = 64  # characters in an annotator name
 
 
 def apply_submission(store: FeedbackStore, kind: str, args: Any) -> Any:
@@ -132,6 +138,27 @@ class RoomStore(FeedbackStore):
         finally:
             self._submission.id = None
         return {"id": sub_id, "row_id": row_id, "duplicate": False}
+
+    def claim(self, name: str, device: str) -> dict:
+        """Hold ``name`` for ``device``: the same laptop may claim it again (a restarted kernel
+        resumes), another one gets a ``ValueError`` (two people must not share a name)."""
+        if not isinstance(name, str) or not name.strip() or len(name.strip()) > MAX_NAME:
+            raise ValueError(f"a name is 1-{MAX_NAME} characters, e.g. 'alice'")
+        if not isinstance(device, str) or not 0 < len(device) <= 64:
+            raise ValueError("device must be a laptop id of 1-64 characters")
+        name = name.strip()
+        with self._write() as db:
+            row = db.execute("SELECT device FROM room_names WHERE name = ?", (name,)).fetchone()
+            if row is None:
+                db.execute("INSERT INTO room_names VALUES (?, ?, ?)", (name, device, time.time()))
+            elif row[0] != device:
+                raise ValueError(f"the name {name!r} is already taken in this room by another laptop; "
+                                 "type another name (e.g. add your initial)")
+        return {"name": name, "new": row is None}
+
+    def names(self) -> dict[str, str]:
+        """Claimed names -> device ids."""
+        return {r[0]: r[1] for r in self._read("SELECT name, device FROM room_names ORDER BY name")}
 
     def room_token(self, token: str | None = None) -> str:
         """The room's token: ``token`` if given (and kept), else the kept one, else a new random one."""
@@ -221,6 +248,21 @@ def make_app(store: RoomStore, token: str, max_body: int = MAX_BODY):
             return _error(400, str(e))
         return _json(result)
 
+    async def claim(request):
+        if (refused := denied(request)) is not None:
+            return refused
+        body = await _read_body(request, 4096)
+        try:
+            ask = json.loads(body) if body is not None else None
+        except ValueError:
+            ask = None
+        if not isinstance(ask, dict):
+            return _error(400, 'the body must be {"name": ..., "device": ...}')
+        try:
+            return _json(await run_in_threadpool(store.claim, ask.get("name"), ask.get("device")))
+        except ValueError as e:
+            return _error(409 if "already taken" in str(e) else 400, str(e))
+
     def read(request):  # a plain def: Starlette runs it in its thread pool
         if (refused := denied(request)) is not None:
             return refused
@@ -245,6 +287,7 @@ def make_app(store: RoomStore, token: str, max_body: int = MAX_BODY):
 
     return Starlette(routes=[
         Route("/", root), Route("/api/ping", ping), Route("/api/submit", submit, methods=["POST"]),
+        Route("/api/claim", claim, methods=["POST"]),
         Route("/api/{name}", read),
     ])
 
@@ -353,6 +396,26 @@ def default_outbox(base_url: str, token: str) -> Path:
     return cache / "outbox" / f"{room}.sqlite"
 
 
+def device_id() -> str:
+    """This laptop's random id (``$LABKIT_CACHE/device_id``, made once): what a room's name claim keys on."""
+    path = Path(os.environ.get("LABKIT_CACHE", Path.home() / ".cache" / "labkit")) / "device_id"
+    try:
+        return path.read_text().strip()
+    except OSError:
+        pass
+    path.parent.mkdir(parents=True, exist_ok=True)
+    new = uuid.uuid4().hex
+    tmp = path.with_name(f"device_id.{new}")
+    tmp.write_text(new)
+    try:
+        os.link(tmp, path)  # first writer wins; a racing kernel reads the winner's id
+    except OSError:
+        pass
+    finally:
+        tmp.unlink(missing_ok=True)
+    return path.read_text().strip()
+
+
 class Outbox:
     """Submissions waiting to be acknowledged by the room, in a local SQLite file (WAL).
 
@@ -447,8 +510,10 @@ class RoomClient:
 
     retry_s = (0.5, 5.0)  # background retry: first and longest wait between attempts
 
-    def __init__(self, url: str, outbox: str | os.PathLike | None = None, timeout_s: float = 5.0):
+    def __init__(self, url: str, outbox: str | os.PathLike | None = None, timeout_s: float = 5.0,
+                 device: str | None = None):
         self.url, self._token = parse_room_url(url)
+        self.device = device or device_id()  # what holds this laptop's annotator names in the room
         self.timeout_s = timeout_s  # per request; a dropped Wi-Fi costs at most this per submit
         self.outbox = Outbox(outbox or default_outbox(self.url, self._token))
         self._probe, self._probe_pid = _DryRunStore(), os.getpid()
@@ -483,7 +548,7 @@ class RoomClient:
                 message = f"HTTP {e.code} {e.reason}"
             if e.code in (401, 403):
                 raise PermissionError(f"the room at {self.url} refused the token: {message}") from None
-            if e.code in (400, 413):
+            if e.code in (400, 409, 413):
                 raise ValueError(message) from None
             if e.code == 404:
                 raise ValueError(f"{self.url} is not a labkit room (404: {message})") from None
@@ -624,6 +689,15 @@ class RoomClient:
             return "sent"
         finally:
             self._send_lock.release()
+
+    def claim(self, name: str) -> dict:
+        """Hold ``name`` in the room for this laptop; ``ValueError`` when another laptop holds it.
+        An unreachable room cannot check: the name is used, and the room sorts it out later."""
+        body = json.dumps({"name": name, "device": self.device}).encode()
+        try:
+            return self._request("POST", "/api/claim", body)
+        except RoomUnreachable:
+            return {"name": name, "new": None}
 
     # -- reads -------------------------------------------------------------------------------
 

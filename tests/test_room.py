@@ -349,3 +349,86 @@ def test_a_client_started_before_the_room_sends_later(tmp_path):
     finally:
         client.close()
         _stop(server)
+
+
+# ----------------------------------------------------------------------------- the room in the notebooks
+
+def test_widgets_take_a_room_url_and_names_are_unique_per_laptop(room, tmp_path):
+    from labkit.widgets import RankingWidget
+
+    url, path = room
+    items = [{"prompt_id": f"nm-{i}", "prompt": f"P{i}", "responses": ["a", "b", "c"]} for i in range(2)]
+    board = RankingWidget(url, items, annotator="zoe")  # a room URL opens a client, like open_store
+    assert isinstance(board.store, RoomClient) and board.annotator == "zoe"
+    board.rank(1), board.rank(0), board.submit()
+    assert [r["annotator"] for r in FeedbackStore(path).rankings() if r["prompt_id"] == "nm-0"] == ["zoe"]
+    # a second laptop (another device id) cannot take the name; the same laptop may (a restarted kernel)
+    other = open_store(url, outbox=tmp_path / "o2.sqlite", device="laptop-2")
+    with pytest.raises(ValueError, match="already taken"):
+        other.claim("zoe")
+    taken = RankingWidget(other, items, annotator="zoe")
+    assert taken.annotator == "" and "already taken" in taken.message
+    taken.rank(0), taken.rank(1)
+    assert taken.submit() is None and "annotator" in taken.message  # nothing is stored under no name
+    taken.annotator = "zoe b"
+    assert taken.annotator == "zoe b" and taken.item["prompt_id"] == "nm-0"
+    again = RankingWidget(open_store(url, outbox=tmp_path / "o3.sqlite"), items, annotator="zoe")
+    assert again.annotator == "zoe" and again.item["prompt_id"] == "nm-1"  # resumed past nm-0
+    with pytest.raises(ValueError, match="1-64 characters"):
+        other.claim("x" * 65)
+
+
+def test_human_count_and_the_waiting_message(tmp_path, capsys):
+    from labkit.feedback import human_count, report_human
+
+    store = FeedbackStore(tmp_path / "f.sqlite")
+    store.add_ranking("rm-1", ["a", "b"], [[0], [1]], "sim:ada")
+    assert human_count(store) == 0 and report_human(store, "ranking", "alice") == 0
+    assert "No ranking from 'alice' has reached the store yet" in capsys.readouterr().out
+    assert report_human(store, "ranking", "") == 0 and "type your name" in capsys.readouterr().out
+    store.add_ranking("rm-1", ["a", "b"], [[1], [0]], "alice")
+    store.add_ranking("rm-2", ["a", "b"], None, "alice", status="skipped")  # a skip is not a submission
+    assert human_count(store) == 1 and human_count(store, annotator="bob") == 0
+    assert report_human(store, "ranking", "alice") == 1 and "1 ranking from 'alice'" in capsys.readouterr().out
+    assert human_count(store, "demonstration") == 0
+    with pytest.raises(ValueError, match="kind"):
+        human_count(store, "votes")
+
+
+def test_pooled_demonstrations_keep_every_annotators_answer(tmp_path):
+    from labkit.feedback import pooled_demonstrations
+
+    store = FeedbackStore(tmp_path / "f.sqlite")
+    base = [{"id": "sft-1", "prompt": "Say hi.", "response": "Hello (embedded)."},
+            {"id": "sft-2", "prompt": "Say bye.", "response": "Bye (embedded)."}]
+    store.add_demonstration("sft-1", "Say hi.", "Hi from alice, draft.", "alice")
+    store.add_demonstration("sft-1", "Say hi.", "Hi from bob.", "bob")
+    store.add_demonstration("sft-1", "Say hi.", "Hi from alice.", "alice")  # alice again: the latest counts
+    store.add_demonstration("sft-1", "Say hi.", "", "carol", status="skipped")
+    store.add_demonstration("sft-1", "Say hi.", "Hi from a simulation.", "sim:ada")
+    pooled = pooled_demonstrations(store, base, prompts=[{"id": "sft-1", "prompt": "Say hi.", "category": "chat"}])
+    assert [d["response"] for d in pooled] == ["Bye (embedded).", "Hi from alice.", "Hi from bob."]
+    assert [d.get("annotator") for d in pooled] == [None, "alice", "bob"]
+    assert pooled[1]["category"] == "chat" and pooled[1]["id"] == "sft-1"
+    assert [d["response"] for d in pooled_demonstrations(store, annotator="bob")] == ["Hi from bob."]
+
+
+def test_agreement_matrix_people_then_simulated_then_gold(tmp_path):
+    from labkit.feedback import agreement_matrix
+
+    store = FeedbackStore(tmp_path / "f.sqlite")
+    texts = ["w", "x", "y", "z"]
+    store.add_ranking("rm-1", texts, [[0], [1], [2], [3]], "bob")
+    store.add_ranking("rm-1", texts, [[0], [1], [3], [2]], "sim:ada")  # 5 of 6 pairs as bob
+    store.add_ranking("rm-1", texts, [[3], [2], [1], [0]], "alice")  # bob reversed
+    store.add_ranking("rm-2", texts, [[0], [1], [2], [3]], "carol")  # shares no item with anyone
+    m = agreement_matrix(store.agreement(gold=lambda rec, t: -ord(t), prompts=[{"id": "rm-1"}, {"id": "rm-2"}]))
+    assert m["names"] == ["alice", "bob", "carol", "sim:ada", "gold"]
+    i = {n: k for k, n in enumerate(m["names"])}
+    cell = lambda a, b: m["matrix"][i[a]][i[b]]  # noqa: E731
+    assert cell("bob", "alice") == cell("alice", "bob") == 0.0
+    assert cell("bob", "sim:ada") == pytest.approx(5 / 6) and m["items"][i["bob"]][i["sim:ada"]] == 1
+    assert cell("bob", "gold") == 1.0 and cell("alice", "gold") == 0.0 and cell("carol", "gold") == 1.0
+    assert cell("carol", "bob") != cell("carol", "bob")  # nan: no shared item
+    assert all(m["matrix"][k][k] == 1.0 for k in range(5))
+    assert agreement_matrix(store.agreement(gold=None))["names"] == ["alice", "bob", "sim:ada"]
