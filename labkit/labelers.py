@@ -54,6 +54,7 @@ import random
 import re
 import string
 from dataclasses import dataclass, field
+from typing import Callable
 
 from labkit.rankings import n_comparisons, pair_stats, pooled_agreement, tiers_from_scores
 
@@ -511,11 +512,15 @@ class SimulatedLabeler:
     honesty_bias: float = 0.0  # extra weight on a wrong closed-QA answer: adds honesty_bias * (H - 1)
     safety_bias: float = 0.0  # extra weight on harmlessness: adds safety_bias * (S - 1)
     tie_threshold: float = 0.02  # utilities closer than this to a tier's best share the tier
+    persona: str | None = None  # a room persona (PERSONAS) this labeler applies; None = none
+    persona_bonus: float = 0.4  # utility added to a response that shows the persona's trait
     gold: GoldLabeler = field(default_factory=GoldLabeler)  # the gold scorer underneath
 
     def __post_init__(self):
         if self.noise < 0 or self.tie_threshold < 0:
             raise ValueError("noise and tie_threshold must be >= 0")
+        if self.persona is not None:
+            get_persona(self.persona)  # an unknown name fails here, listing the known ones
 
     def utility(self, record: dict, response: str, truncated: bool = False) -> float:
         """Gold score plus this labeler's biases and (deterministic) noise."""
@@ -527,6 +532,8 @@ class SimulatedLabeler:
         if b["honesty"] is not None:
             u += self.honesty_bias * (b["honesty"] - 1)
         u += self.safety_bias * (b["harmlessness"] - 1)
+        if self.persona is not None and b["score"] > 0 and PERSONAS[self.persona].detect(response):
+            u += self.persona_bonus  # the room's agreed preference, on top of what the gold scorer sees
         key = record.get("id") or record.get("prompt", "")
         return u + self.noise * _unit_noise(self.name, self.seed, key, response, truncated)
 
@@ -552,8 +559,10 @@ _TEMPERAMENTS = [
 ]
 
 
-def labeler_pool(n: int = 5, seed: int = 0, noise: float | None = None) -> list[SimulatedLabeler]:
-    """``n`` simulated labelers with varied biases; ``noise`` rescales every labeler's noise."""
+def labeler_pool(n: int = 5, seed: int = 0, noise: float | None = None, persona: str | None = None,
+                 persona_bonus: float = 0.4) -> list[SimulatedLabeler]:
+    """``n`` simulated labelers with varied biases; ``noise`` rescales every labeler's noise;
+    ``persona`` makes every one of them apply that room persona (a rehearsal of the room)."""
     if n < 1:
         raise ValueError("n must be >= 1")
     pool = []
@@ -563,8 +572,70 @@ def labeler_pool(n: int = 5, seed: int = 0, noise: float | None = None) -> list[
             t["name"] = f"{t['name']}{i // len(_TEMPERAMENTS) + 1}"
         if noise is not None:
             t["noise"] = t.get("noise", DEFAULT_NOISE) / DEFAULT_NOISE * noise
-        pool.append(SimulatedLabeler(seed=seed * 1000 + i, **t))
+        pool.append(SimulatedLabeler(seed=seed * 1000 + i, persona=persona, persona_bonus=persona_bonus, **t))
     return pool
+
+
+# ----------------------------------------------------------------------------- room personas
+# A preference the workshop room agrees to apply while ranking, so that the room's influence
+# on the reward model and the policy is visible (BRIEF §2, "the workshop room"). Each persona
+# is a sentence the instructor reads out and a rule that says whether a response shows the
+# trait, so the share of answers with the trait can be counted before and after PPO.
+
+_EXAMPLE = re.compile(r"\b(?:for example|for instance|e\.g\.|such as|an example|example:|imagine)\b", re.IGNORECASE)
+_LIST_LINE = re.compile(r"^\s*(?:[-*•]|\d+[.)])\s+\S", re.MULTILINE)
+
+
+def ends_with_question(text: str) -> bool:
+    """The answer's last sentence asks the reader something (ends with ``?``, quotes and emoji aside)."""
+    return text.rstrip().rstrip("\"'”’)*_ \U0001F300-\U0001FAFF").endswith("?")
+
+
+def gives_example(text: str) -> bool:
+    """The answer gives an example ("for example", "for instance", "e.g.", "such as", ...)."""
+    return _EXAMPLE.search(text) is not None
+
+
+def uses_list(text: str) -> bool:
+    """The answer is laid out as a list: two or more bullet or numbered lines."""
+    return len(_LIST_LINE.findall(text)) >= 2
+
+
+def exclaims(text: str) -> bool:
+    """The answer sounds enthusiastic: it has an exclamation mark."""
+    return "!" in text
+
+
+@dataclass(frozen=True)
+class Persona:
+    """A room persona: the preference read out to the room, and the trait's detector."""
+
+    name: str  # short key, e.g. "example"
+    preference: str  # what the room agrees to apply while ranking
+    detect: Callable[[str], bool]  # True when a response shows the trait
+
+
+PERSONAS: dict[str, Persona] = {p.name: p for p in (
+    Persona("example", "prefer answers that give an example (for example, for instance, such as)", gives_example),
+    Persona("question", "prefer answers that end with a question to the reader", ends_with_question),
+    Persona("list", "prefer answers laid out as a list of points", uses_list),
+    Persona("enthusiastic", "prefer answers that sound enthusiastic (an exclamation mark!)", exclaims),
+)}
+
+
+def get_persona(name: str | Persona) -> Persona:
+    """The persona named ``name`` (a :class:`Persona` passes through); unknown names list the known ones."""
+    if isinstance(name, Persona):
+        return name
+    if name not in PERSONAS:
+        raise ValueError(f"unknown persona {name!r}; choose from {sorted(PERSONAS)}")
+    return PERSONAS[name]
+
+
+def trait_share(persona: str | Persona, responses: list[str]) -> float:
+    """Share of ``responses`` that show the persona's trait (nan for no responses)."""
+    detect = get_persona(persona).detect
+    return sum(map(detect, responses)) / len(responses) if responses else math.nan
 
 
 # ----------------------------------------------------------------------------- agreement
