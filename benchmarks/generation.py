@@ -236,6 +236,7 @@ def main(argv: list[str] | None = None) -> dict:
                     rows[-2]["speedup_vs_hf"] = rows[-2]["tokens_per_s"] / rows[-1]["tokens_per_s"]
                     rows[-2]["cpu_speedup_vs_hf"] = rows[-2]["tokens_per_cpu_s"] / rows[-1]["tokens_per_cpu_s"]
                 print(table(rows[-len(times):]).split("\n", 2)[-1], flush=True)
+                write(args, info, peaks, params, bf16_cast_s, rows, None)  # kept if the run is cut short
 
     llamacpp = None
     if "llamacpp" in methods and args.model == "smollm2-135m":
@@ -261,8 +262,15 @@ def main(argv: list[str] | None = None) -> dict:
 
     print()
     print(table(rows))
+    write(args, info, peaks, params, bf16_cast_s, rows, llamacpp)
     print("share = new tokens/s / (matmul peak of the row's dtype / (2 x params)); mfu counts prompt tokens too;"
           " llamacpp's share is taken against the bf16 peak")
+    print(f"wrote {args.out}")
+    return json.loads(Path(args.out).read_text())
+
+
+def write(args, info: dict, peaks: dict, params: int, bf16_cast_s: float, rows: list[dict], llamacpp) -> None:
+    """The JSON result (rewritten after every setting)."""
     out = Path(args.out)
     if args.append and out.exists():  # rows of earlier invocations keep their own load averages
         earlier = json.loads(out.read_text())
@@ -277,14 +285,14 @@ def main(argv: list[str] | None = None) -> dict:
                            "prompts": "embedded eval split, chat-formatted, sorted by length, left-padded"},
               "bf16_weight_copy_s": bf16_cast_s,
               "formulas": {"tokens_per_s": "batch x new tokens / median wall time of the call (prompt pass included)",
+                           "tokens_per_cpu_s": "batch x new tokens / median process CPU time of the call; with one "
+                                               "torch thread, a measure less bent by other jobs on the machine",
                            "bound_tokens_per_s": "measured matmul peak (the row's dtype) / (2 x params)",
                            "share_of_bound": "tokens_per_s / bound_tokens_per_s",
                            "mfu": "2 x params x (prompt + new tokens) / wall / matmul peak"},
               "runs": rows, "llamacpp": llamacpp}
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(result, indent=1))
-    print(f"wrote {out}")
-    return result
 
 
 if __name__ == "__main__":
