@@ -185,22 +185,30 @@ def widgets_status() -> dict:
     return out
 
 
+def _mps_smoke_test() -> None:
+    x = torch.randn(64, 64, device="mps", requires_grad=True)
+    (x @ x).sum().backward()
+    torch.mps.synchronize()
+
+
+def mps_check() -> tuple[bool, str | None]:
+    """(usable, line) for Apple's GPU backend (mps): usable when torch reports it available and
+    a small matmul + backward runs on it. ``labkit.models.resolve_device("auto")`` asks this;
+    the line is None where mps is absent off macOS."""
+    if not torch.backends.mps.is_available():
+        if sys.platform != "darwin":
+            return False, None
+        return False, "mps: not available (needs Apple silicon and macOS 12.3+); labkit runs on the CPU"
+    try:
+        _mps_smoke_test()
+    except Exception as e:  # an op missing from this torch/macOS pair; the CPU always works
+        return False, f"mps: available but failed a matmul test ({e.__class__.__name__}); labkit runs on the CPU"
+    return True, "mps: works and labkit uses it"
+
+
 def mps_status() -> str | None:
     """A line on Apple's GPU backend (mps), or None off macOS."""
-    if sys.platform != "darwin":
-        return None
-    if not torch.backends.mps.is_available():
-        return "mps: not available (needs Apple silicon and macOS 12.3+); labkit runs on the CPU"
-    try:
-        x = torch.randn(64, 64, device="mps", requires_grad=True)
-        (x @ x).sum().backward()
-        torch.mps.synchronize()
-    except Exception as e:  # an op missing from this torch/macOS pair; the CPU always works
-        return f"mps: available but failed a matmul test ({e.__class__.__name__}); labkit runs on the CPU"
-    chosen = models.resolve_device("auto")
-    if chosen.type == "mps":
-        return "mps: works and labkit uses it"
-    return "mps: works, but labkit runs on the CPU (labkit.models.resolve_device does not pick mps yet)"
+    return mps_check()[1]
 
 
 # ----------------------------------------------------------------------------- timing

@@ -53,9 +53,27 @@ def cache_dir() -> Path:
 
 
 def resolve_device(device: str | torch.device = "auto") -> torch.device:
+    """``"auto"``: CUDA, else Apple's GPU (mps) where it passes a test, else the CPU."""
     if str(device) == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        return _auto_device()
     return torch.device(device)
+
+
+@functools.cache
+def _auto_device() -> torch.device:
+    # mps is tried with a matmul + backward (labkit.doctor.mps_check, shared with
+    # `labkit doctor`): some torch/macOS pairs report it available and then miss an op.
+    # Cached, so the fallback message prints once per process.
+    if torch.cuda.is_available():
+        return torch.device("cuda")
+    if torch.backends.mps.is_available():
+        from labkit.doctor import mps_check
+
+        works, line = mps_check()
+        if works:
+            return torch.device("mps")
+        print(f"labkit: {line}")
+    return torch.device("cpu")
 
 
 @functools.cache

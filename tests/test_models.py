@@ -95,3 +95,33 @@ def test_pad_rows_right_and_left_and_last_index():
     assert models.last_index(torch.tensor([[1, 1, 0], [0, 1, 1]])).tolist() == [1, 2]
     with pytest.raises(ValueError, match="side"):
         models.pad_rows([[1]], 0, side="middle")
+
+
+def test_auto_device_uses_mps_only_where_a_matmul_works(monkeypatch, capsys):
+    from labkit import doctor
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    monkeypatch.setattr(torch.backends.mps, "is_available", lambda: True)
+    monkeypatch.setattr(doctor, "_mps_smoke_test", lambda: None)
+    models._auto_device.cache_clear()
+    try:
+        assert models.resolve_device("auto").type == "mps"
+        assert doctor.mps_status() == "mps: works and labkit uses it"
+
+        def broken():
+            raise RuntimeError("op not implemented for mps")
+
+        monkeypatch.setattr(doctor, "_mps_smoke_test", broken)
+        models._auto_device.cache_clear()
+        assert models.resolve_device("auto").type == "cpu"
+        assert models.resolve_device("auto").type == "cpu"  # cached: the message prints once
+        printed = capsys.readouterr().out
+        assert printed.count("failed a matmul test (RuntimeError); labkit runs on the CPU") == 1
+
+        monkeypatch.setattr(torch.backends.mps, "is_available", lambda: False)
+        models._auto_device.cache_clear()
+        assert models.resolve_device("auto").type == "cpu"
+        assert capsys.readouterr().out == ""  # no mps at all: nothing to report (off macOS)
+        assert models.resolve_device("cpu").type == "cpu"
+    finally:
+        models._auto_device.cache_clear()
