@@ -14,6 +14,7 @@ times (``notebooks/README.md``) into estimates for this one.
 
 from __future__ import annotations
 
+import json
 import os
 import statistics
 import sys
@@ -272,6 +273,46 @@ def estimate_minutes(generate_s: float, train_step_s: float) -> dict[str, float]
             for name, minutes in REFERENCE_MINUTES.items()}
 
 
+# ----------------------------------------------------------------------------- one cell's time
+
+# Seconds per unit of work in the notebooks' long cells: the bundled model, 2 threads, the
+# development machine (rough figures, not a benchmark), and the share of each spent sampling.
+# "answer": one sampled answer of up to ~48 tokens in a batch of 8 (REFERENCE_GENERATE_S);
+# "ppo_episode": 03_ppo's measured 8.0 min over its ~160 episodes and 96 best-of-n answers;
+# "sft_step": one SFT step of 8 demonstrations (labkit/sft.py's measured 5.0 s);
+# "rm_prompt": one prompt's K = 4 answers through an RM training step (about REFERENCE_TRAIN_STEP_S).
+UNIT_SECONDS = {"answer": (0.5, 1.0), "ppo_episode": (2.7, 0.5), "sft_step": (5.0, 0.0), "rm_prompt": (2.25, 0.0)}
+
+
+def timing_path() -> Path:
+    """Where ``labkit doctor`` keeps its last timing of the bundled model."""
+    return models.cache_dir() / "doctor_timing.json"
+
+
+def estimate(what: str, n: float = 1, model: str = models.BUNDLED) -> float:
+    """Print one line with the expected time of ``n`` units of ``what`` (see UNIT_SECONDS) and
+    return it in seconds: scaled by ``labkit doctor``'s last timing where it ran, else the
+    development machine's figure. Cheap: it reads a file, it times nothing."""
+    if what not in UNIT_SECONDS:
+        raise ValueError(f"unknown unit {what!r}; one of {sorted(UNIT_SECONDS)}")
+    seconds, share = UNIT_SECONDS[what]
+    label = f"{n:g} x {what.replace('_', ' ')}"
+    if model == models.TINY:
+        print(f"expected time: seconds ({label}, tiny model)")
+        return 0.0
+    source = "the development machine's figure; `labkit doctor` times this one"
+    try:
+        t = json.loads(timing_path().read_text())
+        scale = share * t["generate_s"] / REFERENCE_GENERATE_S + (1 - share) * t["train_step_s"] / REFERENCE_TRAIN_STEP_S
+        source = f"scaled by `labkit doctor`'s timing with {t['threads']} threads"
+    except (OSError, ValueError, KeyError, TypeError):
+        scale = 1.0
+    total = n * seconds * scale
+    note = "" if model == models.BUNDLED else f"; measured on the bundled model, {model} may differ"
+    print(f"expected time: about {_fmt_minutes(total / 60)} min ({label}; {source}{note})")
+    return total
+
+
 # ----------------------------------------------------------------------------- the report
 
 def doctor(model: str = models.BUNDLED, threads: int | None = None, seconds: float = 20.0) -> dict:
@@ -301,6 +342,12 @@ def doctor(model: str = models.BUNDLED, threads: int | None = None, seconds: flo
     finally:
         hf_logging.enable_progress_bar()
     out["timing"] = time_steps(m, tok, seconds)
+    if model == models.BUNDLED:  # kept for estimate(), which the notebooks call before long cells
+        try:
+            timing_path().parent.mkdir(parents=True, exist_ok=True)
+            timing_path().write_text(json.dumps({**out["timing"], "threads": torch.get_num_threads()}))
+        except OSError:
+            pass
     out["estimates"] = estimate_minutes(out["timing"]["generate_s"], out["timing"]["train_step_s"])
     return out
 

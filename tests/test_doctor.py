@@ -53,3 +53,20 @@ def test_set_threads_defaults_to_physical_cores():
             doctor.set_threads(-1)
     finally:
         torch.set_num_threads(before)
+
+
+def test_estimate_reads_the_cached_timing_else_the_reference(tmp_path, monkeypatch, capsys):
+    import json
+
+    monkeypatch.setenv("LABKIT_CACHE", str(tmp_path))
+    reference = doctor.estimate("ppo_episode", 10)
+    assert reference == pytest.approx(10 * doctor.UNIT_SECONDS["ppo_episode"][0])
+    assert "development machine" in capsys.readouterr().out
+    doctor.timing_path().write_text(json.dumps({"generate_s": 2 * doctor.REFERENCE_GENERATE_S,
+                                                "train_step_s": 2 * doctor.REFERENCE_TRAIN_STEP_S, "threads": 4}))
+    assert doctor.estimate("ppo_episode", 10) == pytest.approx(2 * reference)  # a machine half as fast
+    line = capsys.readouterr().out
+    assert line.count("\n") == 1 and "labkit doctor" in line and "4 threads" in line
+    assert doctor.estimate("answer", 5, model="tiny") == 0.0
+    with pytest.raises(ValueError, match="ppo_episode"):
+        doctor.estimate("nothing")
