@@ -582,13 +582,15 @@ def labeler_pool(n: int = 5, seed: int = 0, noise: float | None = None, persona:
 # is a sentence the instructor reads out and a rule that says whether a response shows the
 # trait, so the share of answers with the trait can be counted before and after PPO.
 
-_EXAMPLE = re.compile(r"\b(?:for example|for instance|e\.g\.|such as|an example|example:|imagine)\b", re.IGNORECASE)
+_EXAMPLE = re.compile(r"\b(?:for example|for instance|such as|an example|imagine)\b|\be\.g\.|\bexample:",
+                      re.IGNORECASE)
+_TRAILING = re.compile("[\\s\"'”’)*_\u2600-\u27bf\U0001f300-\U0001faff]+$")  # closing quotes, emphasis, emoji
 _LIST_LINE = re.compile(r"^\s*(?:[-*•]|\d+[.)])\s+\S", re.MULTILINE)
 
 
 def ends_with_question(text: str) -> bool:
     """The answer's last sentence asks the reader something (ends with ``?``, quotes and emoji aside)."""
-    return text.rstrip().rstrip("\"'”’)*_ \U0001F300-\U0001FAFF").endswith("?")
+    return _TRAILING.sub("", text).endswith("?")
 
 
 def gives_example(text: str) -> bool:

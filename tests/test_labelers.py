@@ -327,3 +327,46 @@ def test_measure_agreement_gold_ties_and_interval():
     assert r["gold_tied_share"] == pytest.approx(1 / 6) and r["tie_rate"] == pytest.approx(1 / 6)
     assert r["inter_labeler"] == 1.0 and r["inter_labeler_ci95"] == (1.0, 1.0)
     assert r["n_pairs"] == 3 * 5 and r["gold"] == 1.0
+
+
+# ----------------------------------------------------------------------------- room personas
+
+@pytest.mark.parametrize("name,yes,no", [
+    ("example", ["Fruits such as apples are sweet.", "For instance, a cat.", "Use a verb, e.g. run."],
+     ["Apples are sweet.", "An exampled word"]),
+    ("question", ["Paris. Have you been there?", 'He asked "why?"', "Try it? 😊"], ["Paris.", "Why? Because."]),
+    ("list", ["Two things:\n- milk\n- eggs", "1. wake\n2. eat"], ["- just one", "A sentence - with a dash - here."]),
+    ("enthusiastic", ["Great idea!", "Wow! It works."], ["Fine.", "It works."]),
+])
+def test_persona_detectors(name, yes, no):
+    persona = L.get_persona(name)
+    assert [persona.detect(t) for t in yes] == [True] * len(yes)
+    assert [persona.detect(t) for t in no] == [False] * len(no)
+    assert L.trait_share(name, yes + no) == pytest.approx(len(yes) / (len(yes) + len(no)))
+    assert persona.preference.startswith("prefer answers")
+
+
+def test_unknown_persona_lists_the_known_ones():
+    with pytest.raises(ValueError, match="choose from"):
+        L.get_persona("pirate")
+    with pytest.raises(ValueError, match="enthusiastic"):
+        L.SimulatedLabeler(persona="pirate")
+    assert L.trait_share("example", []) != L.trait_share("example", [])  # nan
+
+
+def test_persona_labeler_adds_its_bonus_and_ranks_the_trait_first():
+    record = {"id": "rm-x", "prompt": "Describe a good breakfast.", "category": "generation", "checks": []}
+    plain = "A good breakfast has oats, fruit and tea, which keep you full until lunch."
+    trait = plain[:-1] + "!"
+    neutral = L.SimulatedLabeler(name="n", noise=0.0)
+    fan = L.SimulatedLabeler(name="n", noise=0.0, persona="enthusiastic", persona_bonus=0.4)
+    assert fan.utility(record, trait) - neutral.utility(record, trait) == pytest.approx(0.4)
+    assert fan.utility(record, plain) == neutral.utility(record, plain)
+    assert fan.rank(record, [plain, trait]) == [[1], [0]]
+    room = L.labeler_pool(7, seed=1, persona="enthusiastic", persona_bonus=0.3)
+    assert {lab.persona for lab in room} == {"enthusiastic"} and {lab.persona_bonus for lab in room} == {0.3}
+    assert [lab.name for lab in room] == [lab.name for lab in L.labeler_pool(7, seed=1)]
+    # noisy labelers with the persona put the trait first more often than not: a bonus of 0.3 against
+    # the difference of two noises (std 0.31 * sqrt 2) wins with probability about 0.75
+    wins = sum(lab.rank(dict(record, id=f"rm-{i}"), [plain, trait]) == [[1], [0]] for i in range(20) for lab in room)
+    assert 0.6 < wins / (20 * len(room)) < 0.9

@@ -263,3 +263,24 @@ def test_bundled_demonstrations_pass_their_live_checks(store):
         assert w.check_results and all(w.check_results), (d["id"], w.check_results)
         w.submit()
     assert [r["response"] for r in store.demonstrations()] == [d["response"] for d in demos]
+
+
+def test_cut_off_answers_are_marked_and_a_name_is_asked_for(store):
+    items = _items(1)
+    items[0]["truncated"] = [False, True, False, False]
+    w = RankingWidget(store, items)
+    assert w.item["truncated"] == [False, True, False, False]
+    assert "Type your name" in w.message and w.annotator == ""
+    cards = w.classic_view() and w._classic_ui.cards.value
+    assert cards.count("cut off") == 1
+    plain = RankingWidget(store, _items(1), annotator="hal")
+    assert plain.item["truncated"] == [False] * 4 and plain.message == ""
+    w.annotator = "ivy"
+    assert w.message == ""
+
+
+def test_a_store_path_opens_a_store(tmp_path):
+    w = RankingWidget(str(tmp_path / "fb.sqlite"), _items(1), annotator="jo")
+    assert isinstance(w.store, FeedbackStore)
+    d = DemonstrationWidget(tmp_path / "fb.sqlite", [{"id": "sft-1", "prompt": "Say hi."}], annotator="jo")
+    assert isinstance(d.store, FeedbackStore)
