@@ -18,6 +18,7 @@ curve (Gao et al. 2022: proxy RM score keeps rising while the gold score turns d
 from __future__ import annotations
 
 import math
+import statistics
 from collections import defaultdict
 
 import torch
@@ -213,3 +214,58 @@ def best_of_n_curve(rm_scores: list[list[float]], gold_scores: list[list[float]]
                      "rm": _mean(rm[i] for rm, i in zip(rm_scores, picks)),
                      "gold": _mean(g[i] for g, i in zip(gold_scores, picks))})
     return rows
+
+
+# ----------------------------------------------------------------------------- noise and length bias
+
+def tail_stats(history: dict, metric: str, last: int) -> dict:
+    """Mean and standard error of ``metric`` over a stage's last ``last`` logged steps.
+
+    ``history``: ``labkit.stage.read_history(out_dir)``. The steps count as independent draws
+    (each step samples other prompts); a policy that drifts during those steps makes this a
+    rough guide, not a test.
+    """
+    values = [v for _, v in history.get(metric, [])][-last:]
+    n = len(values)
+    mean = sum(values) / n if n else float("nan")
+    se = statistics.stdev(values) / math.sqrt(n) if n > 1 else float("nan")
+    return {"mean": mean, "se": se, "steps": n}
+
+
+def compare_runs(histories: dict[str, dict], metrics: list[str], last: int, z: float = 2.0) -> list[dict]:
+    """One row per metric: each run's mean and standard error over its last ``last`` steps
+    (:func:`tail_stats`), the last run minus the first, and whether that difference exceeds ``z``
+    combined standard errors (``"yes"``, ``"no"``, or ``"unknown"`` with a single step)."""
+    names = list(histories)
+    rows = []
+    for metric in metrics:
+        stats = {name: tail_stats(h, metric, last) for name, h in histories.items()}
+        first, final = stats[names[0]], stats[names[-1]]
+        noise = math.hypot(first["se"], final["se"])
+        diff = final["mean"] - first["mean"]
+        clear = "unknown" if math.isnan(noise) else "yes" if abs(diff) > z * noise else "no"
+        row = {"metric": metric}
+        for name, s in stats.items():
+            row[name], row[f"{name} ±"] = s["mean"], s["se"]
+        rows.append({**row, "difference": diff, f"beyond {z:g} SE": clear})
+    return rows
+
+
+def length_fit(lengths: list[float], scores: list[float]) -> dict:
+    """Least-squares line ``score ≈ intercept + slope · length`` with the slope's standard error
+    and Pearson's r: does a scorer (an RM, a labeler) pay for longer or shorter answers?"""
+    n = len(lengths)
+    if n != len(scores) or n < 3:
+        raise ValueError(f"length_fit needs at least 3 (length, score) pairs, got {n} lengths and {len(scores)} scores")
+    mx, my = sum(lengths) / n, sum(scores) / n
+    sxx = sum((x - mx) ** 2 for x in lengths)
+    syy = sum((y - my) ** 2 for y in scores)
+    sxy = sum((x - mx) * (y - my) for x, y in zip(lengths, scores))
+    if sxx == 0:
+        raise ValueError("length_fit: every answer has the same length, so there is no slope to fit")
+    slope = sxy / sxx
+    intercept = my - slope * mx
+    residual = sum((y - intercept - slope * x) ** 2 for x, y in zip(lengths, scores))
+    return {"n": n, "slope": slope, "intercept": intercept,
+            "slope_se": math.sqrt(residual / (n - 2) / sxx),
+            "r": sxy / math.sqrt(sxx * syy) if syy > 0 else float("nan")}

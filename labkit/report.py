@@ -224,3 +224,38 @@ def overoptimisation_figure(history: dict, title: str):
                       legend=dict(orientation="h", yanchor="bottom", y=1.02, xanchor="right", x=1),
                       height=380)
     return fig
+
+
+def reward_hacking_figure(histories: dict[str, dict], panels: dict[str, str], title: str) -> go.Figure:
+    """PPO runs side by side, step by step: one panel per metric (``{metric: panel title}``),
+    one colour per run (``{run label: labkit.stage.read_history(out_dir)}``). For a scripted
+    reward, put its score next to what it costs: gold score, KL, response length."""
+    fig = make_subplots(rows=1, cols=len(panels), subplot_titles=list(panels.values()))
+    colours = ["#d62728", "#1f77b4", "#2ca02c", "#9467bd"]
+    for i, (label, history) in enumerate(histories.items()):
+        for j, metric in enumerate(panels, start=1):
+            points = history.get(metric, [])
+            fig.add_trace(go.Scatter(x=[s for s, _ in points], y=[v for _, v in points], mode="lines+markers",
+                                     name=label, legendgroup=label, showlegend=j == 1,
+                                     line=dict(color=colours[i % len(colours)])), row=1, col=j)
+    fig.update_xaxes(title_text="PPO step")
+    fig.update_layout(title=title, template="plotly_white", height=360,
+                      legend=dict(orientation="h", yanchor="bottom", y=1.08, xanchor="right", x=1))
+    return fig
+
+
+def length_figure(groups: dict[str, tuple[list[float], list[float]]], fit: dict, title: str,
+                  x_title: str = "answer length (words)", y_title: str = "RM score") -> go.Figure:
+    """Scores against answer length, one marker colour per group (``{label: (lengths, scores)}``),
+    with the line of ``labkit.evaluate.length_fit`` drawn over the lengths shown."""
+    fig = go.Figure()
+    for label, (lengths, scores) in groups.items():
+        fig.add_trace(go.Scatter(x=lengths, y=scores, mode="markers", name=label, opacity=0.7))
+    xs = [x for lengths, _ in groups.values() for x in lengths]
+    lo, hi = min(xs), max(xs)
+    fig.add_trace(go.Scatter(x=[lo, hi], y=[fit["intercept"] + fit["slope"] * x for x in (lo, hi)], mode="lines",
+                             name=f"fit: {fit['slope']:+.3f} ± {fit['slope_se']:.3f} per word (r = {fit['r']:.2f})",
+                             line=dict(color="black", dash="dash")))
+    fig.update_layout(title=title, xaxis_title=x_title, yaxis_title=y_title, template="plotly_white", height=380,
+                      legend=dict(orientation="h", yanchor="bottom", y=1.02, xanchor="right", x=1))
+    return fig
