@@ -651,7 +651,7 @@ def pooled_demonstrations(store: Any, base: list[dict] | None = None, prompts: l
     pool, they do not overwrite each other); an annotator who answered a prompt twice counts
     once, with the latest answer. A prompt that people answered drops its record from ``base``
     (e.g. the embedded demonstrations); ``prompts`` (records by ``id``) fill in category and checks.
-    Each record is ``{**prompt record, "prompt", "response", "annotator"}``.
+    People's records come first (a cut to the first N keeps them). Each record is ``{**prompt record, "prompt", "response", "annotator"}``.
     """
     by_id = {p["id"]: p for p in prompts or []}
     latest: dict[tuple[str, str], dict] = {}
@@ -661,7 +661,7 @@ def pooled_demonstrations(store: Any, base: list[dict] | None = None, prompts: l
     human = [{**by_id.get(d["prompt_id"], {"id": d["prompt_id"]}), "prompt": d["prompt"], "response": d["response"],
               "annotator": d["annotator"]} for d in latest.values()]
     answered = {pid for pid, _ in latest}
-    return [r for r in base or [] if r.get("id") not in answered] + human
+    return human + [r for r in base or [] if r.get("id") not in answered]
 
 
 # ----------------------------------------------------------------------------- rooms and files

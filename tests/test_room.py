@@ -407,9 +407,9 @@ def test_pooled_demonstrations_keep_every_annotators_answer(tmp_path):
     store.add_demonstration("sft-1", "Say hi.", "", "carol", status="skipped")
     store.add_demonstration("sft-1", "Say hi.", "Hi from a simulation.", "sim:ada")
     pooled = pooled_demonstrations(store, base, prompts=[{"id": "sft-1", "prompt": "Say hi.", "category": "chat"}])
-    assert [d["response"] for d in pooled] == ["Bye (embedded).", "Hi from alice.", "Hi from bob."]
-    assert [d.get("annotator") for d in pooled] == [None, "alice", "bob"]
-    assert pooled[1]["category"] == "chat" and pooled[1]["id"] == "sft-1"
+    assert [d["response"] for d in pooled] == ["Hi from alice.", "Hi from bob.", "Bye (embedded)."]
+    assert [d.get("annotator") for d in pooled] == ["alice", "bob", None]
+    assert pooled[0]["category"] == "chat" and pooled[0]["id"] == "sft-1"
     assert [d["response"] for d in pooled_demonstrations(store, annotator="bob")] == ["Hi from bob."]
 
 
