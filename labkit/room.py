@@ -156,6 +156,19 @@ class RoomStore(FeedbackStore):
                                  "type another name (e.g. add your initial)")
         return {"name": name, "new": row is None}
 
+    def set_items(self, items: list[dict]) -> int:
+        """Publish the room's ranking items (what ``seat_queue`` splits); return how many."""
+        if not isinstance(items, list) or not all(isinstance(it, dict) for it in items):
+            raise ValueError("items must be a list of objects (prompt_id, prompt, responses, ...)")
+        with self._write() as db:
+            db.execute("INSERT INTO room_settings VALUES ('items', ?) ON CONFLICT(key) DO UPDATE "
+                       "SET value = excluded.value", (json.dumps(items, ensure_ascii=False),))
+        return len(items)
+
+    def items(self) -> list[dict]:
+        rows = self._read("SELECT value FROM room_settings WHERE key = 'items'")
+        return json.loads(rows[0][0]) if rows else []
+
     def names(self) -> dict[str, str]:
         """Claimed names -> device ids."""
         return {r[0]: r[1] for r in self._read("SELECT name, device FROM room_names ORDER BY name")}
@@ -263,6 +276,19 @@ def make_app(store: RoomStore, token: str, max_body: int = MAX_BODY):
         except ValueError as e:
             return _error(409 if "already taken" in str(e) else 400, str(e))
 
+    async def items(request):
+        if (refused := denied(request)) is not None:
+            return refused
+        if request.method == "GET":
+            return _json(await run_in_threadpool(store.items))
+        body = await _read_body(request, max_body * 8)  # K responses for a few hundred prompts
+        if body is None:
+            return _error(413, f"the items are larger than the room's limit of {max_body * 8} bytes")
+        try:
+            return _json({"items": await run_in_threadpool(store.set_items, json.loads(body))})
+        except ValueError as e:
+            return _error(400, str(e))
+
     def read(request):  # a plain def: Starlette runs it in its thread pool
         if (refused := denied(request)) is not None:
             return refused
@@ -287,7 +313,7 @@ def make_app(store: RoomStore, token: str, max_body: int = MAX_BODY):
 
     return Starlette(routes=[
         Route("/", root), Route("/api/ping", ping), Route("/api/submit", submit, methods=["POST"]),
-        Route("/api/claim", claim, methods=["POST"]),
+        Route("/api/claim", claim, methods=["POST"]), Route("/api/items", items, methods=["GET", "POST"]),
         Route("/api/{name}", read),
     ])
 
@@ -318,6 +344,65 @@ def serve(store_path: str | os.PathLike, host: str = "127.0.0.1", port: int = DE
               "who has the join URL can write to the room; share it only with the room.")
     print("labkit room: Ctrl-C stops the room; restarting with the same --store keeps the join URL.", flush=True)
     uvicorn.run(make_app(store, token, max_body), host=host, port=port, log_level="warning", access_log=False)
+
+
+class RunningRoom:
+    """A room served from a background thread of this process (the instructor's notebook)."""
+
+    def __init__(self, server, thread: threading.Thread, url: str, store: RoomStore):
+        self._server, self._thread, self.url, self.store = server, thread, url, store
+
+    def __repr__(self) -> str:
+        return f"RunningRoom({self.url!r})"
+
+    def stop(self, timeout: float = 10.0) -> None:
+        self._server.should_exit = True
+        self._thread.join(timeout)
+
+
+def start_room(store_path: str | os.PathLike, host: str = "127.0.0.1", port: int = DEFAULT_PORT,
+               token: str | None = None, max_body: int = MAX_BODY, timeout_s: float = 20.0) -> RunningRoom:
+    """Serve a room from a background thread (what ``labkit room serve`` does, without blocking);
+    ``port=0`` takes a free one. Returns when the room answers; ``.url`` is the join URL."""
+    import uvicorn
+
+    store = RoomStore(store_path)
+    token = store.room_token(token)
+    sock = socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    sock.bind((host, port))
+    port = sock.getsockname()[1]
+    server = uvicorn.Server(uvicorn.Config(make_app(store, token, max_body), log_level="warning", access_log=False))
+    thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, name="labkit-room", daemon=True)
+    thread.start()
+    shown = _lan_address() if host in ("0.0.0.0", "::") else host
+    url = f"http://{f'[{shown}]' if ':' in shown else shown}:{port}/?token={token}"
+    deadline = time.monotonic() + timeout_s
+    while not server.started:
+        if not thread.is_alive() or time.monotonic() > deadline:
+            raise RuntimeError(f"the room on {host}:{port} did not start")
+        time.sleep(0.05)
+    if host not in LOOPBACK:
+        print(f"labkit room: listening on {host}, beyond this machine: share the join URL only with the room.")
+    return RunningRoom(server, thread, url, store)
+
+
+# ----------------------------------------------------------------------------- the instructor's view
+
+def agreement_figure(matrix: dict, title: str = "Agreement between annotators (share of pairs ordered alike)"):
+    """A plotly heatmap of :func:`labkit.feedback.agreement_matrix`'s table (names are escaped by plotly)."""
+    import plotly.graph_objects as go
+
+    names = matrix["names"]
+    text = [[("" if v != v else f"{v:.0%}") + (f"<br>{n} items" if n and i != j else "")
+             for j, (v, n) in enumerate(zip(row, counts))]
+            for i, (row, counts) in enumerate(zip(matrix["matrix"], matrix["items"]))]
+    fig = go.Figure(go.Heatmap(z=matrix["matrix"], x=names, y=names, zmin=0, zmax=1, colorscale="RdYlGn",
+                               text=text, texttemplate="%{text}", hovertemplate="%{y} vs %{x}: %{z:.2f}<extra></extra>",
+                               colorbar=dict(title="agree")))
+    fig.update_layout(title=title, template="plotly_white", height=160 + 28 * len(names),
+                      yaxis=dict(autorange="reversed"), xaxis=dict(side="top"))
+    return fig
 
 
 # ----------------------------------------------------------------------------- seats
@@ -689,6 +774,15 @@ class RoomClient:
             return "sent"
         finally:
             self._send_lock.release()
+
+    def items(self) -> list[dict]:
+        """The ranking items the instructor published to the room (``publish_items``)."""
+        return self._request("GET", "/api/items")
+
+    def publish_items(self, items: list[dict]) -> int:
+        """Publish the room's ranking items (K responses per prompt); participants read them with ``items()``."""
+        body = json.dumps(list(items), ensure_ascii=False, default=_plain).encode()
+        return self._request("POST", "/api/items", body, timeout=max(self.timeout_s, 30))["items"]
 
     def claim(self, name: str) -> dict:
         """Hold ``name`` in the room for this laptop; ``ValueError`` when another laptop holds it.

@@ -432,3 +432,25 @@ def test_agreement_matrix_people_then_simulated_then_gold(tmp_path):
     assert cell("carol", "bob") != cell("carol", "bob")  # nan: no shared item
     assert all(m["matrix"][k][k] == 1.0 for k in range(5))
     assert agreement_matrix(store.agreement(gold=None))["names"] == ["alice", "bob", "sim:ada"]
+
+
+def test_a_room_started_in_a_notebook_publishes_items_and_stops(tmp_path):
+    from labkit.room import agreement_figure, start_room
+    from labkit.feedback import agreement_matrix
+
+    running = start_room(tmp_path / "room.sqlite", port=0, token="t0k")
+    try:
+        assert running.url.startswith("http://127.0.0.1:") and running.url.endswith("/?token=t0k")
+        client = open_store(running.url, outbox=tmp_path / "o.sqlite")
+        items = [{"prompt_id": "rm-1", "prompt": "P", "responses": ["x", XSS], "truncated": [False, True]}]
+        assert client.publish_items(items) == 1 and client.items() == items
+        for who, tiers in (("ann", [[0], [1]]), ("ben", [[1], [0]])):
+            client.add_ranking("rm-1", items[0]["responses"], tiers, who, prompt="P")
+        m = agreement_matrix(client.agreement(gold=None))
+        assert m["names"] == ["ann", "ben"] and m["matrix"][0][1] == 0.0
+        fig = agreement_figure(m)
+        assert list(fig.data[0].x) == ["ann", "ben"]
+        assert _http(running.url.replace("/?token=t0k", "/api/items"))[0] == 401
+    finally:
+        running.stop()
+    assert not running._thread.is_alive()
