@@ -1,4 +1,4 @@
-"""The six notebooks: committed clean, and each runs top to bottom on its own in smoke mode.
+"""The seven notebooks: committed clean, and each runs top to bottom on its own in smoke mode.
 
 Smoke mode injects a cell after the ``parameters`` cell (the papermill convention) that
 switches to the tiny model, tiny sizes, simulated labelers (``annotation_mode="auto"``:
@@ -17,7 +17,7 @@ import pytest
 
 NOTEBOOKS = Path(__file__).resolve().parents[1] / "notebooks"
 NAMES = ["00_tour", "01_demonstrations_sft", "02_rankings_reward_model", "03_ppo", "04_evaluation",
-         "05_beyond_ppo"]
+         "05_beyond_ppo", "06_room"]
 
 # Tiny sizes per notebook (on top of model="tiny", annotation_mode="auto", out_dir=tmp_path).
 SMOKE = {
@@ -27,12 +27,15 @@ SMOKE = {
                                   n_samples=3, max_new_tokens=8),
     "02_rankings_reward_model": dict(n_rm_prompts=12, n_human=2, k=4, max_new_tokens=8, sft_max_steps=1,
                                      rm_max_steps=2, n_check=8),
-    "03_ppo": dict(ppo_steps=2, batch_size=4, max_new_tokens=8, beta_steps=1, kl_coefs=(0.01, 0.5),
+    "03_ppo": dict(ppo_steps=2, batch_size=4, max_new_tokens=8, beta_steps=1, kl_coefs=(0.01, 0.5), hack_steps=1,
                    n_rm_prompts=8, sft_max_steps=1, rm_max_steps=1, n_best_of=6, best_of_ns=(1, 2, 4)),
     "04_evaluation": dict(n_eval=6, max_new_tokens=8, n_compare=3, n_rm_prompts=8, sft_max_steps=1,
                           rm_max_steps=1, ppo_steps=1, batch_size=4),
     "05_beyond_ppo": dict(steps=1, batch_size=4, num_generations=2, max_new_tokens=8, dpo_steps=2, n_eval=4,
                           n_rm_prompts=8, sft_max_steps=1, rm_max_steps=2),
+    # auto: simulated participants rank through a room served on loopback (a free port)
+    "06_room": dict(port=0, n_participants=3, rankings_per_participant=4, n_items=8, max_new_tokens=8,
+                    sft_max_steps=1, rm_max_steps=2, ppo_steps=1, batch_size=4, n_eval=4),
 }
 
 
@@ -109,6 +112,8 @@ def test_notebook_runs_in_smoke_mode(name, tmp_path):
                 "04_evaluation": ["sft/model/config.json", "rm_r1/model/reward_model.json",
                                   "ppo_r1/model/config.json"],
                 "05_beyond_ppo": ["rm_r1/model/reward_model.json"] + [f"beyond/{m}/model/config.json"
-                                                                      for m in ("ppo", "rloo", "grpo", "dpo")]}[name]
+                                                                      for m in ("ppo", "rloo", "grpo", "dpo")],
+                "06_room": ["room.sqlite", "sft/model/config.json", "rm_r1/model/reward_model.json",
+                            "ppo_r1/model/config.json"]}[name]
     missing = [p for p in expected if not (tmp_path / "runs" / p).exists()]
     assert not missing, f"{name} did not leave {missing} in its run folder"
