@@ -269,3 +269,13 @@ def length_fit(lengths: list[float], scores: list[float]) -> dict:
     return {"n": n, "slope": slope, "intercept": intercept,
             "slope_se": math.sqrt(residual / (n - 2) / sxx),
             "r": sxy / math.sqrt(sxx * syy) if syy > 0 else float("nan")}
+
+
+def length_preference(fit: dict, z: float = 2.0) -> str:
+    """A :func:`length_fit` in words: which answers the scorer pays more for, when the slope is
+    more than ``z`` standard errors from zero."""
+    if fit["slope"] - z * fit["slope_se"] > 0:
+        return "it pays more for longer answers"
+    if fit["slope"] + z * fit["slope_se"] < 0:
+        return "it pays more for shorter answers"
+    return "no length preference beyond the noise at this sample size"

@@ -44,3 +44,9 @@ def test_reward_hacking_and_length_figures_draw_every_run_and_the_fit():
     fit = evaluate.length_fit([1, 2, 3], [0.0, 1.0, 2.0])
     fig = report.length_figure({"SFT": ([1, 2], [0.0, 1.0]), "PPO": ([3], [2.0])}, fit, "t")
     assert len(fig.data) == 3 and list(fig.data[-1].y) == pytest.approx([0.0, 2.0])
+
+
+def test_length_preference_names_the_side_only_beyond_the_noise():
+    assert evaluate.length_preference({"slope": 0.1, "slope_se": 0.01}) == "it pays more for longer answers"
+    assert evaluate.length_preference({"slope": -0.1, "slope_se": 0.01}) == "it pays more for shorter answers"
+    assert evaluate.length_preference({"slope": 0.1, "slope_se": 0.1}).startswith("no length preference")
