@@ -27,11 +27,13 @@ from labkit import models
 
 # Wall time of each notebook in minutes, run in order with its default parameters on the
 # bundled model, annotation_mode="auto", on the development machine (2-core CPU with
-# AVX-512-BF16, no GPU): notebooks/README.md, "Measured wall times". 00_tour is not timed there.
+# AVX-512-BF16, no GPU): notebooks/README.md, "Time and memory". 00_tour is not timed there.
+# 03_ppo is an estimate: 8.0 min measured before its longer beta runs, like-for-like PPO-ptx run
+# and reward-hacking runs were added, scaled by its PPO episodes (160 then, 384 now).
 REFERENCE_MINUTES = {
     "01_demonstrations_sft": 4.1,
     "02_rankings_reward_model": 4.7,
-    "03_ppo": 8.0,
+    "03_ppo": 18.0,
     "04_evaluation": 5.6,
     "05_beyond_ppo": 14.8,
 }
@@ -65,10 +67,10 @@ REFERENCE_TRAIN_STEP_S = 2.25
 # that plus activations, and a kernel with torch and transformers imported about 1 GiB.
 NOTEBOOK_RAM_GIB = {
     "00_tour": 2.0,
-    "01_demonstrations_sft": 4.0,
+    "01_demonstrations_sft": 5.0,  # + the chat cell's two models
     "02_rankings_reward_model": 4.0,
-    "03_ppo": 9.0,
-    "04_evaluation": 4.0,
+    "03_ppo": 10.0,  # + the chat cell's three models
+    "04_evaluation": 5.0,  # + the chat cell's three models
     "05_beyond_ppo": 9.0,
 }
 
@@ -280,8 +282,10 @@ def estimate_minutes(generate_s: float, train_step_s: float) -> dict[str, float]
 # "answer": one sampled answer of up to ~48 tokens in a batch of 8 (REFERENCE_GENERATE_S);
 # "ppo_episode": 03_ppo's measured 8.0 min over its ~160 episodes and 96 best-of-n answers;
 # "sft_step": one SFT step of 8 demonstrations (labkit/sft.py's measured 5.0 s);
-# "rm_prompt": one prompt's K = 4 answers through an RM training step (about REFERENCE_TRAIN_STEP_S).
-UNIT_SECONDS = {"answer": (0.5, 1.0), "ppo_episode": (2.7, 0.5), "sft_step": (5.0, 0.0), "rm_prompt": (2.25, 0.0)}
+# "rm_prompt": one prompt's K = 4 answers through an RM training step (about REFERENCE_TRAIN_STEP_S);
+# "dpo_step": one DPO step of 8 pairs (05_beyond_ppo: its 24 DPO steps took half of 14.8 min).
+UNIT_SECONDS = {"answer": (0.5, 1.0), "ppo_episode": (2.7, 0.5), "sft_step": (5.0, 0.0), "rm_prompt": (2.25, 0.0),
+                "dpo_step": (18.5, 0.0)}
 
 
 def timing_path() -> Path:
