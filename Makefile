@@ -50,7 +50,7 @@ test: $(STAMP) browser
 
 # Every notebook executed in order on the bundled model, simulated labelers; the executed copies,
 # their run folder and times.json go to runs/notebooks-executed/ (notebooks/ stays clean).
-# About 45 minutes on the 2-core development machine; NOTEBOOKS_ARGS=--smoke runs them on the tiny model in minutes.
+# About an hour on the 2-core development machine; NOTEBOOKS_ARGS=--smoke runs them on the tiny model in minutes.
 NOTEBOOKS_ARGS ?=
 notebooks: $(STAMP)
 	$(BIN)/python scripts/run_notebooks.py --out runs/notebooks-executed $(NOTEBOOKS_ARGS)

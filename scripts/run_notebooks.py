@@ -7,7 +7,7 @@ to ``--out``. Parameters are overridden the papermill way: a cell inserted after
 labelers (``annotation_mode="auto"``) and one shared run folder, ``OUT/run``, in order, so each
 reuses what the earlier ones built.
 
-    python scripts/run_notebooks.py                          # all six, bundled model (about 45 min on a 2-core CPU)
+    python scripts/run_notebooks.py                          # every notebook, bundled model (about an hour on a 2-core CPU)
     python scripts/run_notebooks.py --smoke                  # tiny model and sizes (tests/test_notebooks.py): minutes
     python scripts/run_notebooks.py 03_ppo --set ppo_steps=4 --set threads=1
 """
@@ -110,7 +110,7 @@ def main(argv: list[str] | None = None) -> int:
     common = {"out_dir": str(out / "run"), "annotation_mode": "auto", **parse_set(args.set)}
     rows = []
     for name in chosen:
-        overrides = {**smoke.get(name, {}), **common}
+        overrides = {**({"model": "tiny"} if args.smoke else {}), **smoke.get(name, {}), **common}
         print(f"{name}: running ({', '.join(f'{k}={v!r}' for k, v in overrides.items())})", flush=True)
         row = run_one(name, overrides, out, args.timeout)
         rows.append(row)
