@@ -107,10 +107,10 @@ def main(argv: list[str] | None = None) -> int:
     out = Path(args.out).resolve()
     out.mkdir(parents=True, exist_ok=True)
     smoke = smoke_overrides() if args.smoke else {}
-    common = {"out_dir": str(out / "run"), "annotation_mode": "auto", **parse_set(args.set)}
+    common = {"out_dir": str(out / "run"), "annotation_mode": "auto", **({"model": "tiny"} if args.smoke else {})}
     rows = []
-    for name in chosen:
-        overrides = {**({"model": "tiny"} if args.smoke else {}), **smoke.get(name, {}), **common}
+    for name in chosen:  # as the notebook tests do: the defaults, then a notebook's smoke sizes, then --set
+        overrides = {**common, **smoke.get(name, {}), **parse_set(args.set)}
         print(f"{name}: running ({', '.join(f'{k}={v!r}' for k, v in overrides.items())})", flush=True)
         row = run_one(name, overrides, out, args.timeout)
         rows.append(row)
