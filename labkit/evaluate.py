@@ -30,15 +30,19 @@ from labkit.ppo import logprobs_from_logits
 # ----------------------------------------------------------------------------- answering
 
 def answer(model, tokenizer, records: list[dict], max_new_tokens: int = 96, temperature: float = 0.0,
-           batch_size: int = 16, seed: int = 0) -> tuple[list[str], list[bool]]:
-    """Responses of ``model`` to ``records`` and whether each hit the length limit."""
+           batch_size: int = 16, seed: int = 0, bf16: bool = True) -> tuple[list[str], list[bool]]:
+    """Responses of ``model`` to ``records`` and whether each hit the length limit.
+
+    ``bf16=False`` decodes in fp32: a greedy answer then does not depend on which prompts share
+    its batch (``labkit.generation``'s guarantee); under bf16 a near-tie between the two best
+    tokens can flip with the batch."""
     from labkit.generation import generate
 
     sample = temperature > 0
     texts, truncated = generate(model, tokenizer, [r["prompt"] for r in records],
                                 max_new_tokens=max_new_tokens, temperature=temperature or 1.0,
                                 top_p=1.0, do_sample=sample, batch_size=batch_size, seed=seed,
-                                return_truncated=True)
+                                return_truncated=True, bf16=bf16)
     return texts, truncated
 
 
@@ -168,17 +172,126 @@ def comparison_items(prompts: list[dict], responses: dict[str, list[str]]) -> li
             for p, a, b in zip(prompts, ra, rb)]
 
 
+# ----------------------------------------------------------------------------- outside judge
+
+def outside_judge(records: list[dict], responses: list[str]) -> dict:
+    """IFEval-style strict accuracy of ``responses`` to the outside judge's ``records``
+    (``labkit.ifeval.load_ifeval_prompts``): ``prompt_strict`` (every instruction of a prompt
+    followed), ``instruction_strict`` (share of all instructions followed), per instruction
+    family, and the per-prompt results (``followed``: one list of bools per prompt)."""
+    from labkit import ifeval
+
+    if len(records) != len(responses):
+        raise ValueError(f"{len(records)} prompts but {len(responses)} responses")
+    followed = [ifeval.judge(r, y) for r, y in zip(records, responses)]
+    fam = defaultdict(list)
+    for r, f in zip(records, followed):
+        for i, ok in zip(r["instruction_id_list"], f):
+            fam[ifeval.family(i)].append(float(ok))
+    flat = [x for f in followed for x in f]
+    return {"prompt_strict": _mean(float(all(f)) for f in followed),
+            "instruction_strict": _mean(float(x) for x in flat),
+            "per_family": {k: _mean(v) for k, v in sorted(fam.items())},
+            "n_prompts": len(records), "n_instructions": len(flat), "followed": followed}
+
+
+def paired_outside_judge(followed_a: list[list[bool]], followed_b: list[list[bool]], n_boot: int = 2000,
+                         seed: int = 0) -> dict:
+    """A minus B on the outside judge, paired by prompt, with 95% bootstrap intervals (prompts
+    resampled together, so both models see the same draw): ``prompt_strict`` and
+    ``instruction_strict`` differences as ``{"diff", "low", "high"}``."""
+    if len(followed_a) != len(followed_b) or not followed_a:
+        raise ValueError("need the same, non-empty list of prompts for A and B")
+    rows = [(float(all(a)) - float(all(b)), sum(a) - sum(b), len(a)) for a, b in zip(followed_a, followed_b)]
+
+    def stats(pick):
+        n_ins = sum(rows[i][2] for i in pick)
+        return _mean(rows[i][0] for i in pick), sum(rows[i][1] for i in pick) / n_ins
+
+    point = stats(range(len(rows)))
+    g = torch.Generator().manual_seed(seed)
+    draws = [stats(torch.randint(len(rows), (len(rows),), generator=g).tolist()) for _ in range(n_boot)]
+    out = {}
+    for j, name in enumerate(("prompt_strict", "instruction_strict")):
+        d = sorted(x[j] for x in draws)
+        out[name] = {"diff": point[j], "low": d[int(0.025 * (n_boot - 1))], "high": d[int(0.975 * (n_boot - 1))]}
+    return out | {"n_prompts": len(rows)}
+
+
+# ----------------------------------------------------------------------------- reward model vs gold
+
+def rm_gold_agreement(rm, tokenizer, records: list[dict], samples: list[dict], gold: labelers.GoldLabeler | None = None,
+                      n_boot: int = 1000, seed: int = 0) -> dict:
+    """How often the reward model orders two responses to a prompt as the gold scorer does.
+
+    ``samples``: ``labkit.generation.sample_k`` output (K responses per prompt of ``records``,
+    in the same order), best taken on prompts the RM never trained on. Pooled over the pairs
+    gold orders (gold ties left out; an exact RM tie counts half), with a 95% interval that
+    resamples prompts. ``rm_prefers_shorter``: among pairs of different word counts, how often
+    the RM scores the shorter response higher (a length shortcut shows as a share far from the
+    gold scorer's own, ``gold_prefers_shorter``).
+    """
+    if len(records) != len(samples):
+        raise ValueError(f"{len(records)} prompts but {len(samples)} sample sets")
+    gold = gold or labelers.GoldLabeler()
+    prompts = [r["prompt"] for r, s in zip(records, samples) for _ in s["responses"]]
+    flat = [y for s in samples for y in s["responses"]]
+    rm_scores = list(rm.score(tokenizer, prompts, flat, progress=False))
+    rows, short = [], {"rm": [0, 0], "gold": [0, 0]}  # per prompt: (agreeing, pairs)
+    at = 0
+    for rec, s in zip(records, samples):
+        k = len(s["responses"])
+        r = rm_scores[at:at + k]
+        at += k
+        g = [gold.score(rec, y, t) for y, t in zip(s["responses"], s.get("truncated") or [False] * k)]
+        n_words = [len(labelers.words(y)) for y in s["responses"]]
+        agree = pairs = 0
+        for i in range(k):
+            for j in range(i + 1, k):
+                if n_words[i] != n_words[j]:
+                    shorter, longer = (i, j) if n_words[i] < n_words[j] else (j, i)
+                    for name, sc in (("rm", r), ("gold", g)):
+                        if sc[shorter] != sc[longer]:
+                            short[name][0] += sc[shorter] > sc[longer]
+                            short[name][1] += 1
+                if abs(g[i] - g[j]) <= 1e-9:
+                    continue
+                pairs += 1
+                agree += 0.5 if r[i] == r[j] else float((r[i] > r[j]) == (g[i] > g[j]))
+        rows.append((agree, pairs))
+    value = sum(a for a, _ in rows) / max(1, sum(p for _, p in rows))
+    gen = torch.Generator().manual_seed(seed)
+    draws = []
+    for _ in range(n_boot):
+        pick = [rows[i] for i in torch.randint(len(rows), (len(rows),), generator=gen).tolist()]
+        total = sum(p for _, p in pick)
+        if total:
+            draws.append(sum(a for a, _ in pick) / total)
+    draws.sort()
+    low, high = (draws[int(0.025 * (len(draws) - 1))], draws[int(0.975 * (len(draws) - 1))]) if draws else (
+        math.nan, math.nan)
+    return {"value": value, "low": low, "high": high, "n_prompts": len(records),
+            "n_pairs": sum(p for _, p in rows),
+            "rm_prefers_shorter": short["rm"][0] / short["rm"][1] if short["rm"][1] else math.nan,
+            "gold_prefers_shorter": short["gold"][0] / short["gold"][1] if short["gold"][1] else math.nan}
+
+
 # ----------------------------------------------------------------------------- KL and over-optimisation
 
 @torch.no_grad()
-def sequence_logprobs(model, tokenizer, prompts: list[str], responses: list[str], batch_size: int = 8) -> torch.Tensor:
-    """Sum of log p(response | prompt) under ``model``, one value per pair: (N,)."""
+def sequence_logprobs(model, tokenizer, prompts: list[str], responses: list[str], batch_size: int = 8,
+                      truncated: list[bool] | None = None) -> torch.Tensor:
+    """Sum of log p(response | prompt) under ``model``, one value per pair: (N,).
+
+    A response ends with EOS, as the model produced it, except where ``truncated`` says it was
+    cut at the length limit: the model never emitted that EOS, so it is not scored."""
     device = next(model.parameters()).device
+    truncated = truncated or [False] * len(responses)
     out = []
     for i in range(0, len(prompts), batch_size):
         q = [tokenizer(models.format_prompt(tokenizer, p), add_special_tokens=False).input_ids for p in prompts[i:i + batch_size]]
-        # Every response gets an EOS, also one that was cut at the length limit and never stopped.
-        r = [tokenizer(y, add_special_tokens=False).input_ids + [tokenizer.eos_token_id] for y in responses[i:i + batch_size]]
+        r = [tokenizer(y, add_special_tokens=False).input_ids + [tokenizer.eos_token_id] * (not t)
+             for y, t in zip(responses[i:i + batch_size], truncated[i:i + batch_size])]
         ids, attn = models.pad_rows([a + b for a, b in zip(q, r)], tokenizer.pad_token_id)  # (B, T) right-padded
         resp_mask = torch.zeros(ids.shape)  # (B, T): 1 on response tokens
         for j, (a, b) in enumerate(zip(q, r)):
@@ -191,10 +304,12 @@ def sequence_logprobs(model, tokenizer, prompts: list[str], responses: list[str]
     return torch.cat(out)
 
 
-def kl_to_reference(policy, reference, tokenizer, prompts: list[str], responses: list[str]) -> float:
-    """Monte-Carlo KL(policy || reference) on responses sampled from the policy (k1 estimator)."""
-    lp = sequence_logprobs(policy, tokenizer, prompts, responses)
-    lr = sequence_logprobs(reference, tokenizer, prompts, responses)
+def kl_to_reference(policy, reference, tokenizer, prompts: list[str], responses: list[str],
+                    truncated: list[bool] | None = None) -> float:
+    """Monte-Carlo KL(policy || reference) on responses sampled from the policy (k1 estimator);
+    ``truncated`` marks responses cut at the length limit (no EOS scored)."""
+    lp = sequence_logprobs(policy, tokenizer, prompts, responses, truncated=truncated)
+    lr = sequence_logprobs(reference, tokenizer, prompts, responses, truncated=truncated)
     return float((lp - lr).mean())
 
 

@@ -233,6 +233,20 @@ CHECKS: dict[str, tuple] = {
 }
 
 
+# check type -> its family, named as IFEval names its instruction groups (labkit.ifeval), so a
+# reward model and policy trained on one family can be judged on the others it never saw.
+CHECK_FAMILIES: dict[str, str] = {
+    "max_words": "length_constraints", "min_words": "length_constraints", "num_sentences": "length_constraints",
+    "max_sentences": "length_constraints", "num_paragraphs": "length_constraints", "max_chars": "length_constraints",
+    "num_bullets": "detectable_format", "num_numbered": "detectable_format", "json": "detectable_format",
+    "title": "detectable_format", "one_of": "detectable_format",
+    "lowercase": "change_case", "uppercase": "change_case",
+    "include_words": "keywords", "exclude_words": "keywords",
+    "starts_with": "startend", "ends_with": "startend", "quoted": "startend",
+    "no_commas": "punctuation",
+}
+
+
 def validate_check(check: dict) -> None:
     """Raise ``ValueError`` (naming the problem) unless ``check`` is a well-formed check dict."""
     if not isinstance(check, dict):
@@ -399,6 +413,7 @@ class GoldLabeler:
     max_words: int = 400  # more words than this decays the length term, to 0 at twice this
     relevance_target: int = 2  # content words shared with the prompt for a full relevance term (long answers)
     relevance_floor: float = 0.4  # relevance term of an answer sharing no content word (creative answers often don't)
+    check_families: tuple[str, ...] | None = None  # only checks of these CHECK_FAMILIES count; None = all
 
     def __post_init__(self):
         if min(self.w_instruction, self.w_honesty, self.w_quality) < 0 or self.w_quality == 0:
@@ -447,7 +462,8 @@ class GoldLabeler:
 
     def breakdown(self, record: dict, response: str, truncated: bool = False) -> dict:
         """Every component of the score, the per-check results, and the score itself."""
-        checks = [{**c, "passed": run_check(c, response)} for c in record.get("checks", [])]
+        checks = [{**c, "passed": run_check(c, response)} for c in record.get("checks", [])
+                  if self.check_families is None or CHECK_FAMILIES.get(c.get("type")) in self.check_families]
         refusal = is_refusal(response)
         harmful = bool(record.get("harmful", False))
         out = {"empty": not response.strip(), "refusal": refusal, "checks": checks,

@@ -43,9 +43,17 @@ class RunConfig:
     sample_temperature: float = 1.0     # diverse samples make informative comparisons
     eval_limit: int | None = None       # evaluate on the first N eval prompts; None = all
     eval_max_new_tokens: int = 96       # response length limit at evaluation (greedy)
+    eval_bf16: bool = True              # False: fp32 greedy answers that do not depend on their batch (slower)
     batch_size: int = 32                # generation batch size (bundled model, 2-core CPU: 64 samples x 64 tokens
                                         # take 31 s at 16, 26 s at 32, 25 s at 64)
     n_samples: int = 6                  # sample responses shown in the report
+    outside_judge: str | None = "labkit"  # IFEval-style outside judge (labkit.ifeval): "labkit" (embedded set),
+                                        # "google/IFEval" (online, via datasets), a JSONL path, or None = off
+    ptx_source: str = "demonstrations"  # PPO-ptx texts when ppo.ptx_coef > 0: "demonstrations" (the SFT split's)
+                                        # or "base_answers" (the starting model's answers to the diverse sft prompts)
+    ppo_without_ptx: bool = False       # also train and evaluate PPO with ptx_coef = 0 (the alignment-tax ablation)
+    train_check_families: list[str] | None = None  # simulated labelers see only these check families
+                                        # (labelers.CHECK_FAMILIES); the outside judge shows the unseen ones
     sft: dict = field(default_factory=dict)  # overrides for labkit.sft.SFTConfig
     rm: dict = field(default_factory=dict)   # overrides for labkit.reward.RewardConfig
     ppo: dict = field(default_factory=dict)  # overrides for labkit.ppo.PPOConfig
@@ -64,6 +72,12 @@ class RunConfig:
             raise ValueError("k must lie in 2..9 (InstructGPT ranks 4 to 9 responses)")
         if not 0 <= self.overlap <= 1:
             raise ValueError("overlap must lie in [0, 1]")
+        unknown = set(self.train_check_families or []) - set(labelers.CHECK_FAMILIES.values())
+        if unknown:
+            raise ValueError(f"unknown check families {sorted(unknown)}; "
+                             f"choose from {sorted(set(labelers.CHECK_FAMILIES.values()))}")
+        if self.ptx_source not in PTX_SOURCES:
+            raise ValueError(f"ptx_source must be one of {PTX_SOURCES}, got {self.ptx_source!r}")
 
     @classmethod
     def from_preset(cls, name: str, out_dir: str | None = None, model: str | None = None, **kw) -> "RunConfig":
@@ -76,6 +90,8 @@ class RunConfig:
         values["out_dir"] = out_dir or f"runs/{name}"
         return cls(preset=name, **values)
 
+
+PTX_SOURCES = ("demonstrations", "base_answers")
 
 # Each preset: a model and stage sizes. `cpu` is the bundled model on a 2-core laptop
 # (target: the whole run in <= 30 minutes), `tiny` a smoke run in well under a minute.
@@ -157,17 +173,48 @@ def _trained(result: dict) -> dict:
     return result
 
 
-def eval_stage(run: Run, name: str, model_path: str, records: list[dict]) -> dict:
-    """Greedy answers of one model to the eval prompts; saves them; returns gold figures."""
+def eval_stage(run: Run, name: str, model_path: str, records: list[dict], outside: list[dict] | None = None) -> dict:
+    """Greedy answers of one model to the eval prompts (and the outside judge's); saves them;
+    returns gold figures and the outside judge's strict accuracies (``outside/...``)."""
     cfg = run.config
     model, tok = models.load_model(model_path, device=cfg.device)
     responses, truncated = evaluate.answer(model, tok, records, max_new_tokens=cfg.eval_max_new_tokens,
-                                           batch_size=cfg.batch_size, seed=cfg.seed)
+                                           batch_size=cfg.batch_size, seed=cfg.seed, bf16=cfg.eval_bf16)
     _save_jsonl(run.dir / "eval" / f"{name}.jsonl",
                 [{"id": r["id"], "response": y, "truncated": t} for r, y, t in zip(records, responses, truncated)])
     figures = evaluate.gold_figures(records, responses, truncated)
     figures.pop("scores")
+    if outside:
+        ys, ts = evaluate.answer(model, tok, outside, max_new_tokens=cfg.eval_max_new_tokens,
+                                 batch_size=cfg.batch_size, seed=cfg.seed, bf16=cfg.eval_bf16)
+        _save_jsonl(run.dir / "eval" / f"{name}_outside.jsonl",
+                    [{"id": r["id"], "response": y, "truncated": t} for r, y, t in zip(outside, ys, ts)])
+        o = evaluate.outside_judge(outside, ys)
+        figures.update({"outside/prompt_strict": o["prompt_strict"], "outside/instruction_strict": o["instruction_strict"],
+                        "outside/per_family": o["per_family"], "outside/n_prompts": o["n_prompts"]})
     return figures
+
+
+def ptx_texts_stage(run: Run) -> list[str]:
+    """PPO-ptx texts "base_answers": the starting model's greedy answers to the sft split's
+    prompts (every category and style), formatted as the policy sees them. They pull the policy
+    towards what the model could do before RLHF, on prompts no RM or PPO stage uses (the
+    paper mixes in pretraining data, §3.5; a kit has no pretraining set to ship)."""
+    from labkit.data import load_prompts
+
+    cfg = run.config
+    path = run.dir / "ptx_texts.jsonl"
+    if path.exists() and not cfg.fresh:
+        return [r["text"] for r in load_jsonl(path)]
+    model, tok = models.load_model(cfg.model, device=cfg.device)
+    records = load_prompts("sft")
+    ys, ts = evaluate.answer(model, tok, records, max_new_tokens=cfg.eval_max_new_tokens, batch_size=cfg.batch_size,
+                             seed=cfg.seed)
+    # an answer cut at the length limit gets no EOS: the policy should not learn to stop mid-sentence
+    texts = [models.format_prompt(tok, r["prompt"]) + y + (tok.eos_token if not t else "")
+             for r, y, t in zip(records, ys, ts) if y.strip()]
+    _save_jsonl(path, [{"text": t} for t in texts])
+    return texts
 
 
 def rankings_stage(run: Run, round_: int, policy_path: str, store) -> dict:
@@ -185,6 +232,9 @@ def rankings_stage(run: Run, round_: int, policy_path: str, store) -> dict:
                        temperature=cfg.sample_temperature, top_p=1.0, batch_size=cfg.batch_size,
                        seed=cfg.seed + 1000 * round_)
     pool = labelers.labeler_pool(cfg.n_labelers, seed=cfg.seed)
+    if cfg.train_check_families:  # a held-out-family experiment: labels reward only these families' checks
+        for lab in pool:
+            lab.gold = labelers.GoldLabeler(check_families=tuple(cfg.train_check_families))
     tag = f"round{round_}"
     # a resumed stage must not rank twice what a crashed one already stored
     stored = {(x["prompt_id"], x["annotator"]) for x in store.rankings() if x["models"] and x["models"][0] == tag}
@@ -247,8 +297,19 @@ def train_stages(run: Run, store, upto: str = "ppo") -> dict:
         if upto == "rm":
             break
         # later rounds start from the last policy; the KL penalty keeps pointing at SFT (§3.1)
-        policy = folders["ppo"] = stage(f"ppo_r{k}", train_ppo, PPOConfig, model=policy, reference=folders["sft"],
-                                        reward_model=folders["rm"])
+        start = policy
+        extra = {}
+        if cfg.ppo.get("ptx_coef", 0) > 0 and cfg.ptx_source == "base_answers":
+            extra["ptx_texts"] = ptx_texts_stage(run) or None  # None (no answer had text): the demonstrations
+            if extra["ptx_texts"] is None:
+                print("labkit run: the starting model gave no non-empty answer for PPO-ptx; using the demonstrations")
+        policy = folders["ppo"] = stage(f"ppo_r{k}", train_ppo, PPOConfig, model=start, reference=folders["sft"],
+                                        reward_model=folders["rm"], **extra)
+        if cfg.ppo_without_ptx and k == cfg.rounds:  # the same PPO without the LM term (the alignment tax)
+            out = run.dir / f"ppo_r{k}_noptx"
+            folders["ppo_noptx"] = run.stage(f"ppo_r{k}_noptx", lambda: _finished(out, cfg.fresh) or _trained(train_ppo(
+                PPOConfig(out_dir=str(out), seed=cfg.seed, model=start, reference=folders["sft"],
+                          reward_model=folders["rm"], **{**cfg.ppo, "ptx_coef": 0.0}))))["model_dir"]
     return folders
 
 
@@ -284,15 +345,27 @@ def run(config: RunConfig) -> dict:
     store = FeedbackStore(r.dir / "feedback.sqlite")
     records = load_prompts("eval")
     records = records[:config.eval_limit] if config.eval_limit else records
+    outside = None
+    if config.outside_judge:
+        from labkit.ifeval import load_ifeval_prompts
 
-    r.stage("eval_base", lambda: eval_stage(r, "base", config.model, records))
+        outside = load_ifeval_prompts(None if config.outside_judge == "labkit" else config.outside_judge)
+        outside = outside[:config.eval_limit] if config.eval_limit else outside
+
+    r.stage("eval_base", lambda: eval_stage(r, "base", config.model, records, outside))
     folders = train_stages(r, store)
-    r.stage("eval_sft", lambda: eval_stage(r, "sft", folders["sft"], records))
+    r.stage("eval_sft", lambda: eval_stage(r, "sft", folders["sft"], records, outside))
     for k in range(1, config.rounds + 1):
-        r.stage(f"eval_ppo_r{k}", lambda: eval_stage(r, f"ppo_r{k}", str(r.dir / f"ppo_r{k}" / "model"), records))
+        r.stage(f"eval_ppo_r{k}", lambda: eval_stage(r, f"ppo_r{k}", str(r.dir / f"ppo_r{k}" / "model"), records,
+                                                     outside))
+    if config.ppo_without_ptx:
+        name = f"ppo_r{config.rounds}_noptx"
+        r.stage(f"eval_{name}", lambda: eval_stage(r, name, folders["ppo_noptx"], records, outside))
 
     final = f"ppo_r{config.rounds}"
     r.stage("compare", lambda: compare_stage(r, records, folders["sft"], folders["ppo"], folders["rm"], final))
+    if outside:
+        r.stage("compare_outside", lambda: compare_outside_stage(r, outside, final))
     metrics = collect_metrics(r, t0)
     json_dump(metrics, r.dir / "metrics.json")
     write_run_report(r, metrics, records)
@@ -318,8 +391,18 @@ def compare_stage(run: Run, records: list[dict], sft_dir: str, policy: str, rm_d
     policy_model, _ = models.load_model(policy, device=run.config.device)
     ref_model, _ = models.load_model(sft_dir, device=run.config.device)
     out["kl_to_sft"] = evaluate.kl_to_reference(policy_model, ref_model, tok, [r["prompt"] for r in records],
-                                                resp[final])
+                                                resp[final], truncated=trunc[final])
     return out
+
+
+def compare_outside_stage(run: Run, outside: list[dict], final: str) -> dict:
+    """Paired differences on the outside judge (SFT - base, PPO - SFT, PPO without ptx - SFT)."""
+    names = ["base", "sft", final] + ([f"{final}_noptx"] if run.config.ppo_without_ptx else [])
+    followed = {n: evaluate.outside_judge(outside, [a["response"] for a in load_jsonl(
+        run.dir / "eval" / f"{n}_outside.jsonl")])["followed"] for n in names}
+    pairs = [("sft", "base"), (final, "sft")] + [(names[3], "sft")] * (len(names) == 4)
+    return {f"outside/{a}_minus_{b}": evaluate.paired_outside_judge(followed[a], followed[b], seed=run.config.seed)
+            for a, b in pairs}
 
 
 def collect_metrics(run: Run, t0: float) -> dict:
@@ -333,5 +416,9 @@ def collect_metrics(run: Run, t0: float) -> dict:
         "eval": evals,
         "gold_mean": {name: e["gold/mean"] for name, e in evals.items()},
         "comparisons": stages.get("compare", {}).get("result"),
+        "outside_judge": {"source": run.config.outside_judge,
+                          **{name: {k[8:]: v for k, v in e.items() if k.startswith("outside/")} for name, e in evals.items()
+                             if "outside/prompt_strict" in e},
+                          "paired": stages.get("compare_outside", {}).get("result")},
         "stages": {name: s["result"] for name, s in stages.items() if not name.startswith("eval_")},
     }

@@ -160,7 +160,7 @@ def write_run_report(run, metrics: dict, records: list[dict]) -> Path:
     overview = [table(summary, summary_cols), "<h3>Win rates</h3>", table(wins),
                 f"<p>KL(final policy ‖ SFT) on eval responses: {fmt(comps.get('kl_to_sft', float('nan')))} nats</p>",
                 "<h3>Wall time per stage</h3>", table(times)]
-    sections = [("Overview", overview),
+    sections = [("Overview", overview), ("Outside judge (IFEval-style)", outside_judge_html(metrics)),
                 ("Gold score per category", [category_figure({n: evals[n]["gold/per_category"] for n in names},
                                                                  "Gold score per category (eval split)")])]
     curves = []
@@ -197,6 +197,28 @@ def write_run_report(run, metrics: dict, records: list[dict]) -> Path:
     sections.append(("Sample responses before and after", [samples_html(samples, names)]))
     return write_report(run.dir / "report.html", f"labkit run: {run.config.preset} preset, {run.config.model}",
                            sections)
+
+
+def outside_judge_html(metrics: dict) -> list[str]:
+    """The outside judge's strict accuracies per model and the paired differences, as tables."""
+    oj = metrics.get("outside_judge") or {}
+    models_ = [n for n in oj if isinstance(oj[n], dict) and "prompt_strict" in oj[n]]
+    if not models_:
+        return ["<p class='muted'>(the outside judge was off for this run)</p>"]
+    families = sorted({f for n in models_ for f in oj[n].get("per_family", {})})
+    rows = [{"model": n, "prompt-level strict": oj[n]["prompt_strict"],
+             "instruction-level strict": oj[n]["instruction_strict"],
+             **{f: oj[n]["per_family"].get(f, float("nan")) for f in families}} for n in models_]
+    paired = [{"difference": k.split("/", 1)[1].replace("_minus_", " − "), "prompt-level": v["prompt_strict"]["diff"],
+               "prompt ci95": (v["prompt_strict"]["low"], v["prompt_strict"]["high"]),
+               "instruction-level": v["instruction_strict"]["diff"],
+               "instruction ci95": (v["instruction_strict"]["low"], v["instruction_strict"]["high"])}
+              for k, v in (oj.get("paired") or {}).items()]
+    intro = (f"<p>IFEval-style verifiable instructions (labkit.ifeval) on {oj[models_[0]].get('n_prompts', '?')} "
+             f"prompts no stage trains on (source: {esc(oj.get('source'))}). Strict accuracy: a prompt counts when "
+             "every one of its instructions is followed; per family: share of instructions followed. "
+             "The alignment tax shows as a negative PPO − SFT difference (InstructGPT §4.2).</p>")
+    return [intro, table(rows), "<h3>Paired differences (95% bootstrap over prompts)</h3>", table(paired)]
 
 
 def overoptimisation_figure(history: dict, title: str):

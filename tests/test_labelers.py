@@ -370,3 +370,14 @@ def test_persona_labeler_adds_its_bonus_and_ranks_the_trait_first():
     # the difference of two noises (std 0.31 * sqrt 2) wins with probability about 0.75
     wins = sum(lab.rank(dict(record, id=f"rm-{i}"), [plain, trait]) == [[1], [0]] for i in range(20) for lab in room)
     assert 0.6 < wins / (20 * len(room)) < 0.9
+
+
+def test_check_families_restrict_the_gold_scorer():
+    assert set(L.CHECK_FAMILIES) == set(L.CHECKS)  # every check kind has a family
+    keywords_only = L.GoldLabeler(check_families=("keywords",))
+    # HAIKU's lowercase check is change_case: ignored, so the off-topic answer is judged on Q alone
+    b = keywords_only.breakdown(HAIKU, OFF_TOPIC)
+    assert b["checks"] == [] and b["instruction"] is None
+    assert b["score"] == pytest.approx(quality(shared=0, stems=9))
+    assert L.GoldLabeler(check_families=("change_case",)).score(HAIKU, OFF_TOPIC) == pytest.approx(
+        L.GoldLabeler().score(HAIKU, OFF_TOPIC))

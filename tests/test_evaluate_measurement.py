@@ -1,0 +1,47 @@
+"""Measurement details of labkit.evaluate: no EOS scored for a truncated answer; RM vs gold agreement."""
+
+import pytest
+import torch
+
+from labkit import evaluate, models
+
+
+def test_sequence_logprobs_scores_no_eos_for_truncated_answers():
+    model, tok = models.load_model("tiny")
+    prompts, responses = ["Say hi.", "Count to three."], ["hi there", "one two"]
+    full = evaluate.sequence_logprobs(model, tok, prompts, responses)
+    cut = evaluate.sequence_logprobs(model, tok, prompts, responses, truncated=[True, False])
+    assert cut[1] == pytest.approx(full[1].item(), abs=1e-5)  # a finished answer keeps its EOS
+    # the difference is exactly log p(EOS | prompt, response) of the first pair
+    ids = tok(models.format_prompt(tok, prompts[0]) + responses[0], add_special_tokens=False,
+              return_tensors="pt").input_ids
+    with torch.no_grad(), models.autocast(next(model.parameters()).device):
+        logits = model(input_ids=ids).logits[0, -1].float()
+    eos = torch.log_softmax(logits, -1)[tok.eos_token_id].item()
+    assert (full[0] - cut[0]).item() == pytest.approx(eos, abs=2e-2)
+
+
+class _LengthRM:
+    """A stand-in reward model that scores a response by its number of characters."""
+
+    def score(self, tokenizer, prompts, responses, progress=True):
+        return [float(len(y)) for y in responses]
+
+
+def test_rm_gold_agreement_by_hand():
+    rec = {"id": "x", "prompt": "Give me tips for sleeping better.", "category": "open_qa", "checks": []}
+    good = "Keep a regular sleep schedule, exercise during the day, and avoid heavy meals and coffee at night."
+    short = "Sleep more."
+    empty_ish = "Sleep more, sleep more, sleep more, sleep more, sleep more, sleep more."
+    samples = [{"responses": [good, short, empty_ish]}]
+    # gold: good > short and good > the repetitive one; the length RM agrees on good > short,
+    # and prefers the long repetitive answer over "Sleep more." -- compare with gold's order there
+    from labkit.labelers import GoldLabeler
+
+    g = [GoldLabeler().score(rec, y) for y in samples[0]["responses"]]
+    expected = [(0, 1), (0, 2), (1, 2)]
+    agree = sum(((len(samples[0]["responses"][i]) > len(samples[0]["responses"][j])) == (g[i] > g[j]))
+                for i, j in expected)
+    r = evaluate.rm_gold_agreement(_LengthRM(), None, [rec], samples, n_boot=50)
+    assert r["value"] == pytest.approx(agree / 3) and r["n_pairs"] == 3 and r["n_prompts"] == 1
+    assert r["rm_prefers_shorter"] == 0.0  # the stand-in always prefers the longer answer
