@@ -9,6 +9,14 @@ inter-labeler and labeler-vs-gold agreement (pairs tied by either side left out)
 
     python benchmarks/labeler_agreement.py              # measure on tests/fixtures/labeler_candidates.json
     python benchmarks/labeler_agreement.py --rebuild    # rebuild that fixture (samples the 135M model, ~minutes)
+    python benchmarks/labeler_agreement.py --run-samples S.json   # model samples only (sample_k output), as in
+                                                                  # labkit run's rankings stage
+
+InstructGPT's figure is measured on the comparisons its labelers actually made, i.e. K samples of
+the models being trained; ``--run-samples`` measures on such a set (K samples of one model per
+prompt, no hand-made variants), where answers are closer in quality and agreement is lower than on
+the mixed fixture. The share of pairs the gold scorer ties (``gold_tied_share``) is printed too:
+labelers order such pairs by noise alone.
 
 Writes benchmarks/results/labeler_agreement.json.
 """
@@ -66,16 +74,27 @@ def build_fixture(n_prompts: int, samples: int, model_name: str, seed: int, max_
             "candidates": candidates}
 
 
+def run_candidates(path: str) -> list[dict]:
+    """Candidates from ``sample_k`` output: each prompt's K model samples, nothing else."""
+    from labkit.data import load_prompts
+
+    records = {r["id"]: r for r in load_prompts()}
+    loaded = json.loads(Path(path).read_text())
+    samples = loaded["samples"] if isinstance(loaded, dict) else loaded
+    return [{"record": records[s["prompt_id"]], "responses": [y if y.strip() else "(empty response)" for y in s["responses"]],
+             "truncated": s.get("truncated"), "kinds": [f"sample{i}" for i in range(len(s["responses"]))]}
+            for s in samples]
+
+
 def measure(candidates: list[dict], n_labelers: int, seed: int) -> dict:
     rows = []
     for noise in sorted(set(NOISE_GRID) | {L.DEFAULT_NOISE}):
-        r = L.measure_agreement(candidates, L.labeler_pool(n_labelers, seed=seed, noise=noise))
-        rows.append({"noise": noise, "inter_labeler": r["inter_labeler"],
-                     "with_gold_mean": sum(r["with_gold"].values()) / len(r["with_gold"]),
-                     "tie_rate": r["tie_rate"]})
+        r = L.measure_agreement(candidates, L.labeler_pool(n_labelers, seed=seed, noise=noise), n_boot=0)
+        rows.append({"noise": noise, "inter_labeler": r["inter_labeler"], "with_gold_mean": r["gold"],
+                     "tie_rate": r["tie_rate"], "gold_tied_share": r["gold_tied_share"]})
     default = L.measure_agreement(candidates, L.labeler_pool(n_labelers, seed=seed))
     # spread over pools with other noise seeds: how precise is one measurement?
-    by_seed = [L.measure_agreement(candidates, L.labeler_pool(n_labelers, seed=seed + s))["inter_labeler"]
+    by_seed = [L.measure_agreement(candidates, L.labeler_pool(n_labelers, seed=seed + s), n_boot=0)["inter_labeler"]
                for s in range(5)]
     kinds: dict[str, list[float]] = {}
     gold = L.GoldLabeler()
@@ -98,8 +117,15 @@ def main() -> None:
     ap.add_argument("--max-new-tokens", type=int, default=96)
     ap.add_argument("--labelers", type=int, default=5)
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--run-samples", help="measure on sample_k output (K model samples per prompt) instead")
     args = ap.parse_args()
 
+    if args.run_samples:
+        candidates = run_candidates(args.run_samples)
+        result = measure(candidates, args.labelers, args.seed)
+        result["source"] = args.run_samples
+        report(result, args.labelers, RESULT.with_name("labeler_agreement_run_samples.json"))
+        return
     if args.rebuild or not FIXTURE.exists():
         fixture = build_fixture(args.n_prompts, args.samples, args.model, args.seed, args.max_new_tokens,
                                 args.samples_json)
@@ -109,14 +135,19 @@ def main() -> None:
               f"sampling {fixture['sampling_s']} s)")
     fixture = json.loads(FIXTURE.read_text())
     result = measure(fixture["candidates"], args.labelers, args.seed)
-    result["machine"] = {"platform": platform.platform(), "python": platform.python_version()}
+    result["source"] = str(FIXTURE.relative_to(ROOT))
+    report(result, args.labelers, RESULT)
 
-    print(f"\n{result['n_prompts']} prompts x K=4, pool of {args.labelers} labelers "
+
+def report(result: dict, n_labelers: int, path: Path) -> None:
+    result["machine"] = {"platform": platform.platform(), "python": platform.python_version()}
+    print(f"\n{result['n_prompts']} prompts ({result['source']}), pool of {n_labelers} labelers "
           "(InstructGPT inter-labeler agreement: 72.6 ± 1.5%)\n")
-    print(f"{'noise':>6}  {'inter-labeler':>13}  {'vs gold':>8}  {'ties':>6}")
+    print(f"{'noise':>6}  {'inter-labeler':>13}  {'vs gold':>8}  {'ties':>6}  {'gold ties':>9}")
     for r in result["grid"]:
         mark = "  <- default" if abs(r["noise"] - L.DEFAULT_NOISE) < 1e-9 else ""
-        print(f"{r['noise']:>6.2f}  {r['inter_labeler']:>13.3f}  {r['with_gold_mean']:>8.3f}  {r['tie_rate']:>6.3f}{mark}")
+        print(f"{r['noise']:>6.2f}  {r['inter_labeler']:>13.3f}  {r['with_gold_mean']:>8.3f}  {r['tie_rate']:>6.3f}"
+              f"  {r['gold_tied_share']:>9.3f}{mark}")
     d, by_seed = result["default_pool"], result["default_by_pool_seed"]
     mean = sum(by_seed) / len(by_seed)
     std = (sum((x - mean) ** 2 for x in by_seed) / (len(by_seed) - 1)) ** 0.5
@@ -124,9 +155,9 @@ def main() -> None:
           f"(mean ± std over {len(by_seed)} pool seeds)")
     print("default pool, agreement with gold: " + ", ".join(f"{k} {v:.3f}" for k, v in d["with_gold"].items()))
     print("mean gold score by candidate kind: " + ", ".join(f"{k} {v:.2f}" for k, v in result["gold_score_by_kind"].items()))
-    RESULT.parent.mkdir(parents=True, exist_ok=True)
-    RESULT.write_text(json.dumps(result, indent=1) + "\n")
-    print(f"\nwrote {RESULT.relative_to(ROOT)}")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(result, indent=1) + "\n")
+    print(f"\nwrote {path.relative_to(ROOT)}")
 
 
 if __name__ == "__main__":
