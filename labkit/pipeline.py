@@ -350,7 +350,8 @@ def run(config: RunConfig) -> dict:
         from labkit.ifeval import load_ifeval_prompts
 
         outside = load_ifeval_prompts(None if config.outside_judge == "labkit" else config.outside_judge)
-        outside = outside[:config.eval_limit] if config.eval_limit else outside
+        if config.eval_limit:  # an even spread over the set, which is ordered by instruction family
+            outside = [outside[i * len(outside) // config.eval_limit] for i in range(min(config.eval_limit, len(outside)))]
 
     r.stage("eval_base", lambda: eval_stage(r, "base", config.model, records, outside))
     folders = train_stages(r, store)
