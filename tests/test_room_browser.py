@@ -46,11 +46,11 @@ def _notebook(path: Path, url: str, name: str, cache: Path) -> None:
 def _open_and_rank(browser, base: str, token: str, notebook: str, keys: list[str], shot: Path) -> None:
     page = browser.new_page(viewport={"width": 1100, "height": 900})
     page.goto(f"{base}/lab/tree/{notebook}?token={token}")
-    page.wait_for_function("window.jupyterapp && document.querySelector('.jp-NotebookPanel')", timeout=60_000)
+    page.wait_for_function("window.jupyterapp && document.querySelector('.jp-NotebookPanel')", timeout=180_000)
     page.wait_for_function(
         "window.jupyterapp.shell.currentWidget && window.jupyterapp.shell.currentWidget.sessionContext"
         " && window.jupyterapp.shell.currentWidget.sessionContext.session"
-        " && window.jupyterapp.shell.currentWidget.sessionContext.session.kernel", timeout=60_000)
+        " && window.jupyterapp.shell.currentWidget.sessionContext.session.kernel", timeout=180_000)
     page.evaluate("window.jupyterapp.commands.execute('notebook:run-all-cells')")
     page.evaluate("window.jupyterapp.commands.execute('application:toggle-left-area')")
     page.evaluate("window.jupyterapp.commands.execute('notebook:hide-all-cell-code')")
