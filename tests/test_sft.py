@@ -214,3 +214,28 @@ def test_every_embedded_demonstration_trains_on_the_generation_tokens(tmp_path):
     assert len(trainer.train_dataset) == len(demos) and info["n_truncated"] == 0
     for row in trainer.train_dataset:
         assert expected[tuple(row["input_ids"])] == row["labels"]
+
+
+def test_changed_demonstrations_start_fresh_and_the_same_ones_resume(tmp_path, capsys):
+    """A finished run in out_dir is not resumed with other demonstrations: SFT starts over and says so."""
+    from labkit.sft import inputs_fingerprint
+
+    cfg = dict(TINY_RUN, eval_fraction=0.0, save_steps=2)
+    out = tmp_path / "sft"
+    first = train_sft(SFTConfig(out_dir=str(out), max_steps=2, **cfg))
+    assert (out / "checkpoint-2").exists() and (out / "inputs.json").exists()
+    # the same demonstrations and settings: resumed (nothing left to train)
+    again = train_sft(SFTConfig(out_dir=str(out), max_steps=2, **cfg))
+    assert again["train/resumed_from"].endswith("checkpoint-2")
+    assert "starting fresh" not in capsys.readouterr().out
+    # one more demonstration written: a fresh run on the new set, with a printed reason
+    more = dict(cfg, demonstrations=DEMOS + [{"prompt": "Say bye.", "response": "Bye!"}])
+    fresh = train_sft(SFTConfig(out_dir=str(out), max_steps=2, **more))
+    assert "trained on other demonstrations or settings; starting fresh" in capsys.readouterr().out
+    assert fresh["train/resumed_from"] is None and fresh["train/steps"] == 2
+    assert fresh["data/fingerprint"] != first["data/fingerprint"]
+    # a changed setting that alters the result counts too; max_steps (a longer run) does not
+    assert inputs_fingerprint(SFTConfig(**more), more["demonstrations"]) != inputs_fingerprint(
+        SFTConfig(**dict(more, learning_rate=1e-3)), more["demonstrations"])
+    assert inputs_fingerprint(SFTConfig(**more), more["demonstrations"]) == inputs_fingerprint(
+        SFTConfig(**dict(more, max_steps=9)), more["demonstrations"])
