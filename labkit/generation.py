@@ -14,7 +14,7 @@ evaluation, and the chat playground.
 - **bf16 weights, cast once.** Under bf16 autocast every ``nn.Linear`` would re-cast its
   fp32 weight to bf16 at every step; a decoding step of a few rows is then mostly that
   memory traffic. The loop swaps each fp32 linear weight for a bf16 copy cast once per
-  weight version (:func:`bf16_linear_weights`); the result is the same numbers autocast
+  call (:func:`bf16_linear_weights`; a stream keeps its copies for all its tokens); the result is the same numbers autocast
   computes, since autocast rounds the same weights the same way. Embeddings, norms and the
   residual stream stay in the weights' own dtype.
 - **Last position only.** The unembedding (49k columns for SmolLM2) runs on the last
@@ -53,7 +53,6 @@ Speed against ``transformers``' ``generate`` and the machine's compute bound:
 from __future__ import annotations
 
 import inspect
-import weakref
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 
@@ -162,32 +161,28 @@ def fast_path_supported(model, total_length: int) -> bool:
 
 # ----------------------------------------------------------------------------- bf16 weights
 
-# id(fp32 weight) -> (weakref to it, (version, data pointer) it was cast at, bf16 copy); an entry
-# goes when its weight is freed.
-_BF16_COPIES: dict[int, tuple[weakref.ref, tuple[int, int], torch.nn.Parameter]] = {}
-
-
 @contextmanager
-def bf16_linear_weights(model, enabled: bool = True):
+def bf16_linear_weights(model, enabled: bool = True, cache: dict | None = None):
     """Within the block, every ``nn.Linear`` with an fp32 weight uses a bf16 copy of it.
 
-    The copy is cast once per weight version (an optimizer step makes a new version) and kept
-    for the next call. Embeddings keep their weights, so a tied unembedding gets its own bf16
-    copy while the embedding lookup (and the residual stream) stays fp32, as under autocast.
+    The copies are cast on entry, so they always match the current weights (an optimizer step
+    updates weights in place, and PyTorch's fused AdamW does so without bumping the version
+    counter, so no stamp on the weight can tell a stale copy). A caller that enters the block
+    many times with unchanged weights (one ``stream``, once per token) passes a ``cache`` dict
+    it owns: copies made under it are reused for as long as the caller keeps it. Embeddings
+    keep their weights, so a tied unembedding gets its own bf16 copy while the embedding
+    lookup (and the residual stream) stays fp32, as under autocast.
     """
     swapped = []
     if enabled:
+        copies = {} if cache is None else cache
         for module in model.modules():
             w = module._parameters.get("weight") if isinstance(module, torch.nn.Linear) else None
             if w is None or w.dtype != torch.float32:
                 continue
-            stamp = (w._version, w.data_ptr())  # an optimizer step or a load changes one of them
-            cached = _BF16_COPIES.get(id(w))
-            if cached is None or cached[0]() is not w or cached[1] != stamp:
-                ref = weakref.ref(w, lambda _, key=id(w): _BF16_COPIES.pop(key, None))
-                cached = (ref, stamp, torch.nn.Parameter(w.detach().to(torch.bfloat16), requires_grad=False))
-                _BF16_COPIES[id(w)] = cached
-            module._parameters["weight"] = cached[2]
+            if id(w) not in copies:
+                copies[id(w)] = torch.nn.Parameter(w.detach().to(torch.bfloat16), requires_grad=False)
+            module._parameters["weight"] = copies[id(w)]
             swapped.append((module, w))
     try:
         yield
@@ -317,13 +312,13 @@ def sample_tokens(model, input_ids: torch.Tensor, attention_mask: torch.Tensor, 
 
 
 @contextmanager
-def _sampling_context(model, device: torch.device, bf16: bool):
+def _sampling_context(model, device: torch.device, bf16: bool, cache: dict | None = None):
     """eval mode, bf16 autocast (if asked for and fast here) with bf16 linear weights cast once."""
     use_bf16 = bf16 and fast_dtype(device) == torch.bfloat16
     was_training = model.training
     model.eval()
     try:
-        with autocast(device, enabled=use_bf16), bf16_linear_weights(model, enabled=use_bf16):
+        with autocast(device, enabled=use_bf16), bf16_linear_weights(model, enabled=use_bf16, cache=cache):
             yield
     finally:
         model.train(was_training)
@@ -447,6 +442,7 @@ def stream(model, tokenizer, prompt: str, max_new_tokens: int = 256, temperature
         return
     tokens: list[int] = []
     sent = ""
+    copies: dict = {}  # this stream's bf16 weights: cast at its first token, reused for the rest
     steps = _decode(model, input_ids, torch.ones_like(input_ids), max_new_tokens, temperature, top_p, do_sample,
                     eos_id, pad_id, with_logprobs=False, generator=generator)
     try:
@@ -454,7 +450,7 @@ def stream(model, tokenizer, prompt: str, max_new_tokens: int = 256, temperature
             # The contexts (no_grad, eval mode, autocast, bf16 weights) are entered per token and left
             # before each yield: the caller's code between pieces, or another stream interleaved with
             # this one (the chat view), must not run inside them.
-            with torch.no_grad(), _sampling_context(model, device, bf16):
+            with torch.no_grad(), _sampling_context(model, device, bf16, cache=copies):
                 step = next(steps, None)
             if step is None or int(step[0]) == eos_id:
                 break
