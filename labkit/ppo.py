@@ -39,7 +39,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from labkit.models import autocast, format_prompt, last_index, load_model, position_ids, resolve_device
+from labkit.models import autocast, format_prompt, last_index, load_model, pad_rows, position_ids, resolve_device
 from labkit.stage import NonFiniteError, defer_interrupt, finish, rng_state, set_rng_state
 
 __all__ = ["logprobs_from_logits", "entropy_from_logits", "masked_mean", "masked_var", "masked_whiten",
@@ -461,42 +461,28 @@ def _step_indices(step: int, batch_size: int, n: int, seed: int) -> list[int]:
 
 @torch.no_grad()
 def rollout(model: PolicyAndValue, tokenizer, prompts: list[str], config: PPOConfig, device: torch.device) -> Rollout:
-    """Sample one response per prompt: KV-cached, batched, left-padded generation (no grad)."""
-    from transformers import GenerationConfig
+    """Sample one response per prompt with labkit's KV-cached sampler (left-padded, no grad).
 
-    texts = [format_prompt(tokenizer, p) for p in prompts]
-    tokenizer.truncation_side = "left"
-    enc = tokenizer(texts, return_tensors="pt", padding=True, truncation=True,
-                    max_length=config.max_prompt_length, add_special_tokens=False)
-    n_cut = sum(len(ids) > config.max_prompt_length
-                for ids in tokenizer(texts, add_special_tokens=False)["input_ids"])
-    queries, query_mask = enc.input_ids.to(device), enc.attention_mask.to(device)  # (B, Tq): left-padded
-    gen = GenerationConfig(max_new_tokens=config.max_new_tokens, do_sample=True,
-                           temperature=config.temperature, top_k=0, top_p=1.0,  # plain sampling:
-                           eos_token_id=tokenizer.eos_token_id,  # log-probs below match it
-                           pad_token_id=tokenizer.pad_token_id, output_logits=True, return_dict_in_generate=True)
-    # Few, large generate() calls: on a CPU a decoding step costs about as much for 8 rows as for 4.
-    gen_batch = config.rollout_chunk(len(prompts))
+    Plain sampling at ``config.temperature`` (no top-p/top-k), so the log-probs the sampler
+    returns, of the distribution each token was drawn from, are the behaviour policy's "old"
+    log-probs of the PPO ratio, without a second forward pass over the episode.
+    """
+    from labkit.generation import encode_prompts, sample_tokens
+
+    ids, n_cut = encode_prompts(tokenizer, prompts, config.max_prompt_length)
+    queries, query_mask = (x.to(device) for x in pad_rows(ids, tokenizer.pad_token_id, side="left"))  # (B, Tq)
+    # Few, large sampler calls: on a CPU a decoding step costs about as much for 8 rows as for 4.
+    size = config.rollout_chunk(len(prompts))
     chunks, logprobs, entropy = [], [], []
-    for s in range(0, len(prompts), gen_batch):
-        with autocast(device, enabled=config.bf16):
-            out = model.policy.generate(input_ids=queries[s:s + gen_batch], attention_mask=query_mask[s:s + gen_batch],
-                                        generation_config=gen)
-        resp = out.sequences[:, queries.shape[1]:]  # (g, r)
-        step_logits = torch.stack(out.logits, 1)  # (g, r, V)
-        del out
-        # The logits the tokens were sampled from give the behaviour policy's log-probs (the
-        # "old" log-probs of the ratio) without a second forward pass over the episode. They
-        # are turned into fp32 log-probs a micro-batch at a time, to bound the memory.
-        for m in range(0, resp.shape[0], config.micro_batch_size):
-            logits = step_logits[m:m + config.micro_batch_size].float() / config.temperature  # (b, r, V)
-            chunks.append(resp[m:m + config.micro_batch_size])
-            logprobs.append(logprobs_from_logits(logits, chunks[-1]))
-            entropy.append(entropy_from_logits(logits))
-        del step_logits, logits
+    for s in range(0, len(prompts), size):
+        resp, lp, ent = sample_tokens(model.policy, queries[s:s + size], query_mask[s:s + size], config.max_new_tokens,
+                                      temperature=config.temperature, top_p=1.0, do_sample=True,
+                                      eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id,
+                                      bf16=config.bf16)  # (g, r) each; pad and 0 after a row's EOS
+        chunks.append(resp), logprobs.append(lp), entropy.append(ent)
     R = max(c.shape[1] for c in chunks)
 
-    def pad(xs, value):  # chunks (b, r) -> (B, R)
+    def pad(xs, value):  # chunks (g, r) -> (B, R)
         return torch.cat([F.pad(x, (0, R - x.shape[1]), value=value) for x in xs])
 
     responses = pad(chunks, tokenizer.pad_token_id)  # (B, R)
