@@ -261,8 +261,8 @@ def reward_hacking_figure(histories: dict[str, dict], panels: dict[str, str], ti
                                      name=label, legendgroup=label, showlegend=j == 1,
                                      line=dict(color=colours[i % len(colours)])), row=1, col=j)
     fig.update_xaxes(title_text="PPO step")
-    fig.update_layout(title=title, template="plotly_white", height=360,
-                      legend=dict(orientation="h", yanchor="bottom", y=1.08, xanchor="right", x=1))
+    fig.update_layout(title=title, template="plotly_white", height=400, margin=dict(t=120),
+                      legend=dict(orientation="h", yanchor="bottom", y=1.18, xanchor="left", x=0))
     return fig
 
 
