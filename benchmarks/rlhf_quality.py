@@ -169,19 +169,20 @@ def targets(row: dict) -> dict:
 
 
 def main_runs(args) -> None:
-    results = json.loads(RESULT.read_text()) if RESULT.exists() and not args.fresh else {"runs": []}
+    result_path = Path(args.result) if args.result else RESULT
+    results = json.loads(result_path.read_text()) if result_path.exists() and not args.fresh else {"runs": []}
     for seed in args.seeds:
         if any(r["seed"] == seed and r.get("preset") == args.preset for r in results["runs"]) and not args.fresh:
-            print(f"seed {seed}: already in {RESULT.name}, kept (--fresh to rerun)")
+            print(f"seed {seed}: already in {result_path.name}, kept (--fresh to rerun)")
             continue
         row = one_seed(args, seed)
         row["targets"] = targets(row)
         results["runs"] = [r for r in results["runs"] if not (r["seed"] == seed and r.get("preset") == args.preset)]
         results["runs"].append(row)
         results["machine"] = {"platform": platform.platform(), "cpus": os.cpu_count()}
-        RESULT.parent.mkdir(parents=True, exist_ok=True)
-        RESULT.write_text(json.dumps(results, indent=1) + "\n")
-        print(f"seed {seed}: wrote {RESULT.relative_to(ROOT)}")
+        result_path.parent.mkdir(parents=True, exist_ok=True)
+        result_path.write_text(json.dumps(results, indent=1) + "\n")
+        print(f"seed {seed}: wrote {result_path}")
     print_table(results["runs"])
 
 
@@ -274,6 +275,7 @@ def main() -> None:
     ap.add_argument("--train-families", help="labelers see only these check families (comma-separated, e.g. "
                                              "keywords,change_case); the outside judge's other families are unseen")
     ap.add_argument("--fresh", action="store_true")
+    ap.add_argument("--result", help=f"results file (default {RESULT.relative_to(ROOT)})")
     # ablate-rm
     ap.add_argument("--samples", help="ablate-rm: sample_k output on the rm split (JSON with 'samples')")
     ap.add_argument("--heldout", help="ablate-rm: sample_k output on held-out prompts")
