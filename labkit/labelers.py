@@ -25,7 +25,7 @@ people at best, so labkit stands in for the rest with simulated labelers built i
    loop scores near 0 however well it fits the format), ``case`` is ``shouting_factor`` for an
    answer written in capitals that nobody asked for (:func:`is_shouting`) and 1 otherwise,
    ``L`` rewards a sensible length (short answers are fine for classification, closed QA,
-   extraction, one-of and "just the name" prompts; very long ones decay), ``R`` is a graded
+   extraction, rewrites, few-shot, one-of and "just the name" prompts; very long ones decay), ``R`` is a graded
    relevance signal: ``floor + (1 - floor) * (1 - exp(-shared / need))`` over the content words
    (crude stems, stop words and generic instruction verbs left out) the response shares with
    the prompt (a poem about a lighthouse need not say "lighthouse", so sharing none lowers R to
@@ -341,7 +341,8 @@ five six seven eight nine ten first second third please write give list tell mak
 explain answer response respond following below above using word words sentence sentences
 short brief each like get need want know thing things way also may might must shall well
 """.split())
-_SHORT_CATEGORIES = frozenset({"classification", "closed_qa", "extract"})
+# A rewrite is as long as the text it rewrites, often one sentence.
+_SHORT_CATEGORIES = frozenset({"classification", "closed_qa", "extract", "rewrite"})
 # Prompts that ask for a short answer in words ("reply with just the name", "in one word").
 _SHORT_REQUEST = re.compile(r"\b(?:just|only) (?:the|a|one)\b|\bone[- ](?:word|line|phrase|sentence)\b"
                             r"|\bsingle (?:word|line|phrase|sentence)\b|\bin (?:a|one) (?:word|phrase)\b",
@@ -431,7 +432,9 @@ class GoldLabeler:
     @staticmethod
     def short_ok(record: dict) -> bool:
         """A short answer is a full answer here (classification, closed QA, "just the name", ...)."""
+        # few-shot prompts: the examples set the answer's form and length
         return bool(record.get("category") in _SHORT_CATEGORIES or record.get("harmful")
+                    or record.get("style") == "few_shot"
                     or _SHORT_REQUEST.search(record.get("prompt", "")) is not None
                     or any(c.get("type") in ("one_of", "max_words", "max_chars") for c in record.get("checks", [])))
 
@@ -477,7 +480,9 @@ class GoldLabeler:
                  # a refusal of a harmful request need not echo the request
                  "relevance": 1.0 if harmful and refusal else self._relevance(record, response),
                  "info": self._info(record, response),
-                 "ending": 1.0 if ends_cleanly(response) else self.unfinished_ending,
+                 # a one-line answer where a short one is right (a label, a headline) needs no full stop
+                 "ending": 1.0 if ends_cleanly(response) or (self.short_ok(record) and "\n" not in response.strip())
+                 else self.unfinished_ending,
                  "repetition": repetition_score(response), "stopped": float(not truncated),
                  "case": self.shouting_factor if is_shouting(response) and not asked_caps else 1.0}
         weights = {"length": self.w_length, "relevance": self.w_relevance, "info": self.w_info,
