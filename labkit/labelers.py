@@ -25,9 +25,9 @@ people at best, so labkit stands in for the rest with simulated labelers built i
    loop scores near 0 however well it fits the format), ``case`` is ``shouting_factor`` for an
    answer written in capitals that nobody asked for (:func:`is_shouting`) and 1 otherwise,
    ``L`` rewards a sensible length (short answers are fine for classification, closed QA,
-   extraction, rewrites, few-shot, one-of and "just the name" prompts; very long ones decay), ``R`` is a graded
-   relevance signal: ``floor + (1 - floor) * (1 - exp(-shared / need))`` over the content words
-   (crude stems, stop words and generic instruction verbs left out) the response shares with
+   extraction, rewrites, few-shot, one-of and "just the name" prompts; very long ones decay),
+   ``R`` is a graded relevance signal: ``floor + (1 - floor) * (1 - exp(-shared / need))`` over
+   the content words (crude stems, stop words and generic instruction verbs left out) the response shares with
    the prompt (a poem about a lighthouse need not say "lighthouse", so sharing none lowers R to
    ``relevance_floor``, not to 0), ``N`` is informativeness, ``1 - exp(-distinct content
    stems / info_scale)`` (1 where a short answer is fine), and ``E`` is 1 when the answer ends
