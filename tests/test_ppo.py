@@ -289,7 +289,9 @@ def test_lora_reference_is_the_adapter_free_model(peaked_tiny, tmp_path):
     pytest.importorskip("peft")
     m = ppo.train_ppo(small_config(peaked_tiny, tmp_path, steps=2, use_lora=True, learning_rate=1e-3))
     h = history_rows(m["out_dir"])
-    assert h[0]["objective/kl"] == 0.0  # LoRA's B starts at zero: policy == reference exactly
+    # LoRA's B starts at zero: policy == reference, up to the float rounding that separates the
+    # sampler's cached decoding from the reference's full forward
+    assert h[0]["objective/kl"] == pytest.approx(0.0, abs=1e-5)
     assert h[-1]["objective/kl"] != 0.0  # the adapters learned something
     merged, _ = load_model(m["model_dir"], dtype="float32")
     base, _ = load_model(peaked_tiny, dtype="float32")

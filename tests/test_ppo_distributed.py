@@ -15,6 +15,7 @@ ROOT = Path(__file__).resolve().parents[1]
 SCRIPT = """
 import json, sys, torch
 torch.set_num_threads(1)
+from labkit import ppo
 policy, out = sys.argv[1], sys.argv[2]
 prompts = [f"Tell me about topic number {i}." for i in range(32)]
 m = ppo.train_ppo(ppo.PPOConfig(
