@@ -1,9 +1,16 @@
-"""Fixtures several test modules share."""
+"""Fixtures several test modules share, and an offline environment for every test."""
+
+import os
 
 import pytest
 import torch
 
 from labkit.models import load_model
+
+# The kit runs offline (BRIEF §2): no test may reach a model hub, and the hub client's telemetry
+# thread has crashed a test process while trying to.
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("HF_HUB_DISABLE_TELEMETRY", "1")
 
 
 @pytest.fixture(scope="session")
