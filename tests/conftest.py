@@ -2,15 +2,15 @@
 
 import os
 
-import pytest
-import torch
-
-from labkit.models import load_model
-
-# The kit runs offline (BRIEF §2): no test may reach a model hub, and the hub client's telemetry
+# Set before anything imports the hub client. The kit runs offline (BRIEF §2): no test may reach a model hub, and the hub client's telemetry
 # thread has crashed a test process while trying to.
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_HUB_DISABLE_TELEMETRY", "1")
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
+
+from labkit.models import load_model  # noqa: E402
 
 
 @pytest.fixture(scope="session")
