@@ -2,8 +2,8 @@
 
 import os
 
-# Set before anything imports the hub client. The kit runs offline (BRIEF §2): no test may reach a model hub, and the hub client's telemetry
-# thread has crashed a test process while trying to.
+# Set before anything imports the hub client. The kit runs offline (BRIEF §2): no test may
+# reach a model hub, and the hub client's telemetry thread has crashed a test process trying to.
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_HUB_DISABLE_TELEMETRY", "1")
 
