@@ -400,7 +400,7 @@ def agreement_figure(matrix: dict, title: str = "Agreement between annotators (s
     fig = go.Figure(go.Heatmap(z=matrix["matrix"], x=names, y=names, zmin=0, zmax=1, colorscale="RdYlGn",
                                text=text, texttemplate="%{text}", hovertemplate="%{y} vs %{x}: %{z:.2f}<extra></extra>",
                                colorbar=dict(title="agree")))
-    fig.update_layout(title=title, template="plotly_white", height=160 + 28 * len(names),
+    fig.update_layout(title=title, template="plotly_white", height=max(340, 160 + 28 * len(names)),
                       yaxis=dict(autorange="reversed"), xaxis=dict(side="top"))
     return fig
 

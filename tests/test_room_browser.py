@@ -38,23 +38,30 @@ def _notebook(path: Path, url: str, name: str, cache: Path) -> None:
     import nbformat
 
     nb = nbformat.v4.new_notebook()
-    nb.cells = [nbformat.v4.new_code_cell(CELL.format(url=url, name=name, items=json.dumps(ITEMS), cache=str(cache)))]
+    nb.cells = [nbformat.v4.new_code_cell(CELL.format(url=url, name=name, items=repr(ITEMS), cache=str(cache)))]
     nb.metadata["kernelspec"] = {"name": "python3", "display_name": "Python 3", "language": "python"}
     nbformat.write(nb, path)
 
 
 def _open_and_rank(browser, base: str, token: str, notebook: str, keys: list[str], shot: Path) -> None:
     page = browser.new_page(viewport={"width": 1100, "height": 900})
-    page.goto(f"{base}/lab/tree/{notebook}?token={token}")
+    page.set_default_timeout(180_000)  # JupyterLab's bundle and a kernel start slowly on a busy machine
+    # a workspace per page: the two pages are two laptops, not two tabs of one
+    page.goto(f"{base}/lab/workspaces/{Path(notebook).stem}/tree/{notebook}?token={token}")
     page.wait_for_function("window.jupyterapp && document.querySelector('.jp-NotebookPanel')", timeout=180_000)
     page.wait_for_function(
-        "window.jupyterapp.shell.currentWidget && window.jupyterapp.shell.currentWidget.sessionContext"
+        f"window.jupyterapp.shell.currentWidget && window.jupyterapp.shell.currentWidget.context.path === '{notebook}'"
+        " && window.jupyterapp.shell.currentWidget.sessionContext"
         " && window.jupyterapp.shell.currentWidget.sessionContext.session"
         " && window.jupyterapp.shell.currentWidget.sessionContext.session.kernel", timeout=180_000)
     page.evaluate("window.jupyterapp.commands.execute('notebook:run-all-cells')")
     page.evaluate("window.jupyterapp.commands.execute('application:toggle-left-area')")
     page.evaluate("window.jupyterapp.commands.execute('notebook:hide-all-cell-code')")
-    page.locator(".lk-board").wait_for(timeout=120_000)
+    try:  # the kernel imports labkit first: minutes on a busy 2-core machine
+        page.locator(".lk-board").wait_for(timeout=300_000)
+    except Exception:
+        page.screenshot(path=str(shot.with_name(shot.stem + "_failed.png")))
+        raise
     page.wait_for_selector(".lk-card[data-index='3']", timeout=30_000)
     assert page.locator(".lk-card[data-index='2'] .lk-cutoff").count() == 1  # the cut-off answer is marked
     assert page.locator(".lk-cutoff").count() == 1 and page.locator(".lk-board b").count() == 0
