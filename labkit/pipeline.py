@@ -401,7 +401,7 @@ def compare_outside_stage(run: Run, outside: list[dict], final: str) -> dict:
     names = ["base", "sft", final] + ([f"{final}_noptx"] if run.config.ppo_without_ptx else [])
     followed = {n: evaluate.outside_judge(outside, [a["response"] for a in load_jsonl(
         run.dir / "eval" / f"{n}_outside.jsonl")])["followed"] for n in names}
-    pairs = [("sft", "base"), (final, "sft")] + [(names[3], "sft")] * (len(names) == 4)
+    pairs = [("sft", "base"), (final, "sft")] + [(name, "sft") for name in names[3:]]
     return {f"outside/{a}_minus_{b}": evaluate.paired_outside_judge(followed[a], followed[b], seed=run.config.seed)
             for a, b in pairs}
 
