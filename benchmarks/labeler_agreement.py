@@ -1,24 +1,23 @@
 """How often do simulated labelers agree? Calibrates labkit.labelers.DEFAULT_NOISE.
 
 InstructGPT (Ouyang et al. 2022, §3.4) reports that its training labelers agreed with each
-other on 72.6 ± 1.5% of comparisons. This script ranks a fixed candidate set (K = 4
-responses of mixed quality per prompt: the hand-written demonstration, rewrites of it that
-break instructions, truncate it, go off topic or refuse, and real samples from the bundled
-SmolLM2-135M-Instruct) with pools of simulated labelers at several noise levels and prints
-inter-labeler and labeler-vs-gold agreement (pairs tied by either side left out).
+other on 72.6 ± 1.5% of comparisons, the comparisons they actually made: K samples of the
+models being trained. This script ranks such a set with pools of simulated labelers at several
+noise levels and prints inter-labeler and labeler-vs-gold agreement (pairs tied by either side
+left out), with the share of pairs the gold scorer itself ties (labelers order those by noise).
 
-    python benchmarks/labeler_agreement.py              # measure on tests/fixtures/labeler_candidates.json
-    python benchmarks/labeler_agreement.py --rebuild    # rebuild that fixture (samples the 135M model, ~minutes)
-    python benchmarks/labeler_agreement.py --run-samples S.json   # model samples only (sample_k output), as in
-                                                                  # labkit run's rankings stage
+    python benchmarks/labeler_agreement.py              # K = 4 samples of the cpu preset's SFT model per
+                                                        # rm prompt (tests/fixtures/labeler_run_samples.json)
+    python benchmarks/labeler_agreement.py --run-samples S.json   # other sample_k output ({"samples": [...]})
+    python benchmarks/labeler_agreement.py --mixed      # the mixed candidate set instead
+    python benchmarks/labeler_agreement.py --mixed --rebuild   # rebuild that set (samples the 135M model)
 
-InstructGPT's figure is measured on the comparisons its labelers actually made, i.e. K samples of
-the models being trained; ``--run-samples`` measures on such a set (K samples of one model per
-prompt, no hand-made variants), where answers are closer in quality and agreement is lower than on
-the mixed fixture. The share of pairs the gold scorer ties (``gold_tied_share``) is printed too:
-labelers order such pairs by noise alone.
+The mixed set (tests/fixtures/labeler_candidates.json: per prompt the hand-written
+demonstration, rewrites of it that break instructions, truncate it, go off topic or refuse, and
+samples of the bundled model) spans a much wider range of quality, so the same labelers agree
+far more often on it; the default noise is calibrated on the run samples.
 
-Writes benchmarks/results/labeler_agreement.json.
+Writes benchmarks/results/labeler_agreement.json (``--mixed``: labeler_agreement_mixed.json).
 """
 
 from __future__ import annotations
@@ -34,8 +33,9 @@ from labkit import labelers as L
 
 ROOT = Path(__file__).resolve().parent.parent
 FIXTURE = ROOT / "tests" / "fixtures" / "labeler_candidates.json"
+RUN_FIXTURE = ROOT / "tests" / "fixtures" / "labeler_run_samples.json"
 RESULT = ROOT / "benchmarks" / "results" / "labeler_agreement.json"
-NOISE_GRID = [0.0, 0.05, 0.1, 0.15, 0.2, 0.25, 0.3, 0.4]
+NOISE_GRID = [0.0, 0.03, 0.05, 0.08, 0.1, 0.15, 0.2, 0.3]
 
 
 def build_fixture(n_prompts: int, samples: int, model_name: str, seed: int, max_new_tokens: int,
@@ -109,7 +109,7 @@ def measure(candidates: list[dict], n_labelers: int, seed: int) -> dict:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--rebuild", action="store_true", help="rebuild the candidate fixture first")
+    ap.add_argument("--rebuild", action="store_true", help="with --mixed: rebuild the mixed candidate set first")
     ap.add_argument("--n-prompts", type=int, default=120)
     ap.add_argument("--samples", type=int, default=2, help="model samples per prompt (0: none)")
     ap.add_argument("--model", default="smollm2-135m")
@@ -117,14 +117,16 @@ def main() -> None:
     ap.add_argument("--max-new-tokens", type=int, default=96)
     ap.add_argument("--labelers", type=int, default=5)
     ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--run-samples", help="measure on sample_k output (K model samples per prompt) instead")
+    ap.add_argument("--run-samples", default=str(RUN_FIXTURE.relative_to(ROOT)),
+                    help="sample_k output (K model samples per prompt) to measure on")
+    ap.add_argument("--mixed", action="store_true", help="measure on the mixed candidate set instead")
     args = ap.parse_args()
 
-    if args.run_samples:
-        candidates = run_candidates(args.run_samples)
+    if not args.mixed:
+        candidates = run_candidates(str(ROOT / args.run_samples))
         result = measure(candidates, args.labelers, args.seed)
         result["source"] = args.run_samples
-        report(result, args.labelers, RESULT.with_name("labeler_agreement_run_samples.json"))
+        report(result, args.labelers, RESULT)
         return
     if args.rebuild or not FIXTURE.exists():
         fixture = build_fixture(args.n_prompts, args.samples, args.model, args.seed, args.max_new_tokens,
@@ -136,7 +138,7 @@ def main() -> None:
     fixture = json.loads(FIXTURE.read_text())
     result = measure(fixture["candidates"], args.labelers, args.seed)
     result["source"] = str(FIXTURE.relative_to(ROOT))
-    report(result, args.labelers, RESULT)
+    report(result, args.labelers, RESULT.with_name("labeler_agreement_mixed.json"))
 
 
 def report(result: dict, n_labelers: int, path: Path) -> None:
@@ -146,7 +148,7 @@ def report(result: dict, n_labelers: int, path: Path) -> None:
     print(f"{'noise':>6}  {'inter-labeler':>13}  {'vs gold':>8}  {'ties':>6}  {'gold ties':>9}")
     for r in result["grid"]:
         mark = "  <- default" if abs(r["noise"] - L.DEFAULT_NOISE) < 1e-9 else ""
-        print(f"{r['noise']:>6.2f}  {r['inter_labeler']:>13.3f}  {r['with_gold_mean']:>8.3f}  {r['tie_rate']:>6.3f}"
+        print(f"{r['noise']:>6.3f}  {r['inter_labeler']:>13.3f}  {r['with_gold_mean']:>8.3f}  {r['tie_rate']:>6.3f}"
               f"  {r['gold_tied_share']:>9.3f}{mark}")
     d, by_seed = result["default_pool"], result["default_by_pool_seed"]
     mean = sum(by_seed) / len(by_seed)

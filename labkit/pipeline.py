@@ -13,6 +13,7 @@ run again, so an interrupted run resumes where it stopped.
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import json
 import math
 import time
@@ -173,20 +174,59 @@ def _trained(result: dict) -> dict:
     return result
 
 
+def _answer_cache_path(cfg: RunConfig, model_path: str, records: list[dict]) -> Path | None:
+    """Where the starting model's greedy answers to ``records`` are kept across runs, or None.
+
+    Greedy answers of an unchanged model are the same in every run with the same prompts and
+    decoding settings, so runs (and seeds) share them: the key holds the model folder and its
+    weight files' sizes and times, the prompts, the length limit, batch size and precision (bf16
+    answers can change with the batch), the device, the CPU and the library versions. Models
+    without weight files on disk (the tiny test model, a hub id) are not cached."""
+    import transformers
+
+    folder = models.bundled_model_dir() if model_path == models.BUNDLED else Path(model_path)
+    files = sorted(folder.glob("*.safetensors")) if folder.is_dir() else []
+    if not files:
+        return None
+    key = json.dumps([str(folder.resolve()), [(f.name, f.stat().st_size, f.stat().st_mtime_ns) for f in files],
+                      [(r["id"], r["prompt"]) for r in records], cfg.eval_max_new_tokens, cfg.batch_size,
+                      cfg.eval_bf16, str(models.resolve_device(cfg.device)), models.cpu_name(),
+                      torch.__version__, transformers.__version__])
+    return models.cache_dir() / "answers" / f"{hashlib.sha256(key.encode()).hexdigest()[:20]}.jsonl"
+
+
+def _answers(run: Run, model_path: str, records: list[dict], loaded: dict,
+             cache: bool = False) -> tuple[list[str], list[bool]]:
+    """Greedy answers of ``model_path`` to ``records``; the model is loaded once into ``loaded``.
+    With ``cache``, answers come from (and go to) the cross-run cache (:func:`_answer_cache_path`)."""
+    cfg = run.config
+    path = _answer_cache_path(cfg, model_path, records) if cache else None
+    if path is not None and path.exists() and not cfg.fresh:
+        rows = load_jsonl(path)
+        print(f"labkit run: {len(rows)} answers of {model_path} from the cache ({path})")
+        return [r["response"] for r in rows], [r["truncated"] for r in rows]
+    if "model" not in loaded:
+        loaded["model"], loaded["tok"] = models.load_model(model_path, device=cfg.device)
+    ys, ts = evaluate.answer(loaded["model"], loaded["tok"], records,
+                             max_new_tokens=cfg.eval_max_new_tokens, batch_size=cfg.batch_size, seed=cfg.seed, bf16=cfg.eval_bf16)
+    if path is not None:
+        _save_jsonl(path, [{"id": r["id"], "response": y, "truncated": t} for r, y, t in zip(records, ys, ts)])
+    return ys, ts
+
+
 def eval_stage(run: Run, name: str, model_path: str, records: list[dict], outside: list[dict] | None = None) -> dict:
     """Greedy answers of one model to the eval prompts (and the outside judge's); saves them;
-    returns gold figures and the outside judge's strict accuracies (``outside/...``)."""
-    cfg = run.config
-    model, tok = models.load_model(model_path, device=cfg.device)
-    responses, truncated = evaluate.answer(model, tok, records, max_new_tokens=cfg.eval_max_new_tokens,
-                                           batch_size=cfg.batch_size, seed=cfg.seed, bf16=cfg.eval_bf16)
+    returns gold figures and the outside judge's strict accuracies (``outside/...``). The
+    starting model's answers come from the cross-run cache when an earlier run made them."""
+    loaded: dict = {}
+    cache = model_path == run.config.model
+    responses, truncated = _answers(run, model_path, records, loaded, cache)
     _save_jsonl(run.dir / "eval" / f"{name}.jsonl",
                 [{"id": r["id"], "response": y, "truncated": t} for r, y, t in zip(records, responses, truncated)])
     figures = evaluate.gold_figures(records, responses, truncated)
     figures.pop("scores")
     if outside:
-        ys, ts = evaluate.answer(model, tok, outside, max_new_tokens=cfg.eval_max_new_tokens,
-                                 batch_size=cfg.batch_size, seed=cfg.seed, bf16=cfg.eval_bf16)
+        ys, ts = _answers(run, model_path, outside, loaded, cache)
         _save_jsonl(run.dir / "eval" / f"{name}_outside.jsonl",
                     [{"id": r["id"], "response": y, "truncated": t} for r, y, t in zip(outside, ys, ts)])
         o = evaluate.outside_judge(outside, ys)
@@ -206,10 +246,10 @@ def ptx_texts_stage(run: Run) -> list[str]:
     path = run.dir / "ptx_texts.jsonl"
     if path.exists() and not cfg.fresh:
         return [r["text"] for r in load_jsonl(path)]
-    model, tok = models.load_model(cfg.model, device=cfg.device)
+    loaded: dict = {}
     records = load_prompts("sft")
-    ys, ts = evaluate.answer(model, tok, records, max_new_tokens=cfg.eval_max_new_tokens, batch_size=cfg.batch_size,
-                             seed=cfg.seed)
+    ys, ts = _answers(run, cfg.model, records, loaded, cache=True)
+    tok = loaded["tok"] if "tok" in loaded else models.load_model(cfg.model, device=cfg.device)[1]
     # an answer cut at the length limit gets no EOS: the policy should not learn to stop mid-sentence
     texts = [models.format_prompt(tok, r["prompt"]) + y + (tok.eos_token if not t else "")
              for r, y, t in zip(records, ys, ts) if y.strip()]

@@ -7,8 +7,10 @@ from pathlib import Path
 import pytest
 
 from labkit import labelers as L
+from labkit.data import load_prompts
 
 FIXTURE = Path(__file__).parent / "fixtures" / "labeler_candidates.json"
+RUN_SAMPLES = Path(__file__).parent / "fixtures" / "labeler_run_samples.json"
 
 # (check, passing response, failing response) for every check kind in docs/dataset_format.md
 CASES = [
@@ -278,16 +280,23 @@ def test_make_candidates():
 
 
 def test_default_pool_agreement_is_realistic():
-    """InstructGPT: labelers agree on 72.6 +- 1.5% of comparisons; the default pool should be close."""
-    candidates = json.loads(FIXTURE.read_text())["candidates"]
-    assert len(candidates) >= 100
-    result = L.measure_agreement(candidates)
-    assert 0.65 <= result["inter_labeler"] <= 0.80
+    """InstructGPT: labelers agree on 72.6 +- 1.5% of the comparisons they made (K samples of the models
+    being trained); the default pool, on K = 4 samples of the cpu preset's SFT model, should be close."""
+    samples = json.loads(RUN_SAMPLES.read_text())["samples"]
+    records = {r["id"]: r for r in load_prompts()}
+    candidates = [{"record": records[s["prompt_id"]], "responses": s["responses"], "truncated": s["truncated"]}
+                  for s in samples]
+    assert len(candidates) >= 150
+    result = L.measure_agreement(candidates, n_boot=0)
+    assert 0.69 <= result["inter_labeler"] <= 0.76
     # every labeler agrees with gold more often than with another noisy labeler
     assert min(result["with_gold"].values()) > result["inter_labeler"]
-    assert result["tie_rate"] < 0.1
-    noiseless = L.measure_agreement(candidates, L.labeler_pool(3, noise=0.0))
+    assert result["tie_rate"] < 0.2
+    noiseless = L.measure_agreement(candidates, L.labeler_pool(3, noise=0.0), n_boot=0)
     assert noiseless["inter_labeler"] > result["inter_labeler"]
+    # the mixed candidate set (demonstrations, broken rewrites) is far easier to agree on
+    mixed = L.measure_agreement(json.loads(FIXTURE.read_text())["candidates"], n_boot=0)
+    assert mixed["inter_labeler"] > result["inter_labeler"] + 0.1
 
 
 def test_make_candidates_includes_model_samples():
@@ -366,10 +375,11 @@ def test_persona_labeler_adds_its_bonus_and_ranks_the_trait_first():
     room = L.labeler_pool(7, seed=1, persona="enthusiastic", persona_bonus=0.3)
     assert {lab.persona for lab in room} == {"enthusiastic"} and {lab.persona_bonus for lab in room} == {0.3}
     assert [lab.name for lab in room] == [lab.name for lab in L.labeler_pool(7, seed=1)]
-    # noisy labelers with the persona put the trait first more often than not: a bonus of 0.3 against
-    # the difference of two noises (std 0.31 * sqrt 2) wins with probability about 0.75
+    # noisy labelers with the persona put the trait first more often than not: a bonus of 0.07 against
+    # the difference of two noises (std 0.065 * sqrt 2) wins with probability about 0.78
+    room = L.labeler_pool(7, seed=1, persona="enthusiastic", persona_bonus=0.07)
     wins = sum(lab.rank(dict(record, id=f"rm-{i}"), [plain, trait]) == [[1], [0]] for i in range(20) for lab in room)
-    assert 0.6 < wins / (20 * len(room)) < 0.9
+    assert 0.6 < wins / (20 * len(room)) < 0.95
 
 
 def test_check_families_restrict_the_gold_scorer():

@@ -105,3 +105,37 @@ def test_a_stopped_stage_stops_labkit_run_with_its_message(tmp_path, monkeypatch
     monkeypatch.setattr("labkit.pipeline.eval_stage", lambda *a: {})
     assert cli.main(["run", "--preset", "tiny", "--out", str(tmp_path / "run")]) == 1
     assert "sft stopped (non-finite): non-finite training loss at step 3" in capsys.readouterr().err
+
+
+def test_starting_model_answers_are_cached_across_runs(tmp_path, monkeypatch):
+    """A second run of the same starting model, prompts and settings reuses its greedy answers;
+    another length limit or changed weights compute them again."""
+    from labkit import models, pipeline
+
+    monkeypatch.setenv("LABKIT_CACHE", str(tmp_path / "cache"))
+    model, tok = models.load_model("tiny")
+    folder = tmp_path / "start"
+    model.save_pretrained(folder)
+    tok.save_pretrained(folder)
+    records = [{"id": f"e-{i}", "prompt": p} for i, p in enumerate(["Name a colour.", "Say hi.", "Count to 3."])]
+    calls = []
+    real_answer = evaluate.answer
+
+    def counting_answer(*args, **kw):
+        calls.append(len(args[2]))
+        return real_answer(*args, **kw)
+
+    monkeypatch.setattr(evaluate, "answer", counting_answer)
+
+    def answers(out, **kw):
+        cfg = RunConfig.from_preset("tiny", out_dir=str(tmp_path / out), model=str(folder), **kw)
+        return pipeline._answers(pipeline.Run(cfg), str(folder), records, {}, cache=True)
+
+    first = answers("a")
+    assert answers("b") == first and calls == [3]  # the second run read the cache
+    answers("c", eval_max_new_tokens=5)
+    assert calls == [3, 3]  # another setting: computed again
+    model.save_pretrained(folder)  # new weight files (time stamps)
+    answers("d")
+    assert calls == [3, 3, 3]
+    assert pipeline._answer_cache_path(RunConfig.from_preset("tiny"), "tiny", records) is None
