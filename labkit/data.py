@@ -6,6 +6,8 @@ PPO. labkit ships its own small set in that shape (``labkit/resources``, format 
 ``docs/dataset_format.md``) and reads user data and two public ranking formats:
 
 - ``load_prompts`` / ``load_demonstrations``: the embedded set (or a user path in the same format).
+- ``balanced_sample``: n prompts spread over the categories, the harmful prompts and their benign
+  look-alikes, shuffled (a notebook's small sample should not be the first categories of a file).
 - ``load_jsonl`` / ``load_csv`` / ``from_dataset``: user prompts (and optional demonstrations),
   with a ``mapping`` from labkit field to user column, e.g. ``{"prompt": "instruction"}``.
 - ``load_oasst``: OpenAssistant oasst1 messages -> K-way rankings ``{"prompt", "responses", "tiers"}``.
@@ -23,6 +25,7 @@ import csv
 import gzip
 import io
 import json
+import random
 import warnings
 from collections import Counter, defaultdict
 from importlib import resources
@@ -175,6 +178,26 @@ def load_prompts(split: str | None = None, path: str | Path | None = None) -> Re
             records.append(rec)
     kept = [r for r in records if split is None or r["split"] == split]
     return Records(kept, {"read": len(records), "kept": len(kept)})
+
+
+def balanced_sample(records: list[dict], n: int, seed: int = 0) -> list[dict]:
+    """``n`` records spread evenly over groups, in shuffled order: harmful prompts, their benign
+    look-alikes, and each category of the rest. Groups take turns (in a shuffled order), each
+    giving a random record it has left, until ``n`` are drawn; a group that runs out drops out.
+    The same ``records``, ``n`` and ``seed`` give the same sample."""
+    rng = random.Random(seed)
+    groups: dict[str, list[dict]] = defaultdict(list)
+    for r in records:
+        groups["harmful" if r.get("harmful") else "lookalike" if r.get("lookalike") else r["category"]].append(r)
+    queues = [rng.sample(g, len(g)) for _, g in sorted(groups.items())]
+    rng.shuffle(queues)
+    picked: list[dict] = []
+    while len(picked) < min(n, len(records)):
+        for q in queues:
+            if q and len(picked) < n:
+                picked.append(q.pop())
+    rng.shuffle(picked)
+    return picked
 
 
 def load_demonstrations(split: str | None = "sft", path: str | Path | None = None,

@@ -259,14 +259,13 @@ def ptx_texts_stage(run: Run) -> list[str]:
 
 def rankings_stage(run: Run, round_: int, policy_path: str, store) -> dict:
     """Sample K responses per RM prompt from the current policy; simulated labelers rank them."""
-    from labkit.data import load_prompts
+    from labkit.data import balanced_sample, load_prompts
     from labkit.generation import sample_k
 
     cfg = run.config
     prompts = load_prompts("rm")
-    if cfg.rm_prompts is not None:
-        g = torch.Generator().manual_seed(cfg.seed + round_)
-        prompts = [prompts[i] for i in torch.randperm(len(prompts), generator=g)[:cfg.rm_prompts].tolist()]
+    if cfg.rm_prompts is not None:  # every category, the harmful prompts and their look-alikes
+        prompts = balanced_sample(prompts, cfg.rm_prompts, seed=cfg.seed + round_)
     model, tok = models.load_model(policy_path, device=cfg.device)
     samples = sample_k(model, tok, prompts, k=cfg.k, max_new_tokens=cfg.sample_max_new_tokens,
                        temperature=cfg.sample_temperature, top_p=1.0, batch_size=cfg.batch_size,

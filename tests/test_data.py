@@ -279,3 +279,21 @@ def test_dataset_summary():
     assert s["checks"] == {"lowercase": 2, "max_words": 1} and s["with_checks"] == 2
     assert (s["harmful"], s["lookalike"], s["with_reference"]) == (1, 1, 1)
     assert s["style"] == {"plain": 3} and s["source"] == {"hand": 3}
+
+
+def test_balanced_sample_covers_every_category_and_the_harmful_prompts():
+    from collections import Counter
+
+    from labkit.data import CATEGORIES, balanced_sample
+
+    rm = D.load_prompts("rm")
+    sample = balanced_sample(rm, 36, seed=3)
+    assert len(sample) == 36 and len({r["id"] for r in sample}) == 36
+    groups = Counter("harmful" if r.get("harmful") else "lookalike" if r.get("lookalike") else r["category"]
+                     for r in sample)
+    assert set(groups) == set(CATEGORIES) | {"harmful", "lookalike"}
+    assert max(groups.values()) - min(groups.values()) <= 1  # 12 groups x 3
+    assert sample == balanced_sample(rm, 36, seed=3) and sample != balanced_sample(rm, 36, seed=4)
+    assert sorted(r["id"] for r in balanced_sample(rm, 10_000)) == sorted(r["id"] for r in rm)  # all, once
+    # the first prompts of the file cover far fewer groups
+    assert len({r["category"] for r in rm[:12]}) < len(CATEGORIES)
