@@ -276,6 +276,30 @@ def rm_gold_agreement(rm, tokenizer, records: list[dict], samples: list[dict], g
             "gold_prefers_shorter": short["gold"][0] / short["gold"][1] if short["gold"][1] else math.nan}
 
 
+def rankings_through_rm(rm, tokenizer, rankings: list[dict], annotator: str | None = None, limit: int = 3,
+                        detect=None) -> list[dict]:
+    """One annotator's rankings, answers in their order (best first), with the RM's score beside
+    each: does the reward model agree with this person? ``annotator`` defaults to the first
+    ranking's; ``detect(text) -> bool`` (e.g. a persona's) adds a ``trait`` column. Rows:
+    ``{"item", "their rank", "RM score", "RM rank", ["trait",] "answer"}``; ties share a rank."""
+    mine = [r for r in rankings if annotator is None or r["annotator"] == annotator]
+    if not mine:
+        return []
+    who = mine[0]["annotator"]
+    rows = []
+    for r in [r for r in mine if r["annotator"] == who][:limit]:
+        ranked = [(n, i) for n, tier in enumerate(r["tiers"]) for i in tier]
+        scores = rm.score(tokenizer, [r["prompt"]] * len(ranked), [r["responses"][i] for _, i in ranked], progress=False)
+        by_rm = sorted(range(len(ranked)), key=lambda j: -scores[j])
+        for j, ((n, i), s) in enumerate(zip(ranked, scores)):
+            row = {"annotator": who, "item": r["prompt_id"], "their rank": n + 1, "RM score": round(float(s), 3),
+                   "RM rank": by_rm.index(j) + 1}
+            if detect is not None:
+                row["trait"] = bool(detect(r["responses"][i]))
+            rows.append({**row, "answer": r["responses"][i]})
+    return rows
+
+
 # ----------------------------------------------------------------------------- KL and over-optimisation
 
 @torch.no_grad()

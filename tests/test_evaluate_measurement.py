@@ -45,3 +45,24 @@ def test_rm_gold_agreement_by_hand():
     r = evaluate.rm_gold_agreement(_LengthRM(), None, [rec], samples, n_boot=50)
     assert r["value"] == pytest.approx(agree / 3) and r["n_pairs"] == 3 and r["n_prompts"] == 1
     assert r["rm_prefers_shorter"] == 0.0  # the stand-in always prefers the longer answer
+
+
+def test_rankings_through_rm_lists_one_annotators_order_beside_the_rm():
+    rankings = [
+        {"annotator": "ana", "prompt_id": "p1", "prompt": "Say hi.", "responses": ["hi", "hello there", "hey you"],
+         "tiers": [[1], [0, 2]]},
+        {"annotator": "ben", "prompt_id": "p1", "prompt": "Say hi.", "responses": ["hi", "hello there"],
+         "tiers": [[0], [1]]},
+        {"annotator": "ana", "prompt_id": "p2", "prompt": "Name a fruit.", "responses": ["apple", "a pear!"],
+         "tiers": [[0], [1]]},
+    ]
+    rows = evaluate.rankings_through_rm(_LengthRM(), None, rankings, detect=lambda y: "!" in y)
+    assert [r["annotator"] for r in rows] == ["ana"] * 5  # the first ranking's annotator, both of her items
+    first = rows[:3]
+    assert [r["answer"] for r in first] == ["hello there", "hi", "hey you"]  # her order, best first
+    assert [r["their rank"] for r in first] == [1, 2, 2]  # a tie shares its rank
+    assert [r["RM score"] for r in first] == [11.0, 2.0, 7.0]
+    assert [r["RM rank"] for r in first] == [1, 3, 2]
+    assert [r["trait"] for r in rows[3:]] == [False, True]
+    assert evaluate.rankings_through_rm(_LengthRM(), None, rankings, annotator="ben", limit=1)[1]["their rank"] == 2
+    assert evaluate.rankings_through_rm(_LengthRM(), None, rankings, annotator="cleo") == []
