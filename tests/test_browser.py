@@ -7,22 +7,15 @@ A screenshot goes to tests/artifacts/ranking_board.png.
 """
 
 import json
-import os
-import secrets
-import socket
 import sqlite3
-import subprocess
-import sys
 import time
-import urllib.request
 from pathlib import Path
 
 import pytest
+from jupyterlab_support import ARTIFACTS, CHROMIUM, jupyterlab, launch_chromium
 
 pytestmark = [pytest.mark.slow, pytest.mark.browser]
 
-CHROMIUM = "/usr/bin/chromium"
-ARTIFACTS = Path(__file__).parent / "artifacts"
 EVIL_IMG = "<img src=x onerror=alert(1)>"
 EVIL_SCRIPT = "<script>alert(2)</script>"
 ITEMS = [
@@ -54,12 +47,6 @@ ab"""
 CLASSIC_CELL = """RankingWidget(store, items[:1], annotator="classic", ui="classic")"""
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def _write_notebook(path: Path, store: Path) -> None:
     import nbformat
 
@@ -69,19 +56,6 @@ def _write_notebook(path: Path, store: Path) -> None:
                 nbformat.v4.new_code_cell(CLASSIC_CELL)]
     nb.metadata["kernelspec"] = {"name": "python3", "display_name": "Python 3", "language": "python"}
     nbformat.write(nb, path)
-
-
-def _wait_for_server(url: str, proc: subprocess.Popen, timeout: float = 60) -> None:
-    t0 = time.time()
-    while time.time() - t0 < timeout:
-        if proc.poll() is not None:
-            raise RuntimeError(f"jupyter lab exited with {proc.returncode}; see {proc.args_log}")
-        try:
-            urllib.request.urlopen(url, timeout=2)
-            return
-        except OSError:
-            time.sleep(0.3)
-    raise TimeoutError("jupyter lab did not start")
 
 
 def _stored(store: Path) -> list[tuple]:
@@ -97,124 +71,100 @@ def test_ranking_board_in_jupyterlab(tmp_path):
     root, store = tmp_path / "root", tmp_path / "feedback.sqlite"
     root.mkdir()
     _write_notebook(root / "rank.ipynb", store)
-    port, token = _free_port(), secrets.token_hex(16)
-    env = dict(os.environ, JUPYTER_CONFIG_DIR=str(tmp_path / "cfg"), JUPYTER_RUNTIME_DIR=str(tmp_path / "rt"),
-               JUPYTERLAB_SETTINGS_DIR=str(tmp_path / "settings"),
-               JUPYTERLAB_WORKSPACES_DIR=str(tmp_path / "ws"))
-    settings = tmp_path / "settings" / "@jupyterlab" / "apputils-extension"
-    settings.mkdir(parents=True)
-    (settings / "notification.jupyterlab-settings").write_text('{"fetchNews": "false", "checkForUpdates": false}')
-    log = open(tmp_path / "jupyterlab.log", "w")
-    server = subprocess.Popen(
-        [sys.executable, "-m", "jupyterlab", "--ip=127.0.0.1", f"--port={port}", "--no-browser",
-         f"--IdentityProvider.token={token}", f"--ServerApp.root_dir={root}", "--ServerApp.open_browser=False",
-         "--LabApp.expose_app_in_browser=True"] + (["--allow-root"] if os.geteuid() == 0 else []),
-        env=env, stdout=log, stderr=subprocess.STDOUT)
-    server.args_log = tmp_path / "jupyterlab.log"
     dialogs = []
     timings = {}
-    try:
-        _wait_for_server(f"http://127.0.0.1:{port}/api/status?token={token}", server)
-        with sync_api.sync_playwright() as pw:
-            browser = pw.chromium.launch(executable_path=CHROMIUM, args=[
-                "--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking"])
-            page = browser.new_page(viewport={"width": 1280, "height": 1000})
-            page.on("dialog", lambda d: (dialogs.append(d.message), d.dismiss()))
-            page.goto(f"http://127.0.0.1:{port}/lab/tree/rank.ipynb?token={token}")
-            page.wait_for_function("window.jupyterapp && document.querySelector('.jp-NotebookPanel')",
-                                   timeout=60_000)
-            page.wait_for_selector(".jp-Notebook-ExecutionIndicator, .jp-Toolbar-kernelStatus", timeout=30_000)
-            page.wait_for_function(
-                "window.jupyterapp.shell.currentWidget && window.jupyterapp.shell.currentWidget.sessionContext"
-                " && window.jupyterapp.shell.currentWidget.sessionContext.session"
-                " && window.jupyterapp.shell.currentWidget.sessionContext.session.kernel", timeout=60_000)
-            page.evaluate("window.jupyterapp.commands.execute('notebook:run-all-cells')")
-            # A tidy screenshot: no file browser, the cell's code collapsed.
-            page.evaluate("window.jupyterapp.commands.execute('application:toggle-left-area')")
-            page.evaluate("window.jupyterapp.commands.execute('notebook:hide-all-cell-code')")
-            board = page.locator(".lk-board")
-            board.wait_for(timeout=60_000)
-            page.wait_for_selector(".lk-card[data-index='3']")
+    with jupyterlab(tmp_path, root) as (port, token), sync_api.sync_playwright() as pw:
+        browser = launch_chromium(pw)
+        page = browser.new_page(viewport={"width": 1280, "height": 1000})
+        page.on("dialog", lambda d: (dialogs.append(d.message), d.dismiss()))
+        page.goto(f"http://127.0.0.1:{port}/lab/tree/rank.ipynb?token={token}")
+        page.wait_for_function("window.jupyterapp && document.querySelector('.jp-NotebookPanel')",
+                               timeout=60_000)
+        page.wait_for_selector(".jp-Notebook-ExecutionIndicator, .jp-Toolbar-kernelStatus", timeout=30_000)
+        page.wait_for_function(
+            "window.jupyterapp.shell.currentWidget && window.jupyterapp.shell.currentWidget.sessionContext"
+            " && window.jupyterapp.shell.currentWidget.sessionContext.session"
+            " && window.jupyterapp.shell.currentWidget.sessionContext.session.kernel", timeout=60_000)
+        page.evaluate("window.jupyterapp.commands.execute('notebook:run-all-cells')")
+        # A tidy screenshot: no file browser, the cell's code collapsed.
+        page.evaluate("window.jupyterapp.commands.execute('application:toggle-left-area')")
+        page.evaluate("window.jupyterapp.commands.execute('notebook:hide-all-cell-code')")
+        board = page.locator(".lk-board")
+        board.wait_for(timeout=60_000)
+        page.wait_for_selector(".lk-card[data-index='3']")
 
-            # Untrusted text is shown literally: no <img>/<script> element, the markup is visible text.
-            texts = page.locator(".lk-card .lk-text").all_text_contents()
-            assert texts[1] == EVIL_IMG and texts[3] == EVIL_SCRIPT
-            assert "<b>wet</b>" in texts[2]
-            assert board.locator("img, script, b").count() == 0
-            assert "lowercase" in page.locator(".lk-checks").text_content()
+        # Untrusted text is shown literally: no <img>/<script> element, the markup is visible text.
+        texts = page.locator(".lk-card .lk-text").all_text_contents()
+        assert texts[1] == EVIL_IMG and texts[3] == EVIL_SCRIPT
+        assert "<b>wet</b>" in texts[2]
+        assert board.locator("img, script, b").count() == 0
+        assert "lowercase" in page.locator(".lk-checks").text_content()
 
-            # Item 1 with the mouse: response 1 best, 3 tied with it, then 2, 4 last implied by Submit.
-            t0 = time.time()
-            page.click(".lk-card[data-index='0']")
-            page.wait_for_function("document.querySelector(\".lk-card[data-index='0'] .lk-badge\").textContent === '#1'")
-            page.click(".lk-btn[data-cmd='tie']")
-            page.wait_for_selector(".lk-btn[data-cmd='tie'].lk-active")
-            page.click(".lk-card[data-index='2']")
-            page.wait_for_function("document.querySelector(\".lk-card[data-index='2'] .lk-badge\").textContent === '= #1'")
-            page.click(".lk-card[data-index='1']")
-            page.wait_for_function("document.querySelector(\".lk-card[data-index='1'] .lk-badge\").textContent === '#3'")
-            page.click(".lk-score-btn:nth-of-type(6)")  # score 6 of 7 (first child is the label)
-            page.click(".lk-flag:has-text('hallucination')")
-            page.wait_for_selector(".lk-flag.lk-on")
-            timings["mouse"] = time.time() - t0
-            page.screenshot(path=str(ARTIFACTS / "ranking_board.png"), full_page=False)
-            t0 = time.time()
-            page.click(".lk-submit")
-            page.wait_for_function("document.querySelector('.lk-msg').textContent.startsWith('Saved rm-0001')")
-            timings["mouse"] += time.time() - t0
+        # Item 1 with the mouse: response 1 best, 3 tied with it, then 2, 4 last implied by Submit.
+        t0 = time.time()
+        page.click(".lk-card[data-index='0']")
+        page.wait_for_function("document.querySelector(\".lk-card[data-index='0'] .lk-badge\").textContent === '#1'")
+        page.click(".lk-btn[data-cmd='tie']")
+        page.wait_for_selector(".lk-btn[data-cmd='tie'].lk-active")
+        page.click(".lk-card[data-index='2']")
+        page.wait_for_function("document.querySelector(\".lk-card[data-index='2'] .lk-badge\").textContent === '= #1'")
+        page.click(".lk-card[data-index='1']")
+        page.wait_for_function("document.querySelector(\".lk-card[data-index='1'] .lk-badge\").textContent === '#3'")
+        page.click(".lk-score-btn:nth-of-type(6)")  # score 6 of 7 (first child is the label)
+        page.click(".lk-flag:has-text('hallucination')")
+        page.wait_for_selector(".lk-flag.lk-on")
+        timings["mouse"] = time.time() - t0
+        page.screenshot(path=str(ARTIFACTS / "ranking_board.png"), full_page=False)
+        t0 = time.time()
+        page.click(".lk-submit")
+        page.wait_for_function("document.querySelector('.lk-msg').textContent.startsWith('Saved rm-0001')")
+        timings["mouse"] += time.time() - t0
 
-            # Item 2 with the keyboard only: 2, t, 1, 4, Enter  ->  [[1, 0], [3], [2]];
-            # then once more with a drag: response 3 dropped on response 2 goes above it.
-            page.wait_for_function("document.querySelector('.lk-id').textContent === 'rm-0002'")
-            page.focus(".lk-board")
-            t0 = time.time()
-            for key in ["2", "t", "1", "4"]:
-                page.keyboard.press(key)
-                page.wait_for_timeout(60)
-            page.wait_for_function("document.querySelectorAll('.lk-card.lk-ranked').length === 3")
-            page.keyboard.press("Enter")
-            page.wait_for_function("document.querySelector('.lk-msg').textContent.startsWith('Saved rm-0002')")
-            timings["keyboard"] = time.time() - t0
-            page.wait_for_function("document.querySelector('.lk-id').textContent === 'rm-0003'")
-            page.keyboard.press("2")
-            page.keyboard.press("1")
-            page.wait_for_function("document.querySelectorAll('.lk-card.lk-ranked').length === 2")
-            page.drag_and_drop(".lk-card[data-index='2'] .lk-card-top", ".lk-card[data-index='1'] .lk-text")
-            page.wait_for_function("document.querySelector(\".lk-card[data-index='2'] .lk-badge\").textContent === '#1'")
-            page.click(".lk-submit")
-            page.wait_for_function("document.querySelector('.lk-msg').textContent.startsWith('Saved rm-0003')")
-            page.wait_for_selector(".lk-done")
-            assert page.locator(".lk-progress-text").text_content() == "3 of 3 done"
-            page.screenshot(path=str(ARTIFACTS / "ranking_board_done.png"))
-            # The plain-ipywidgets views in the same page: blind A/B and the classic ranking view.
-            ab = page.locator(".lk-ab")
-            ab.wait_for()
-            assert EVIL_IMG in ab.inner_text() and ab.locator("img").count() == 0
-            assert "sft" not in ab.inner_text() and "base" not in ab.inner_text()
-            ab.scroll_into_view_if_needed()
-            ab.screenshot(path=str(ARTIFACTS / "ab_widget.png"))
-            ab.locator("button", has_text="A is better").click()
-            page.wait_for_function("document.querySelector('.lk-ab').innerText.includes('A was ')")
-            classic = page.locator(".lk-classic")
-            assert EVIL_SCRIPT in classic.inner_text() and classic.locator("script, img").count() == 0
-            for label in ("Rank 2", "Rank 1", "Rank 4"):
-                classic.locator("button", has_text=label).click()
-                page.wait_for_timeout(150)
-            page.wait_for_function("document.querySelector('.lk-classic').innerText.includes('Ranking: 2 > 1 > 4')")
-            classic.scroll_into_view_if_needed()
-            classic.screenshot(path=str(ARTIFACTS / "classic_view.png"))
-            classic.locator("button", has_text="Submit").click()
-            page.wait_for_function("document.querySelector('.lk-classic').innerText.includes('Saved rm-0001')")
-            # The notebook cell did not turn into markdown: the keys went to the board, not to JupyterLab.
-            assert page.locator(".jp-MarkdownCell").count() == 0
-            browser.close()
-    finally:
-        server.terminate()
-        try:
-            server.wait(timeout=15)
-        except subprocess.TimeoutExpired:
-            server.kill()
-        log.close()
+        # Item 2 with the keyboard only: 2, t, 1, 4, Enter  ->  [[1, 0], [3], [2]];
+        # then once more with a drag: response 3 dropped on response 2 goes above it.
+        page.wait_for_function("document.querySelector('.lk-id').textContent === 'rm-0002'")
+        page.focus(".lk-board")
+        t0 = time.time()
+        for key in ["2", "t", "1", "4"]:
+            page.keyboard.press(key)
+            page.wait_for_timeout(60)
+        page.wait_for_function("document.querySelectorAll('.lk-card.lk-ranked').length === 3")
+        page.keyboard.press("Enter")
+        page.wait_for_function("document.querySelector('.lk-msg').textContent.startsWith('Saved rm-0002')")
+        timings["keyboard"] = time.time() - t0
+        page.wait_for_function("document.querySelector('.lk-id').textContent === 'rm-0003'")
+        page.keyboard.press("2")
+        page.keyboard.press("1")
+        page.wait_for_function("document.querySelectorAll('.lk-card.lk-ranked').length === 2")
+        page.drag_and_drop(".lk-card[data-index='2'] .lk-card-top", ".lk-card[data-index='1'] .lk-text")
+        page.wait_for_function("document.querySelector(\".lk-card[data-index='2'] .lk-badge\").textContent === '#1'")
+        page.click(".lk-submit")
+        page.wait_for_function("document.querySelector('.lk-msg').textContent.startsWith('Saved rm-0003')")
+        page.wait_for_selector(".lk-done")
+        assert page.locator(".lk-progress-text").text_content() == "3 of 3 done"
+        page.screenshot(path=str(ARTIFACTS / "ranking_board_done.png"))
+        # The plain-ipywidgets views in the same page: blind A/B and the classic ranking view.
+        ab = page.locator(".lk-ab")
+        ab.wait_for()
+        assert EVIL_IMG in ab.inner_text() and ab.locator("img").count() == 0
+        assert "sft" not in ab.inner_text() and "base" not in ab.inner_text()
+        ab.scroll_into_view_if_needed()
+        ab.screenshot(path=str(ARTIFACTS / "ab_widget.png"))
+        ab.locator("button", has_text="A is better").click()
+        page.wait_for_function("document.querySelector('.lk-ab').innerText.includes('A was ')")
+        classic = page.locator(".lk-classic")
+        assert EVIL_SCRIPT in classic.inner_text() and classic.locator("script, img").count() == 0
+        for label in ("Rank 2", "Rank 1", "Rank 4"):
+            classic.locator("button", has_text=label).click()
+            page.wait_for_timeout(150)
+        page.wait_for_function("document.querySelector('.lk-classic').innerText.includes('Ranking: 2 > 1 > 4')")
+        classic.scroll_into_view_if_needed()
+        classic.screenshot(path=str(ARTIFACTS / "classic_view.png"))
+        classic.locator("button", has_text="Submit").click()
+        page.wait_for_function("document.querySelector('.lk-classic').innerText.includes('Saved rm-0001')")
+        # The notebook cell did not turn into markdown: the keys went to the board, not to JupyterLab.
+        assert page.locator(".jp-MarkdownCell").count() == 0
+        browser.close()
 
     assert dialogs == [], f"a response ran as code: {dialogs}"
     rows = _stored(store)

@@ -6,18 +6,13 @@ with their RM and gold scores, then scores its own answer in the "beat the rewar
 A screenshot goes to tests/artifacts/chat_playground.png.
 """
 
-import os
-import secrets
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
-from test_browser import CHROMIUM, _free_port, _wait_for_server
+from jupyterlab_support import ARTIFACTS, CHROMIUM, jupyterlab, launch_chromium
 
 pytestmark = [pytest.mark.slow, pytest.mark.browser]
 
-ARTIFACTS = Path(__file__).parent / "artifacts"
 PROMPT = "Name three fruits <b>please</b>."
 MY_ANSWER = "Apple, banana and cherry."
 
@@ -45,23 +40,6 @@ def _write_notebook(path: Path, store: Path) -> None:
     nbformat.write(nb, path)
 
 
-def _start_lab(tmp_path: Path, root: Path):
-    port, token = _free_port(), secrets.token_hex(16)
-    env = dict(os.environ, JUPYTER_CONFIG_DIR=str(tmp_path / "cfg"), JUPYTER_RUNTIME_DIR=str(tmp_path / "rt"),
-               JUPYTERLAB_SETTINGS_DIR=str(tmp_path / "settings"), JUPYTERLAB_WORKSPACES_DIR=str(tmp_path / "ws"))
-    settings = tmp_path / "settings" / "@jupyterlab" / "apputils-extension"
-    settings.mkdir(parents=True)
-    (settings / "notification.jupyterlab-settings").write_text('{"fetchNews": "false", "checkForUpdates": false}')
-    log = open(tmp_path / "jupyterlab.log", "w")
-    server = subprocess.Popen(
-        [sys.executable, "-m", "jupyterlab", "--ip=127.0.0.1", f"--port={port}", "--no-browser",
-         f"--IdentityProvider.token={token}", f"--ServerApp.root_dir={root}", "--ServerApp.open_browser=False",
-         "--LabApp.expose_app_in_browser=True"] + (["--allow-root"] if os.geteuid() == 0 else []),
-        env=env, stdout=log, stderr=subprocess.STDOUT)
-    server.args_log = tmp_path / "jupyterlab.log"
-    return server, log, port, token
-
-
 def test_chat_playground_in_jupyterlab(tmp_path):
     if not Path(CHROMIUM).exists():
         pytest.skip(f"{CHROMIUM} not found (install it with: apt-get install chromium, or `make browser` as root)")
@@ -73,58 +51,47 @@ def test_chat_playground_in_jupyterlab(tmp_path):
     root, store = tmp_path / "root", tmp_path / "feedback.sqlite"
     root.mkdir()
     _write_notebook(root / "chat.ipynb", store)
-    server, log, port, token = _start_lab(tmp_path, root)
     dialogs = []
-    try:
-        _wait_for_server(f"http://127.0.0.1:{port}/api/status?token={token}", server)
-        with sync_api.sync_playwright() as pw:
-            browser = pw.chromium.launch(executable_path=CHROMIUM, args=[
-                "--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking"])
-            page = browser.new_page(viewport={"width": 1280, "height": 900})
-            page.on("dialog", lambda d: (dialogs.append(d.message), d.dismiss()))
-            page.goto(f"http://127.0.0.1:{port}/lab/tree/chat.ipynb?token={token}")
-            page.wait_for_function(
-                "window.jupyterapp && window.jupyterapp.shell.currentWidget"
-                " && window.jupyterapp.shell.currentWidget.sessionContext"
-                " && window.jupyterapp.shell.currentWidget.sessionContext.session"
-                " && window.jupyterapp.shell.currentWidget.sessionContext.session.kernel", timeout=90_000)
-            page.evaluate("window.jupyterapp.commands.execute('notebook:run-all-cells')")
-            page.evaluate("window.jupyterapp.commands.execute('application:toggle-left-area')")
-            page.evaluate("window.jupyterapp.commands.execute('notebook:hide-all-cell-code')")
-            chat = page.locator(".lk-chat")
-            chat.wait_for(timeout=120_000)
+    with jupyterlab(tmp_path, root) as (port, token), sync_api.sync_playwright() as pw:
+        browser = launch_chromium(pw)
+        page = browser.new_page(viewport={"width": 1280, "height": 900})
+        page.on("dialog", lambda d: (dialogs.append(d.message), d.dismiss()))
+        page.goto(f"http://127.0.0.1:{port}/lab/tree/chat.ipynb?token={token}")
+        page.wait_for_function(
+            "window.jupyterapp && window.jupyterapp.shell.currentWidget"
+            " && window.jupyterapp.shell.currentWidget.sessionContext"
+            " && window.jupyterapp.shell.currentWidget.sessionContext.session"
+            " && window.jupyterapp.shell.currentWidget.sessionContext.session.kernel", timeout=90_000)
+        page.evaluate("window.jupyterapp.commands.execute('notebook:run-all-cells')")
+        page.evaluate("window.jupyterapp.commands.execute('application:toggle-left-area')")
+        page.evaluate("window.jupyterapp.commands.execute('notebook:hide-all-cell-code')")
+        chat = page.locator(".lk-chat")
+        chat.wait_for(timeout=120_000)
 
-            # Ask: three columns fill in, streamed, then each gets its RM score and gold checks.
-            chat.locator("textarea").nth(0).fill(PROMPT)
-            chat.locator("button", has_text="Ask").click()
-            page.wait_for_function(
-                "[...document.querySelectorAll('.lk-chat .widget-html-content')]"
-                ".filter(e => e.innerText.includes('RM ') && e.innerText.includes('gold')).length >= 3",
-                timeout=120_000)
-            columns = chat.locator(".widget-hbox").nth(1).locator(".widget-html-content")
-            texts = columns.all_inner_texts()
-            assert len(texts) == 3
-            assert [t.split("\n", 1)[0].strip() for t in texts] == ["base", "sft", "ppo"]
-            assert all("RM " in t and "gold " in t for t in texts)
+        # Ask: three columns fill in, streamed, then each gets its RM score and gold checks.
+        chat.locator("textarea").nth(0).fill(PROMPT)
+        chat.locator("button", has_text="Ask").click()
+        page.wait_for_function(
+            "[...document.querySelectorAll('.lk-chat .widget-html-content')]"
+            ".filter(e => e.innerText.includes('RM ') && e.innerText.includes('gold')).length >= 3",
+            timeout=120_000)
+        columns = chat.locator(".widget-hbox").nth(1).locator(".widget-html-content")
+        texts = columns.all_inner_texts()
+        assert len(texts) == 3
+        assert [t.split("\n", 1)[0].strip() for t in texts] == ["base", "sft", "ppo"]
+        assert all("RM " in t and "gold " in t for t in texts)
 
-            # Beat the reward model: score our own answer against the three.
-            chat.locator("textarea").nth(1).fill(MY_ANSWER)
-            chat.locator("button", has_text="Score my answer").click()
-            page.wait_for_function(
-                "document.querySelector('.lk-chat').innerText.includes('Your answer: RM ')", timeout=60_000)
-            verdict = chat.inner_text()
-            assert "beats" in verdict and MY_ANSWER in verdict
-            assert chat.locator("img, script").count() == 0  # answers are text, never markup
-            chat.scroll_into_view_if_needed()
-            chat.screenshot(path=str(ARTIFACTS / "chat_playground.png"))
-            browser.close()
-    finally:
-        server.terminate()
-        try:
-            server.wait(timeout=15)
-        except subprocess.TimeoutExpired:
-            server.kill()
-        log.close()
+        # Beat the reward model: score our own answer against the three.
+        chat.locator("textarea").nth(1).fill(MY_ANSWER)
+        chat.locator("button", has_text="Score my answer").click()
+        page.wait_for_function(
+            "document.querySelector('.lk-chat').innerText.includes('Your answer: RM ')", timeout=60_000)
+        verdict = chat.inner_text()
+        assert "beats" in verdict and MY_ANSWER in verdict
+        assert chat.locator("img, script").count() == 0  # answers are text, never markup
+        chat.scroll_into_view_if_needed()
+        chat.screenshot(path=str(ARTIFACTS / "chat_playground.png"))
+        browser.close()
 
     assert dialogs == [], f"a response ran as code: {dialogs}"
     kept = user_prompts(FeedbackStore(store), author="browser")

@@ -9,15 +9,11 @@ Bounded: every wait has a timeout, and the servers are stopped in ``finally``.
 """
 
 import json
-import os
-import secrets
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 
-from test_browser import ARTIFACTS, CHROMIUM, _free_port, _wait_for_server  # rootdir-relative, as test_chat_browser
+from jupyterlab_support import ARTIFACTS, CHROMIUM, jupyterlab, launch_chromium  # rootdir-relative
 
 pytestmark = [pytest.mark.slow, pytest.mark.browser]
 
@@ -89,25 +85,11 @@ def test_two_annotators_rank_into_one_room(tmp_path):
     root.mkdir()
     for name in ("ana", "ben"):  # two laptops: each its own cache (outbox, device id)
         _notebook(root / f"{name}.ipynb", room.url, name, tmp_path / f"cache-{name}")
-    port, token = _free_port(), secrets.token_hex(16)
-    env = dict(os.environ, JUPYTER_CONFIG_DIR=str(tmp_path / "cfg"), JUPYTER_RUNTIME_DIR=str(tmp_path / "rt"),
-               JUPYTERLAB_SETTINGS_DIR=str(tmp_path / "settings"), JUPYTERLAB_WORKSPACES_DIR=str(tmp_path / "ws"),
-               PYTHONPATH=str(Path(__file__).resolve().parents[1]))
-    settings = tmp_path / "settings" / "@jupyterlab" / "apputils-extension"
-    settings.mkdir(parents=True)
-    (settings / "notification.jupyterlab-settings").write_text('{"fetchNews": "false", "checkForUpdates": false}')
-    log = open(tmp_path / "jupyterlab.log", "w")
-    server = subprocess.Popen(
-        [sys.executable, "-m", "jupyterlab", "--ip=127.0.0.1", f"--port={port}", "--no-browser",
-         f"--IdentityProvider.token={token}", f"--ServerApp.root_dir={root}", "--ServerApp.open_browser=False",
-         "--LabApp.expose_app_in_browser=True"] + (["--allow-root"] if os.geteuid() == 0 else []),
-        env=env, stdout=log, stderr=subprocess.STDOUT)
-    server.args_log = tmp_path / "jupyterlab.log"
     try:
-        _wait_for_server(f"http://127.0.0.1:{port}/api/status?token={token}", server, timeout=240)  # a busy machine
-        with sync_api.sync_playwright() as pw:
-            browser = pw.chromium.launch(executable_path=CHROMIUM, args=[
-                "--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking"])
+        with jupyterlab(tmp_path, root, timeout=240,  # a busy machine
+                        env=dict(PYTHONPATH=str(Path(__file__).resolve().parents[1]))) as (port, token), \
+                sync_api.sync_playwright() as pw:
+            browser = launch_chromium(pw)
             base = f"http://127.0.0.1:{port}"
             _open_and_rank(browser, base, token, "ana.ipynb", ["1", "2", "3"], ARTIFACTS / "room_board_ana.png")
             _open_and_rank(browser, base, token, "ben.ipynb", ["2", "1", "3"], ARTIFACTS / "room_board_ben.png")
@@ -121,12 +103,6 @@ def test_two_annotators_rank_into_one_room(tmp_path):
             page.screenshot(path=str(ARTIFACTS / "room_agreement.png"))
             browser.close()
     finally:
-        server.terminate()
-        try:
-            server.wait(timeout=15)
-        except subprocess.TimeoutExpired:
-            server.kill()
-        log.close()
         room.stop()
 
     rankings = room.store.rankings()
