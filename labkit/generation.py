@@ -11,10 +11,12 @@ evaluation, and the chat playground.
   into one buffer per layer sized for prompt + ``max_new_tokens`` (:class:`KVSlab`); a
   decoding step feeds one token per row, writes one column and attends over the filled
   part, with no per-step ``torch.cat`` of the whole cache.
-- **bf16 weights, cast once.** Under bf16 autocast every ``nn.Linear`` would re-cast its
-  fp32 weight to bf16 at every step; a decoding step of a few rows is then mostly that
-  memory traffic. The loop swaps each fp32 linear weight for a bf16 copy cast once per
-  call (:func:`bf16_linear_weights`; a stream keeps its copies for all its tokens); the result is the same numbers autocast
+- **bf16 weights, cast and packed once.** Under bf16 autocast every ``nn.Linear`` would re-cast its
+  fp32 weight to bf16 at every step, and oneDNN re-packs a bf16 weight into its kernel's
+  blocked layout at every call; a decoding step of a few rows is then mostly that memory
+  traffic. The loop swaps each fp32 linear weight for a bf16 copy cast (and, on CPUs where
+  oneDNN's packed bf16 linear works, packed) once per call (:func:`bf16_linear_weights`; a
+  stream keeps its copies for all its tokens); the result is the same numbers autocast
   computes, since autocast rounds the same weights the same way. Embeddings, norms and the
   residual stream stay in the weights' own dtype.
 - **Last position only.** The unembedding (49k columns for SmolLM2) runs on the last
@@ -29,7 +31,8 @@ evaluation, and the chat playground.
   unfinished rows, so a long tail of one response does not cost a full batch.
 - **Sorted batches.** ``generate`` sorts prompts by token length before batching (less
   padding); results come back in the caller's order. ``sample_k`` repeats each prompt K
-  times, so the K copies land in the same batch instead of costing K separate passes.
+  times, so the K copies land side by side in the same batch, and the loop runs the prompt
+  pass once for each run of identical rows, copying its keys and values to the K rows.
 - **Stop at EOS.** A response ends at the chat template's end-of-turn token
   ``<|im_end|>`` (``tokenizer.eos_token_id``); a response that hits ``max_new_tokens``
   first is *truncated*, which PPO penalises and the gold labeler notices.
@@ -161,9 +164,42 @@ def fast_path_supported(model, total_length: int) -> bool:
 
 # ----------------------------------------------------------------------------- bf16 weights
 
+_PACKED_OK: bool | None = None
+
+
+def _packed_linear_works() -> bool:
+    """Whether oneDNN's pre-packed bf16 linear runs here and gives F.linear's numbers (probed once).
+
+    A bf16 matmul through ``F.linear`` re-orders (packs) the weight into the kernel's blocked
+    layout on every call; at decoding sizes (a few rows per step) that costs as much as the
+    product itself. Packing once per call of the sampler removes it."""
+    global _PACKED_OK
+    if _PACKED_OK is None:
+        try:
+            w = torch.randn(64, 32).to(torch.bfloat16)
+            x = torch.randn(3, 5, 32).to(torch.bfloat16)
+            packed = torch.ops.mkldnn._reorder_linear_weight(w, None)
+            out = torch.ops.mkldnn._linear_pointwise(x, packed, None, "none", [], "")
+            _PACKED_OK = bool(torch.equal(out, torch.nn.functional.linear(x, w)))
+        except (AttributeError, RuntimeError, NotImplementedError):
+            _PACKED_OK = False
+    return _PACKED_OK
+
+
+def _packed_forward(packed: torch.Tensor, bias: torch.Tensor | None):
+    def forward(x: torch.Tensor) -> torch.Tensor:
+        return torch.ops.mkldnn._linear_pointwise(x.to(torch.bfloat16), packed, bias, "none", [], "")
+    return forward
+
+
 @contextmanager
 def bf16_linear_weights(model, enabled: bool = True, cache: dict | None = None):
     """Within the block, every ``nn.Linear`` with an fp32 weight uses a bf16 copy of it.
+
+    On a CPU where oneDNN's pre-packed bf16 linear works (:func:`_packed_linear_works`) the copy
+    is packed into the kernel's layout too, and the module's forward calls the packed kernel
+    (the same products, bit for bit, without re-packing at every call); elsewhere the bf16
+    copy replaces the weight and autocast does the rest.
 
     The copies are cast on entry, so they always match the current weights (an optimizer step
     updates weights in place, and PyTorch's fused AdamW does so without bumping the version
@@ -173,12 +209,20 @@ def bf16_linear_weights(model, enabled: bool = True, cache: dict | None = None):
     keep their weights, so a tied unembedding gets its own bf16 copy while the embedding
     lookup (and the residual stream) stays fp32, as under autocast.
     """
-    swapped = []
+    swapped, patched = [], []
     if enabled:
         copies = {} if cache is None else cache
         for module in model.modules():
             w = module._parameters.get("weight") if isinstance(module, torch.nn.Linear) else None
             if w is None or w.dtype != torch.float32:
+                continue
+            if w.device.type == "cpu" and _packed_linear_works():
+                if id(w) not in copies:
+                    b = module.bias
+                    copies[id(w)] = (torch.ops.mkldnn._reorder_linear_weight(w.detach().to(torch.bfloat16), None),
+                                     None if b is None else b.detach().to(torch.bfloat16))
+                patched.append((module, module.__dict__.get("forward")))
+                module.forward = _packed_forward(*copies[id(w)])
                 continue
             if id(w) not in copies:
                 copies[id(w)] = torch.nn.Parameter(w.detach().to(torch.bfloat16), requires_grad=False)
@@ -189,6 +233,11 @@ def bf16_linear_weights(model, enabled: bool = True, cache: dict | None = None):
     finally:
         for module, w in swapped:
             module._parameters["weight"] = w
+        for module, own in patched:
+            if own is None:
+                del module.forward  # back to the class's forward
+            else:
+                module.forward = own
 
 
 # ----------------------------------------------------------------------------- sampling
@@ -251,11 +300,24 @@ def _decode(model, input_ids: torch.Tensor, attention_mask: torch.Tensor, max_ne
     next_position = positions[:, -1:] + 1  # (B, 1)
     active = torch.arange(B, device=device)  # rows of the full batch still in the running batch
     done = torch.zeros(B, dtype=torch.bool, device=device)  # (b,): emitted EOS, awaiting compaction
+    # Identical prompts side by side (sample_k's K copies of a prompt) share one prompt pass: the
+    # first copy's keys and values are copied to the others' rows before the first token is drawn.
+    new_prompt = torch.ones(B, dtype=torch.bool, device=device)  # (B,): differs from the row above
+    new_prompt[1:] = (input_ids[1:] != input_ids[:-1]).any(1) | (attention_mask[1:] != attention_mask[:-1]).any(1)
+    source_row = new_prompt.cumsum(0) - 1  # (B,): each row's first copy, among the distinct prompts
     tokens_in, n_filled = input_ids, T
     for step in range(max_new_tokens):
-        out = model(input_ids=tokens_in, attention_mask=mask[:, :n_filled], position_ids=positions,
-                    use_cache=True, logits_to_keep=1, **{cache_arg: cache})
-        logits = out.logits[:, -1].float()  # (b, V)
+        if step == 0 and not new_prompt.all():
+            first = new_prompt.nonzero().squeeze(1)  # (P,)
+            out = model(input_ids=input_ids[first], attention_mask=mask[first, :T], position_ids=positions[first],
+                        use_cache=True, logits_to_keep=1, **{cache_arg: cache})
+            for slab in slabs:
+                slab.keep_rows(source_row)  # (P, ...) -> (B, ...)
+            logits = out.logits[:, -1].float()[source_row]  # (B, V)
+        else:
+            out = model(input_ids=tokens_in, attention_mask=mask[:, :n_filled], position_ids=positions,
+                        use_cache=True, logits_to_keep=1, **{cache_arg: cache})
+            logits = out.logits[:, -1].float()  # (b, V)
         tokens = sample_next(logits, temperature, top_p, do_sample, generator).masked_fill_(done, pad_token_id)  # (b,)
         full = torch.full((B,), pad_token_id, dtype=torch.long, device=device).index_copy_(0, active, tokens)  # (B,)
         logprobs = entropy = None
@@ -399,7 +461,8 @@ def sample_k(model, tokenizer, records: Sequence[dict | str], k: int = 4, **kwar
 
     ``records`` are prompt records (``labkit.data.load_prompts``) or plain strings. Each
     prompt is repeated K times inside the batches (InstructGPT §3.5 ranks K = 4..9 samples
-    per prompt), so K responses cost one pass over the prompts, not K.
+    per prompt); the K copies sit side by side, so the decoding loop computes the prompt's
+    keys and values once and copies them to the K rows (the prompt pass costs one copy, not K).
     """
     if k < 1:
         raise ValueError(f"k must be >= 1, got {k}")

@@ -270,26 +270,42 @@ def test_unsupported_architectures_fall_back_to_transformers_generate(peaked, mo
     assert responses.shape == logprobs.shape == (3, 6)
 
 
-def test_bf16_weight_copies_follow_weight_updates():
+@pytest.mark.parametrize("packed", [False, True], ids=["bf16-copy", "onednn-packed"])
+def test_bf16_weight_copies_follow_weight_updates(packed, monkeypatch):
+    from labkit import generation
+
+    if packed and not generation._packed_linear_works():
+        pytest.skip("oneDNN's packed bf16 linear does not run here")
+    monkeypatch.setattr(generation, "_PACKED_OK", packed)
     model, _ = build_tiny()
     linear = model.model.layers[0].mlp.up_proj
     original = linear.weight
+    x = torch.randn(2, 3, original.shape[1])
+
+    def bf16_product(w):  # what autocast computes: both sides rounded to bf16
+        return torch.nn.functional.linear(x.to(torch.bfloat16), w.detach().to(torch.bfloat16))
+
+    amp = torch.autocast("cpu", dtype=torch.bfloat16)  # as the sampler runs it
     cache = {}
-    with bf16_linear_weights(model, cache=cache):
-        assert linear.weight.dtype == torch.bfloat16
+    with torch.no_grad(), amp, bf16_linear_weights(model, cache=cache):
+        out = linear(x)
+        assert out.dtype == torch.bfloat16
+        torch.testing.assert_close(out, bf16_product(original), atol=0, rtol=0)
         assert model.model.embed_tokens.weight.dtype == torch.float32  # the tied embedding keeps fp32
-        first = linear.weight
+        first = dict(cache)
     assert linear.weight is original and model.lm_head.weight is model.model.embed_tokens.weight
-    with bf16_linear_weights(model, cache=cache):
-        assert linear.weight is first  # the caller's cache: no second cast
+    assert "forward" not in linear.__dict__  # the module's own forward again
+    with torch.no_grad(), bf16_linear_weights(model, cache=cache):
+        assert all(cache[k] is v for k, v in first.items())  # the caller's cache: no second cast
     # A fused AdamW step changes the weights in place without bumping their version counter:
     # the next call must still see the new weights.
     optimizer = torch.optim.AdamW([original], lr=0.5, fused=True)
     linear(torch.randn(2, original.shape[1])).sum().backward()
     optimizer.step()
-    with bf16_linear_weights(model):
-        torch.testing.assert_close(linear.weight.float(), original.detach(), atol=0.05, rtol=0.01)
-        assert not torch.equal(linear.weight, first)
+    with torch.no_grad(), amp, bf16_linear_weights(model):
+        after = linear(x)
+    torch.testing.assert_close(after, bf16_product(original), atol=0, rtol=0)
+    assert not torch.equal(after, out)
 
 
 def test_interleaved_streams_leave_no_context_behind(peaked):
@@ -306,3 +322,29 @@ def test_interleaved_streams_leave_no_context_behind(peaked):
         texts = [t + p for t, p in zip(texts, pieces)]
     texts = [t + "".join(rest) for t, rest in zip(texts, (a, b))]
     assert texts == alone
+
+
+def test_identical_prompts_share_one_prompt_pass(peaked):
+    """sample_k's K copies of a prompt sit side by side: the prompt pass runs once per distinct
+    prompt and the copies get its keys and values; the answers equal those of separate passes."""
+    model, tok = peaked
+    ids, _ = encode_prompts(tok, [PROMPTS[1], PROMPTS[1], PROMPTS[1], PROMPTS[0], PROMPTS[2], PROMPTS[2]])
+    input_ids, mask = _left_pad(ids, tok.pad_token_id)
+    rows_seen = []
+    hook = model.register_forward_pre_hook(lambda m, args, kw: rows_seen.append(kw["input_ids"].shape),
+                                           with_kwargs=True)
+    try:
+        shared, _, _ = sample_tokens(model, input_ids, mask, max_new_tokens=6, do_sample=False,
+                                     pad_token_id=tok.pad_token_id, bf16=False, return_logprobs=False)
+    finally:
+        hook.remove()
+    assert rows_seen[0] == (3, input_ids.shape[1]) and rows_seen[1] == (6, 1)  # 3 distinct prompts, then 6 rows
+    for i in range(6):  # each row alone (no copies to share with): the same greedy answer
+        alone, _, _ = sample_tokens(model, input_ids[i:i + 1], mask[i:i + 1], max_new_tokens=6, do_sample=False,
+                                    pad_token_id=tok.pad_token_id, bf16=False, return_logprobs=False)
+        assert shared[i, :alone.shape[1]].tolist() == alone[0].tolist()
+    # sampled: the copies draw their own tokens
+    g = torch.Generator().manual_seed(0)
+    drawn, _, _ = sample_tokens(model, input_ids, mask, max_new_tokens=6, temperature=2.0,
+                                pad_token_id=tok.pad_token_id, bf16=False, generator=g, return_logprobs=False)
+    assert len({tuple(r) for r in drawn[:3].tolist()}) > 1
