@@ -478,9 +478,12 @@ class FeedbackStore:
         if kind not in makers:
             raise ValueError(f"kind must be one of {sorted(makers)}, got {kind!r}")
         rows = makers[kind](**kwargs)
-        if rows:
-            return Dataset.from_list(rows)
-        # An empty store still gives the right columns, so a trainer fails on "no rows", not on schema.
+        return Dataset.from_list(rows) if rows else self._empty_dataset(kind)
+
+    def _empty_dataset(self, kind: str):
+        """An empty store still gives the right columns, so a trainer fails on "no rows", not on schema."""
+        from datasets import Dataset
+
         if kind in ("demonstrations", "comparisons"):
             columns = [r["name"] for r in self._read(f"PRAGMA table_info({kind})")]
             columns += ["winner"] if kind == "comparisons" else []

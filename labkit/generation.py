@@ -411,6 +411,17 @@ def _hf_sample_tokens(model, input_ids, attention_mask, max_new_tokens, temperat
 # ----------------------------------------------------------------------------- public entry points
 
 
+def _settings(model, tokenizer, max_new_tokens: int, max_prompt_length: int | None) -> tuple:
+    """The model's device, the EOS and pad ids, and the prompt length that leaves room for the
+    answer in the model's context (``max_prompt_length`` if given)."""
+    eos_id = tokenizer.eos_token_id
+    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else eos_id
+    if max_prompt_length is None:
+        context = getattr(model.config, "max_position_embeddings", None) or 2048
+        max_prompt_length = max(1, context - max_new_tokens)
+    return next(model.parameters()).device, eos_id, pad_id, max_prompt_length
+
+
 @torch.no_grad()
 def generate(model, tokenizer, prompts: Sequence[str], max_new_tokens: int = 64,
              temperature: float = 0.7, top_p: float = 0.9, do_sample: bool = True,
@@ -425,12 +436,7 @@ def generate(model, tokenizer, prompts: Sequence[str], max_new_tokens: int = 64,
     """
     if not prompts:
         return ([], []) if return_truncated else []
-    device = next(model.parameters()).device
-    eos_id = tokenizer.eos_token_id
-    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else eos_id
-    if max_prompt_length is None:
-        context = getattr(model.config, "max_position_embeddings", None) or 2048
-        max_prompt_length = max(1, context - max_new_tokens)
+    device, eos_id, pad_id, max_prompt_length = _settings(model, tokenizer, max_new_tokens, max_prompt_length)
     ids, n_long = encode_prompts(tokenizer, prompts, max_prompt_length)
     if n_long:
         print(f"labkit.generate: {n_long} prompt(s) longer than {max_prompt_length} tokens were "
@@ -485,12 +491,7 @@ def stream(model, tokenizer, prompt: str, max_new_tokens: int = 256, temperature
 
     ``seed`` draws from a private generator (the global RNG is left alone). Stops at EOS.
     """
-    device = next(model.parameters()).device
-    eos_id = tokenizer.eos_token_id
-    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else eos_id
-    if max_prompt_length is None:
-        context = getattr(model.config, "max_position_embeddings", None) or 2048
-        max_prompt_length = max(1, context - max_new_tokens)
+    device, eos_id, pad_id, max_prompt_length = _settings(model, tokenizer, max_new_tokens, max_prompt_length)
     ids, _ = encode_prompts(tokenizer, [prompt], max_prompt_length)
     input_ids = torch.tensor(ids, dtype=torch.long, device=device)  # (1, T)
     generator = None

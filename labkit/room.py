@@ -827,14 +827,10 @@ class RoomClient:
 
     def to_dataset(self, kind: str = "pairs", **kwargs):
         """Same as ``FeedbackStore.to_dataset``, from the room's rows."""
-        from datasets import Dataset
+        return FeedbackStore.to_dataset(self, kind, **kwargs)
 
-        makers = {"pairs": self.to_pairs, "kway": self.to_kway, "rankings": self.to_kway,
-                  "demonstrations": self.demonstrations, "comparisons": self.comparisons}
-        if kind not in makers:
-            raise ValueError(f"kind must be one of {sorted(makers)}, got {kind!r}")
-        rows = makers[kind](**kwargs)
-        return Dataset.from_list(rows) if rows else self._checks().to_dataset(kind)  # the empty columns
+    def _empty_dataset(self, kind: str):
+        return self._checks()._empty_dataset(kind)  # the local store's columns
 
     def close(self) -> None:
         """Stop retrying in the background; what waits stays in the outbox for a later client."""

@@ -69,3 +69,19 @@ def jupyterlab(tmp_path: Path, root: Path, timeout: float = 60, env: dict | None
 def launch_chromium(playwright):
     return playwright.chromium.launch(executable_path=CHROMIUM, args=[
         "--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking"])
+
+
+def run_notebook(page, url: str, timeout_ms: int = 60_000, path: str | None = None) -> None:
+    """Open a notebook page, wait until its kernel is up, run every cell, then hide the file
+    browser and the code for a tidy screenshot. ``path``: also wait until that notebook is the
+    current one (a workspace URL may open another first)."""
+    page.goto(url)
+    current = "window.jupyterapp && window.jupyterapp.shell.currentWidget"
+    if path is not None:
+        current += f" && window.jupyterapp.shell.currentWidget.context.path === '{path}'"
+    page.wait_for_function(current + " && window.jupyterapp.shell.currentWidget.sessionContext"
+                           " && window.jupyterapp.shell.currentWidget.sessionContext.session"
+                           " && window.jupyterapp.shell.currentWidget.sessionContext.session.kernel", timeout=timeout_ms)
+    page.evaluate("window.jupyterapp.commands.execute('notebook:run-all-cells')")
+    page.evaluate("window.jupyterapp.commands.execute('application:toggle-left-area')")
+    page.evaluate("window.jupyterapp.commands.execute('notebook:hide-all-cell-code')")

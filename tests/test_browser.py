@@ -12,7 +12,7 @@ import time
 from pathlib import Path
 
 import pytest
-from jupyterlab_support import ARTIFACTS, CHROMIUM, jupyterlab, launch_chromium
+from jupyterlab_support import ARTIFACTS, CHROMIUM, jupyterlab, launch_chromium, run_notebook
 
 pytestmark = [pytest.mark.slow, pytest.mark.browser]
 
@@ -77,18 +77,7 @@ def test_ranking_board_in_jupyterlab(tmp_path):
         browser = launch_chromium(pw)
         page = browser.new_page(viewport={"width": 1280, "height": 1000})
         page.on("dialog", lambda d: (dialogs.append(d.message), d.dismiss()))
-        page.goto(f"http://127.0.0.1:{port}/lab/tree/rank.ipynb?token={token}")
-        page.wait_for_function("window.jupyterapp && document.querySelector('.jp-NotebookPanel')",
-                               timeout=60_000)
-        page.wait_for_selector(".jp-Notebook-ExecutionIndicator, .jp-Toolbar-kernelStatus", timeout=30_000)
-        page.wait_for_function(
-            "window.jupyterapp.shell.currentWidget && window.jupyterapp.shell.currentWidget.sessionContext"
-            " && window.jupyterapp.shell.currentWidget.sessionContext.session"
-            " && window.jupyterapp.shell.currentWidget.sessionContext.session.kernel", timeout=60_000)
-        page.evaluate("window.jupyterapp.commands.execute('notebook:run-all-cells')")
-        # A tidy screenshot: no file browser, the cell's code collapsed.
-        page.evaluate("window.jupyterapp.commands.execute('application:toggle-left-area')")
-        page.evaluate("window.jupyterapp.commands.execute('notebook:hide-all-cell-code')")
+        run_notebook(page, f"http://127.0.0.1:{port}/lab/tree/rank.ipynb?token={token}")
         board = page.locator(".lk-board")
         board.wait_for(timeout=60_000)
         page.wait_for_selector(".lk-card[data-index='3']")

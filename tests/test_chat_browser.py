@@ -9,7 +9,7 @@ A screenshot goes to tests/artifacts/chat_playground.png.
 from pathlib import Path
 
 import pytest
-from jupyterlab_support import ARTIFACTS, CHROMIUM, jupyterlab, launch_chromium
+from jupyterlab_support import ARTIFACTS, CHROMIUM, jupyterlab, launch_chromium, run_notebook
 
 pytestmark = [pytest.mark.slow, pytest.mark.browser]
 
@@ -56,15 +56,7 @@ def test_chat_playground_in_jupyterlab(tmp_path):
         browser = launch_chromium(pw)
         page = browser.new_page(viewport={"width": 1280, "height": 900})
         page.on("dialog", lambda d: (dialogs.append(d.message), d.dismiss()))
-        page.goto(f"http://127.0.0.1:{port}/lab/tree/chat.ipynb?token={token}")
-        page.wait_for_function(
-            "window.jupyterapp && window.jupyterapp.shell.currentWidget"
-            " && window.jupyterapp.shell.currentWidget.sessionContext"
-            " && window.jupyterapp.shell.currentWidget.sessionContext.session"
-            " && window.jupyterapp.shell.currentWidget.sessionContext.session.kernel", timeout=90_000)
-        page.evaluate("window.jupyterapp.commands.execute('notebook:run-all-cells')")
-        page.evaluate("window.jupyterapp.commands.execute('application:toggle-left-area')")
-        page.evaluate("window.jupyterapp.commands.execute('notebook:hide-all-cell-code')")
+        run_notebook(page, f"http://127.0.0.1:{port}/lab/tree/chat.ipynb?token={token}", timeout_ms=90_000)
         chat = page.locator(".lk-chat")
         chat.wait_for(timeout=120_000)
 

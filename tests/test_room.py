@@ -268,6 +268,9 @@ def test_client_answers_like_the_local_store(room, tmp_path):
     with pytest.raises(ValueError, match="kind"):
         client.done_ids("alice", "votes")
     same(client.to_dataset("pairs").to_list(), local.to_dataset("pairs").to_list())
+    # nothing of a kind yet: the same empty columns as a local store
+    none = client.to_dataset("pairs", annotator="nobody")
+    assert none.num_rows == 0 and none.column_names == local.to_dataset("pairs", annotator="nobody").column_names
 
 
 # ----------------------------------------------------------------------------- files

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from jupyterlab_support import ARTIFACTS, CHROMIUM, jupyterlab, launch_chromium  # rootdir-relative
+from jupyterlab_support import ARTIFACTS, CHROMIUM, jupyterlab, launch_chromium, run_notebook  # rootdir-relative
 
 pytestmark = [pytest.mark.slow, pytest.mark.browser]
 
@@ -43,16 +43,8 @@ def _open_and_rank(browser, base: str, token: str, notebook: str, keys: list[str
     page = browser.new_page(viewport={"width": 1100, "height": 900})
     page.set_default_timeout(180_000)  # JupyterLab's bundle and a kernel start slowly on a busy machine
     # a workspace per page: the two pages are two laptops, not two tabs of one
-    page.goto(f"{base}/lab/workspaces/{Path(notebook).stem}/tree/{notebook}?token={token}")
-    page.wait_for_function("window.jupyterapp && document.querySelector('.jp-NotebookPanel')", timeout=180_000)
-    page.wait_for_function(
-        f"window.jupyterapp.shell.currentWidget && window.jupyterapp.shell.currentWidget.context.path === '{notebook}'"
-        " && window.jupyterapp.shell.currentWidget.sessionContext"
-        " && window.jupyterapp.shell.currentWidget.sessionContext.session"
-        " && window.jupyterapp.shell.currentWidget.sessionContext.session.kernel", timeout=180_000)
-    page.evaluate("window.jupyterapp.commands.execute('notebook:run-all-cells')")
-    page.evaluate("window.jupyterapp.commands.execute('application:toggle-left-area')")
-    page.evaluate("window.jupyterapp.commands.execute('notebook:hide-all-cell-code')")
+    run_notebook(page, f"{base}/lab/workspaces/{Path(notebook).stem}/tree/{notebook}?token={token}",
+                 timeout_ms=180_000, path=notebook)
     try:  # the kernel imports labkit first: minutes on a busy 2-core machine
         page.locator(".lk-board").wait_for(timeout=300_000)
     except Exception:
