@@ -270,6 +270,8 @@ def rankings_stage(run: Run, round_: int, policy_path: str, store) -> dict:
     samples = sample_k(model, tok, prompts, k=cfg.k, max_new_tokens=cfg.sample_max_new_tokens,
                        temperature=cfg.sample_temperature, top_p=1.0, batch_size=cfg.batch_size,
                        seed=cfg.seed + 1000 * round_)
+    # kept for re-ranking and calibration (benchmarks/labeler_agreement.py --run-samples)
+    json_dump({"samples": samples}, run.dir / f"samples_r{round_}.json")
     pool = labelers.labeler_pool(cfg.n_labelers, seed=cfg.seed)
     if cfg.train_check_families:  # a held-out-family experiment: labels reward only these families' checks
         for lab in pool:
