@@ -61,17 +61,18 @@ REFERENCE_GENERATE_S = 2.6
 REFERENCE_TRAIN_STEP_S = 2.25
 
 # Peak memory (GiB) of each notebook with its default parameters on the bundled model.
-# 03 and 05: the PPO benchmark's peak RSS, 8.1 GiB for labkit PPO with a separate value model
-# (README, "Benchmarks"), plus the notebook kernel. The others are estimates, not
-# measurements: a 135M model holds 0.5 GiB of fp32 weights, AdamW training about four times
-# that plus activations, and a kernel with torch and transformers imported about 1 GiB.
+# Estimates, not measurements of the notebooks: 03 and 05 run PPO with share_backbone=True by
+# default, whose peak RSS in the PPO benchmark is 4.8 GiB (8.1 GiB with a separate value model;
+# README, "Benchmarks"), plus the notebook kernel (about 1 GiB with torch and transformers
+# imported); their other cells hold a few 135M models (0.5 GiB of fp32 weights each). The rest:
+# AdamW training of a 135M model needs about four times its weights plus activations.
 NOTEBOOK_RAM_GIB = {
     "00_tour": 2.0,
     "01_demonstrations_sft": 5.0,  # + the chat cell's two models
     "02_rankings_reward_model": 4.0,
-    "03_ppo": 10.0,  # + the chat cell's three models
+    "03_ppo": 6.0,  # share_backbone PPO + kernel; the chat cell's four models come after PPO has freed its own
     "04_evaluation": 5.0,  # + the chat cell's three models
-    "05_beyond_ppo": 9.0,
+    "05_beyond_ppo": 6.0,  # share_backbone PPO, TRL's RLOO (4.6 GiB in the benchmark), GRPO, DPO one after another
 }
 
 GENERATE_SHAPE = (8, 32)  # (prompts, new tokens) of the timed generation batch

@@ -39,8 +39,11 @@ def test_estimates_scale_the_reference_times_by_the_step_times():
 
 
 def test_ram_verdicts():
-    rows = {r["notebook"]: r["verdict"] for r in doctor.ram_table(8.5)}
+    need = doctor.NOTEBOOK_RAM_GIB["03_ppo"]
+    rows = {r["notebook"]: r["verdict"] for r in doctor.ram_table(need - 0.5)}
     assert rows["00_tour"] == "ok" and rows["03_ppo"] == "too little"
+    assert {r["notebook"]: r["verdict"] for r in doctor.ram_table(need + 0.5)}["03_ppo"] == "tight"
+    assert need < 8 * 0.93  # an 8 GB laptop (about 7.5 GiB) runs notebook 03 with its defaults
     assert {r["verdict"] for r in doctor.ram_table(None)} == {"unknown"}
 
 
