@@ -112,8 +112,9 @@ PRESETS: dict[str, dict] = {
                 # RM: 4 of a step's 8 prompts per forward pass; with 96-token answers a whole step in
                 # one pass peaked at 8.7 GB of RAM
                 sft=dict(), rm=dict(micro_batch_size=4),
-                # 320 episodes of up to 96 tokens (most stop after 20-40)
-                ppo=dict(steps=20, batch_size=16, mini_batch_size=8, micro_batch_size=8, max_new_tokens=96)),
+                # 320 episodes of up to 96 tokens (most stop after 20-40); 4 episodes per forward pass
+                # (8 peaked at 12 GB of RAM with the separate value model)
+                ppo=dict(steps=20, batch_size=16, mini_batch_size=8, micro_batch_size=4, max_new_tokens=96)),
     "gpu": dict(model="smollm2-135m", k=6, rm_prompts=None, eval_limit=None, batch_size=64,
                 sample_max_new_tokens=128, eval_max_new_tokens=128,
                 sft=dict(), rm=dict(), ppo=dict(steps=100, batch_size=64, mini_batch_size=32, max_new_tokens=128)),
