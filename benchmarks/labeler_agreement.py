@@ -77,11 +77,12 @@ def build_fixture(n_prompts: int, samples: int, model_name: str, seed: int, max_
 def run_candidates(path: str) -> list[dict]:
     """Candidates from ``sample_k`` output: each prompt's K model samples, nothing else."""
     from labkit.data import load_prompts
+    from labkit.feedback import rankable_responses
 
     records = {r["id"]: r for r in load_prompts()}
     loaded = json.loads(Path(path).read_text())
     samples = loaded["samples"] if isinstance(loaded, dict) else loaded
-    return [{"record": records[s["prompt_id"]], "responses": [y if y.strip() else "(empty response)" for y in s["responses"]],
+    return [{"record": records[s["prompt_id"]], "responses": rankable_responses(s["responses"]),
              "truncated": s.get("truncated"), "kinds": [f"sample{i}" for i in range(len(s["responses"]))]}
             for s in samples]
 

@@ -203,6 +203,7 @@ def print_table(runs: list[dict]) -> None:
 def _rank_all(records: dict, samples: list[dict], k: int, tie_scale: float, noise: float | None, seed: int) -> list[dict]:
     """K-way records ranked by the default labeler pool (one labeler per prompt, as labkit run)."""
     from labkit import labelers
+    from labkit.feedback import rankable_responses
 
     pool = labelers.labeler_pool(5, seed=seed, noise=noise)
     for lab in pool:
@@ -211,7 +212,7 @@ def _rank_all(records: dict, samples: list[dict], k: int, tie_scale: float, nois
     for i, s in enumerate(samples):
         rec = records[s["prompt_id"]]
         ys, ts = s["responses"][:k], (s.get("truncated") or [False] * len(s["responses"]))[:k]
-        ys = [y if y.strip() else "(empty response)" for y in ys]
+        ys = rankable_responses(ys)
         out.append({"prompt": rec["prompt"], "prompt_id": rec["id"], "responses": ys,
                     "tiers": pool[i % len(pool)].rank(rec, ys, truncated=ts)})
     return out

@@ -101,7 +101,7 @@ def main() -> None:
     import torch
 
     from labkit import data, evaluate, labelers, models
-    from labkit.feedback import FeedbackStore
+    from labkit.feedback import FeedbackStore, rankable_responses
     from labkit.generation import sample_k
     from labkit.ppo import PPOConfig, train_ppo
     from labkit.reward import RewardConfig, train_reward_model
@@ -123,7 +123,7 @@ def main() -> None:
     policy, tok = models.load_model(args.model)
     samples = sample_k(policy, tok, ranked + heldout, k=args.k, max_new_tokens=args.sample_tokens, temperature=1.0,
                        top_p=1.0, seed=args.seed, batch_size=32)
-    items = [dict(s, record=r, responses=[y if y.strip() else "(empty response)" for y in s["responses"]])
+    items = [dict(s, record=r, responses=rankable_responses(s["responses"]))
              for s, r in zip(samples[:n_items], ranked)]
     times["sample_s"] = time.perf_counter() - t0
 

@@ -140,6 +140,15 @@ def _check_status(status: str) -> str:
     return status
 
 
+EMPTY_RESPONSE = "(empty response)"
+
+
+def rankable_responses(responses: list[str]) -> list[str]:
+    """Model answers as the store takes them: an empty answer becomes ``EMPTY_RESPONSE`` (the
+    store refuses empty text, and a labeler or a person should still see that nothing came)."""
+    return [y if y.strip() else EMPTY_RESPONSE for y in responses]
+
+
 def _check_responses(responses: Any) -> list[str]:
     if not isinstance(responses, (list, tuple)):
         raise ValueError(f"responses must be a list of strings, got {type(responses).__name__}")

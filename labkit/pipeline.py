@@ -164,6 +164,11 @@ def _save_jsonl(path: Path, rows: list[dict]) -> None:
     path.write_text("".join(json.dumps(r) + "\n" for r in rows), encoding="utf-8")
 
 
+def _save_answers(path: Path, records: list[dict], responses: list[str], truncated: list[bool]) -> None:
+    """One model's answers, a line per prompt: ``{"id", "response", "truncated"}``."""
+    _save_jsonl(path, [{"id": r["id"], "response": y, "truncated": t} for r, y, t in zip(records, responses, truncated)])
+
+
 def _finished(out_dir: Path, fresh: bool) -> dict | None:
     """The result of a stage that already finished in ``out_dir`` (a notebook trained it), if any."""
     path = out_dir / "metrics.json"
@@ -217,7 +222,7 @@ def _answers(run: Run, model_path: str, records: list[dict], loaded: dict,
     ys, ts = evaluate.answer(loaded["model"], loaded["tok"], records,
                              max_new_tokens=cfg.eval_max_new_tokens, batch_size=cfg.batch_size, seed=cfg.seed, bf16=cfg.eval_bf16)
     if path is not None:
-        _save_jsonl(path, [{"id": r["id"], "response": y, "truncated": t} for r, y, t in zip(records, ys, ts)])
+        _save_answers(path, records, ys, ts)
     return ys, ts
 
 
@@ -228,14 +233,12 @@ def eval_stage(run: Run, name: str, model_path: str, records: list[dict], outsid
     loaded: dict = {}
     cache = model_path == run.config.model
     responses, truncated = _answers(run, model_path, records, loaded, cache)
-    _save_jsonl(run.dir / "eval" / f"{name}.jsonl",
-                [{"id": r["id"], "response": y, "truncated": t} for r, y, t in zip(records, responses, truncated)])
+    _save_answers(run.dir / "eval" / f"{name}.jsonl", records, responses, truncated)
     figures = evaluate.gold_figures(records, responses, truncated)
     figures.pop("scores")
     if outside:
         ys, ts = _answers(run, model_path, outside, loaded, cache)
-        _save_jsonl(run.dir / "eval" / f"{name}_outside.jsonl",
-                    [{"id": r["id"], "response": y, "truncated": t} for r, y, t in zip(outside, ys, ts)])
+        _save_answers(run.dir / "eval" / f"{name}_outside.jsonl", outside, ys, ts)
         o = evaluate.outside_judge(outside, ys)
         figures.update({"outside/prompt_strict": o["prompt_strict"], "outside/instruction_strict": o["instruction_strict"],
                         "outside/per_family": o["per_family"], "outside/n_prompts": o["n_prompts"]})
@@ -267,6 +270,7 @@ def ptx_texts_stage(run: Run) -> list[str]:
 def rankings_stage(run: Run, round_: int, policy_path: str, store) -> dict:
     """Sample K responses per RM prompt from the current policy; simulated labelers rank them."""
     from labkit.data import balanced_sample, load_prompts
+    from labkit.feedback import rankable_responses
     from labkit.generation import sample_k
 
     cfg = run.config
@@ -288,7 +292,7 @@ def rankings_stage(run: Run, round_: int, policy_path: str, store) -> dict:
     stored = {(x["prompt_id"], x["annotator"]) for x in store.rankings() if x["models"] and x["models"][0] == tag}
     n_rankings, agree, candidates = 0, [], []
     for i, (rec, s) in enumerate(zip(prompts, samples)):
-        responses = [y if y.strip() else "(empty response)" for y in s["responses"]]
+        responses = rankable_responses(s["responses"])
         candidates.append({"record": rec, "responses": responses, "truncated": s["truncated"]})
         who = [pool[i % len(pool)]]
         if (i * cfg.overlap) % 1 + cfg.overlap >= 1:  # a steady `overlap` share gets a second labeler
