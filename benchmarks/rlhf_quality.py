@@ -200,10 +200,14 @@ def print_table(runs: list[dict]) -> None:
 
 # ----------------------------------------------------------------------------- RM-only ablations
 
-def _rank_all(records: dict, samples: list[dict], k: int, tie_scale: float, noise: float | None, seed: int) -> list[dict]:
-    """K-way records ranked by the default labeler pool (one labeler per prompt, as labkit run)."""
+def _rank_all(records: dict, samples: list[dict], k: int, tie_scale: float, noise: float | None, seed: int,
+              labels: str = "one") -> list[dict]:
+    """K-way records ranked by the default labeler pool: ``labels="one"`` labeler per prompt,
+    ``"all"`` (every labeler's ranking is a record) or ``"consensus"`` (the labelers' rankings of
+    a prompt merged by mean rank, ``labkit.rankings.consensus``)."""
     from labkit import labelers
     from labkit.feedback import rankable_responses
+    from labkit.rankings import consensus
 
     pool = labelers.labeler_pool(5, seed=seed, noise=noise)
     for lab in pool:
@@ -213,9 +217,10 @@ def _rank_all(records: dict, samples: list[dict], k: int, tie_scale: float, nois
         rec = records[s["prompt_id"]]
         ys, ts = s["responses"][:k], (s.get("truncated") or [False] * len(s["responses"]))[:k]
         ys = rankable_responses(ys)
-        out.append({"prompt": rec["prompt"], "prompt_id": rec["id"], "responses": ys,
-                    "tiers": pool[i % len(pool)].rank(rec, ys, truncated=ts)})
-    return out
+        who = [pool[i % len(pool)]] if labels == "one" else pool
+        out += [{"prompt": rec["prompt"], "prompt_id": rec["id"], "responses": ys,
+                 "tiers": lab.rank(rec, ys, truncated=ts)} for lab in who]
+    return consensus(out) if labels == "consensus" else out
 
 
 def main_ablate(args) -> None:
@@ -241,7 +246,8 @@ def main_ablate(args) -> None:
             print(f"{v['name']}: done earlier, kept")
             continue
         t0 = time.time()
-        ranked = _rank_all(records, train, v.get("k", 8), v.get("tie_scale", 1.0), v.get("noise"), args.seed)
+        ranked = _rank_all(records, train, v.get("k", 8), v.get("tie_scale", 1.0), v.get("noise"), args.seed,
+                           v.get("labels", "one"))
         out = Path(args.out) / v["name"]
         res = train_reward_model(RewardConfig(model=args.backbone, rankings=ranked, out_dir=str(out), seed=args.seed,
                                               epochs=v.get("epochs", 1), learning_rate=v.get("lr", 5e-5),
@@ -282,7 +288,8 @@ def main() -> None:
     ap.add_argument("--heldout", help="ablate-rm: sample_k output on held-out prompts")
     ap.add_argument("--backbone", default="smollm2-135m", help="ablate-rm: RM backbone (an SFT folder or a name)")
     ap.add_argument("--variant", action="append", default=[],
-                    help='ablate-rm: NAME:{"k": 8, "tie_scale": 1.0, "lr": 5e-5, "epochs": 1, "noise": null}')
+                    help='ablate-rm: NAME:{"k": 8, "tie_scale": 1.0, "lr": 5e-5, "epochs": 1, "noise": null, '
+                         '"labels": "one|all|consensus"}')
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--seed", type=int, default=0)
     args = ap.parse_args()

@@ -39,7 +39,9 @@ class RunConfig:
     k: int = 4                          # responses ranked per prompt (InstructGPT: 4..9)
     rm_prompts: int | None = None       # RM prompts sampled per round; None = the whole rm split
     n_labelers: int = 5                 # simulated labelers in the pool
-    overlap: float = 0.2                # share of prompts ranked by a second labeler (agreement)
+    labelers_per_prompt: int = 1        # labelers of the pool who rank each prompt (with rm.consensus, the RM
+                                        # trains on their merged ranking: less noise from any one labeler)
+    overlap: float = 0.2                # share of prompts ranked by one more labeler (agreement)
     sample_max_new_tokens: int = 64     # response length when sampling for rankings
     sample_temperature: float = 1.0     # diverse samples make informative comparisons
     eval_limit: int | None = None       # evaluate on the first N eval prompts; None = all
@@ -73,6 +75,8 @@ class RunConfig:
             raise ValueError("k must lie in 2..9 (InstructGPT ranks 4 to 9 responses)")
         if not 0 <= self.overlap <= 1:
             raise ValueError("overlap must lie in [0, 1]")
+        if not 1 <= self.labelers_per_prompt <= self.n_labelers:
+            raise ValueError(f"labelers_per_prompt must lie in 1..n_labelers ({self.n_labelers})")
         unknown = set(self.train_check_families or []) - set(labelers.CHECK_FAMILIES.values())
         if unknown:
             raise ValueError(f"unknown check families {sorted(unknown)}; "
@@ -186,6 +190,15 @@ def _trained(result: dict) -> dict:
     return result
 
 
+def _weights_key(model_path: str) -> list | None:
+    """A model folder and its weight files' names, sizes and times; None without weight files."""
+    folder = models.bundled_model_dir() if model_path == models.BUNDLED else Path(model_path)
+    files = sorted(folder.glob("*.safetensors")) if folder.is_dir() else []
+    if not files:
+        return None
+    return [str(folder.resolve()), [(f.name, f.stat().st_size, f.stat().st_mtime_ns) for f in files]]
+
+
 def _answer_cache_path(cfg: RunConfig, model_path: str, records: list[dict]) -> Path | None:
     """Where the starting model's greedy answers to ``records`` are kept across runs, or None.
 
@@ -196,12 +209,10 @@ def _answer_cache_path(cfg: RunConfig, model_path: str, records: list[dict]) -> 
     without weight files on disk (the tiny test model, a hub id) are not cached."""
     import transformers
 
-    folder = models.bundled_model_dir() if model_path == models.BUNDLED else Path(model_path)
-    files = sorted(folder.glob("*.safetensors")) if folder.is_dir() else []
-    if not files:
+    weights = _weights_key(model_path)
+    if weights is None:
         return None
-    key = json.dumps([str(folder.resolve()), [(f.name, f.stat().st_size, f.stat().st_mtime_ns) for f in files],
-                      [(r["id"], r["prompt"]) for r in records], cfg.eval_max_new_tokens, cfg.batch_size,
+    key = json.dumps([*weights, [(r["id"], r["prompt"]) for r in records], cfg.eval_max_new_tokens, cfg.batch_size,
                       cfg.eval_bf16, str(models.resolve_device(cfg.device)), models.cpu_name(),
                       torch.__version__, transformers.__version__])
     return models.cache_dir() / "answers" / f"{hashlib.sha256(key.encode()).hexdigest()[:20]}.jsonl"
@@ -267,6 +278,14 @@ def ptx_texts_stage(run: Run) -> list[str]:
     return texts
 
 
+def samples_settings(cfg: RunConfig, round_: int, policy_path: str, prompts: list[dict]) -> dict:
+    """What a round's ranking samples depend on (saved beside them in ``samples_r<round>.json``)."""
+    return json.loads(json.dumps({  # as it reads back from the file
+        "policy": _weights_key(policy_path), "k": cfg.k, "max_new_tokens": cfg.sample_max_new_tokens,
+        "temperature": cfg.sample_temperature, "batch_size": cfg.batch_size, "seed": cfg.seed + 1000 * round_,
+        "prompts": [r["id"] for r in prompts]}))
+
+
 def rankings_stage(run: Run, round_: int, policy_path: str, store) -> dict:
     """Sample K responses per RM prompt from the current policy; simulated labelers rank them."""
     from labkit.data import balanced_sample, load_prompts
@@ -277,12 +296,21 @@ def rankings_stage(run: Run, round_: int, policy_path: str, store) -> dict:
     prompts = load_prompts("rm")
     if cfg.rm_prompts is not None:  # every category, the harmful prompts and their look-alikes
         prompts = balanced_sample(prompts, cfg.rm_prompts, seed=cfg.seed + round_)
-    model, tok = models.load_model(policy_path, device=cfg.device)
-    samples = sample_k(model, tok, prompts, k=cfg.k, max_new_tokens=cfg.sample_max_new_tokens,
-                       temperature=cfg.sample_temperature, top_p=1.0, batch_size=cfg.batch_size,
-                       seed=cfg.seed + 1000 * round_)
-    # kept for re-ranking and calibration (benchmarks/labeler_agreement.py --run-samples)
-    json_dump({"samples": samples}, run.dir / f"samples_r{round_}.json")
+    # The samples are kept for re-ranking and calibration (benchmarks/labeler_agreement.py), and
+    # a stage that runs again on the same policy weights and settings (a crash after sampling, a
+    # new labeling or RM setting) ranks them again instead of sampling anew.
+    path = run.dir / f"samples_r{round_}.json"
+    settings = samples_settings(cfg, round_, policy_path, prompts)
+    saved = json.loads(path.read_text()) if path.exists() and not cfg.fresh else {}
+    if settings["policy"] is not None and saved.get("settings") == settings:
+        samples = saved["samples"]
+        print(f"labkit run: {len(samples)} prompts' samples from {path} (same policy and settings)")
+    else:
+        model, tok = models.load_model(policy_path, device=cfg.device)
+        samples = sample_k(model, tok, prompts, k=cfg.k, max_new_tokens=cfg.sample_max_new_tokens,
+                           temperature=cfg.sample_temperature, top_p=1.0, batch_size=cfg.batch_size,
+                           seed=cfg.seed + 1000 * round_)
+        json_dump({"samples": samples, "settings": settings}, path)
     pool = labelers.labeler_pool(cfg.n_labelers, seed=cfg.seed)
     if cfg.train_check_families:  # a held-out-family experiment: labels reward only these families' checks
         for lab in pool:
@@ -294,9 +322,8 @@ def rankings_stage(run: Run, round_: int, policy_path: str, store) -> dict:
     for i, (rec, s) in enumerate(zip(prompts, samples)):
         responses = rankable_responses(s["responses"])
         candidates.append({"record": rec, "responses": responses, "truncated": s["truncated"]})
-        who = [pool[i % len(pool)]]
-        if (i * cfg.overlap) % 1 + cfg.overlap >= 1:  # a steady `overlap` share gets a second labeler
-            who.append(pool[(i + 1) % len(pool)])
+        n_who = cfg.labelers_per_prompt + ((i * cfg.overlap) % 1 + cfg.overlap >= 1)  # a steady `overlap`
+        who = [pool[(i + j) % len(pool)] for j in range(min(n_who, len(pool)))]       # share gets one more
         tiers_list = []
         for lab in who:
             tiers = lab.rank(rec, responses, truncated=s["truncated"])
@@ -305,8 +332,8 @@ def rankings_stage(run: Run, round_: int, policy_path: str, store) -> dict:
                                   models=[tag] * len(responses))
             tiers_list.append(tiers)
             n_rankings += 1
-        if len(tiers_list) == 2:
-            agree.append(pair_stats(*tiers_list))
+        if len(tiers_list) >= 2:
+            agree.append(pair_stats(*tiers_list[:2]))
     # How good are these labels? Every labeler of the pool ranks every prompt of this round
     # (not stored): agreement between labelers (InstructGPT: 72.6 ± 1.5%) and with the gold
     # scorer, on this run's own samples, and the share of pairs gold cannot order.

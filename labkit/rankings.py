@@ -86,6 +86,42 @@ def tiers_from_scores(scores: list[float], tie_threshold: float = 0.0) -> list[l
     return tiers
 
 
+def consensus(rankings: list[dict]) -> list[dict]:
+    """Rankings of the same responses to one prompt by several annotators, merged into one.
+
+    Each response gets its mean rank over the annotators (a tie shares the ranks it spans: the
+    Borda count), and equal means tie. Records that no other record repeats pass unchanged; a
+    merged record keeps the first one's fields with the merged ``tiers`` and ``n_annotators``.
+    A room that ranks shared items, or a pool of simulated labelers, gives the reward model
+    one ranking with less of any one annotator's noise instead of several that disagree.
+
+    >>> a = {"prompt": "p", "responses": ["x", "y", "z"], "tiers": [[0], [1], [2]]}
+    >>> b = {"prompt": "p", "responses": ["x", "y", "z"], "tiers": [[1], [0], [2]]}
+    >>> c = {"prompt": "p", "responses": ["x", "y", "z"], "tiers": [[0], [2], [1]]}
+    >>> consensus([a, b, c])[0]["tiers"]  # mean ranks 1/3, 1 and 5/3
+    [[0], [1], [2]]
+    >>> consensus([a, b])[0]["tiers"]     # x and y each first once: a tie
+    [[0, 1], [2]]
+    """
+    groups: dict[tuple, list[dict]] = {}
+    for r in rankings:
+        groups.setdefault((r.get("prompt_id") or r["prompt"], tuple(r["responses"])), []).append(r)
+    out = []
+    for group in groups.values():
+        if len(group) == 1:
+            out.append(group[0])
+            continue
+        total = [0.0] * len(group[0]["responses"])
+        for r in group:
+            start = 0
+            for tier in r["tiers"]:
+                for i in tier:  # a tier of m responses from rank `start` shares ranks start..start+m-1
+                    total[i] += start + (len(tier) - 1) / 2
+                start += len(tier)
+        out.append({**group[0], "tiers": tiers_from_scores([-t for t in total]), "n_annotators": len(group)})
+    return out
+
+
 def n_comparisons(tiers: list[list[int]]) -> int:
     """Ordered, non-tied pairs in one ranking: C(K,2) minus the tied pairs."""
     k = sum(len(t) for t in tiers)

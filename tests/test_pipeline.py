@@ -29,6 +29,8 @@ def test_presets_and_validation():
         RunConfig(ppo=dict(stpes=3))
     with pytest.raises(ValueError, match="RunConfig.rm has unknown key"):
         RunConfig(rm=dict(lr=1e-4))
+    with pytest.raises(ValueError, match=r"labelers_per_prompt must lie in 1..n_labelers \(5\)"):
+        RunConfig(labelers_per_prompt=6)
 
 
 def test_win_rate_counts_ties_half_and_gives_an_interval():
@@ -139,3 +141,39 @@ def test_starting_model_answers_are_cached_across_runs(tmp_path, monkeypatch):
     answers("d")
     assert calls == [3, 3, 3]
     assert pipeline._answer_cache_path(RunConfig.from_preset("tiny"), "tiny", records) is None
+
+
+def test_rankings_stage_ranks_saved_samples_again_and_asks_each_labeler_once(tmp_path, monkeypatch):
+    """A rankings stage that runs again on the same policy weights and settings ranks the saved
+    samples instead of sampling anew; labelers_per_prompt labelers rank every prompt."""
+    from labkit import generation, models, pipeline
+    from labkit.feedback import FeedbackStore
+
+    model, tok = models.load_model("tiny")
+    policy = tmp_path / "policy"
+    model.save_pretrained(policy)
+    tok.save_pretrained(policy)
+    calls = []
+    real_sample_k = generation.sample_k
+
+    def counting_sample_k(*args, **kw):
+        calls.append(len(args[2]))
+        return real_sample_k(*args, **kw)
+
+    monkeypatch.setattr(generation, "sample_k", counting_sample_k)
+
+    def rankings(**kw):
+        cfg = RunConfig.from_preset("tiny", out_dir=str(tmp_path / "run"), rm_prompts=6, overlap=0.0, **kw)
+        store = FeedbackStore(tmp_path / f"fb{len(list(tmp_path.glob('fb*')))}.sqlite")
+        result = pipeline.rankings_stage(pipeline.Run(cfg), 1, str(policy), store)
+        return result, store.rankings()
+
+    first, stored = rankings()
+    assert calls == [6] and first["rankings"] == 6 and len(stored) == 6
+    second, stored_again = rankings(labelers_per_prompt=3)
+    assert calls == [6]  # the saved samples, ranked again
+    assert second["rankings"] == 18 and len({r["annotator"] for r in stored_again}) == 5
+    assert [r["responses"] for r in stored_again[::3]] == [r["responses"] for r in stored]
+    assert second["inter_labeler_agreement"] is not None  # the first two labelers of each prompt
+    rankings(k=3)  # another setting: sampled anew
+    assert calls == [6, 6]

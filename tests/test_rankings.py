@@ -5,7 +5,7 @@ import math
 import pytest
 import torch
 
-from labkit.rankings import (n_comparisons, normalize_tiers, pair_stats, pairwise_accuracy, pooled_agreement,
+from labkit.rankings import (consensus, n_comparisons, normalize_tiers, pair_stats, pairwise_accuracy, pooled_agreement,
                              rankings_to_pairs, scores_to_ranks, tier_of, tiers_from_scores, tiers_to_ranks)
 
 
@@ -92,3 +92,22 @@ def test_pairwise_agreement():
     # pooled over items: 4 of 5 and 1 of 1 agreeing pairs -> 5/6, not the mean of 0.8 and 1.0
     assert pooled_agreement([s, pair_stats([[0], [1]], [[0], [1]])]) == pytest.approx(5 / 6)
     assert math.isnan(pooled_agreement([]))
+
+
+def test_consensus_merges_by_mean_rank_and_leaves_the_rest():
+    ys = ["a", "b", "c", "d"]
+    one = {"prompt": "p", "prompt_id": "x1", "responses": ys, "annotator": "ada"}
+    rankings = [
+        {**one, "tiers": [[0], [1], [2], [3]]},
+        {**one, "tiers": [[1], [0, 2], [3]], "annotator": "ben"},   # a tie shares ranks 1 and 2: 1.5 each
+        {**one, "tiers": [[2], [0], [1], [3]], "annotator": "cleo"},
+        {**one, "prompt_id": "x2", "tiers": [[3], [2], [1], [0]]},  # another prompt: passes unchanged
+        {**one, "responses": ["a", "b", "c", "e"], "tiers": [[3], [0, 1, 2]]},  # other responses: unchanged
+    ]
+    merged = consensus(rankings)
+    assert len(merged) == 3 and merged[1:] == rankings[3:]
+    # rank sums: a 0 + 1.5 + 1 = 2.5, b 1 + 0 + 2 = 3, c 2 + 1.5 + 0 = 3.5, d 3 + 3 + 3 = 9
+    assert merged[0]["tiers"] == [[0], [1], [2], [3]] and merged[0]["n_annotators"] == 3
+    assert merged[0]["annotator"] == "ada"  # the first record's other fields
+    # two annotators who disagree on a pair leave it tied; a pair both order stays ordered
+    assert consensus(rankings[:1] + [{**one, "tiers": [[1], [0], [2], [3]]}])[0]["tiers"] == [[0, 1], [2], [3]]

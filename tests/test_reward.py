@@ -475,6 +475,18 @@ def test_trains_directly_from_a_feedback_store(tmp_path):
     assert saved["model"] == "tiny" and saved["rankings"] == "<FeedbackStore>"
 
 
+def test_consensus_trains_on_one_merged_ranking_per_prompt(tmp_path):
+    records = keyword_rankings(6)
+    flipped = [{**r, "tiers": r["tiers"][::-1]} for r in records[:3]]  # a second annotator, who disagrees
+    config = RewardConfig(model="tiny", rankings=records + flipped, out_dir=str(tmp_path / "rm"), batch_size=2,
+                          max_steps=1, eval_fraction=0.34, normalize=False, consensus=True, dashboard=False,
+                          progress=False, gold=False)
+    m = json.loads((Path(train_reward_model(config)["out_dir"]) / "metrics.json").read_text())
+    assert m["data/n_rankings"] == 9 and m["data/n_merged"] == 6
+    # two tiers each, in opposite orders: every merged response has the same mean rank, nothing to compare
+    assert m["data/n_without_pairs"] == 3
+
+
 def test_ctrl_c_saves_the_last_finished_step_and_returns_interrupted(tmp_path, monkeypatch):
     import os
     import signal
