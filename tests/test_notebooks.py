@@ -117,3 +117,42 @@ def test_notebook_runs_in_smoke_mode(name, tmp_path):
                             "ppo_r1/model/config.json"]}[name]
     missing = [p for p in expected if not (tmp_path / "runs" / p).exists()]
     assert not missing, f"{name} did not leave {missing} in its run folder"
+
+
+@pytest.mark.slow
+def test_notebook_02_in_a_room_ranks_the_published_answers_and_trains_on_the_room(tmp_path, monkeypatch):
+    """Notebook 02 pointed at a room served on loopback: it reads the answers the instructor
+    published instead of sampling, adds no simulated rankings to the room, and its RM trains on
+    every ranking the room holds."""
+    from nbclient import NotebookClient
+    from test_room import _free_port, _serve, _stop
+
+    from labkit import data
+    from labkit.feedback import open_store
+
+    monkeypatch.setenv("LABKIT_CACHE", str(tmp_path / "cache"))  # the client's outbox stays in the test folder
+    items = [{"prompt_id": r["id"], "prompt": r["prompt"], "responses": [f"answer {j} to {r['id']}" for j in range(4)],
+              "truncated": [False] * 4} for r in data.load_prompts("rm")[:6]]
+    proc, url = _serve(tmp_path / "room.sqlite", _free_port())
+    try:
+        room = open_store(url)
+        assert room.publish_items(items) == 6
+        for i, it in enumerate(items):  # two participants ranked before this laptop joined
+            room.add_ranking(it["prompt_id"], it["responses"], [[i % 4], [j for j in range(4) if j != i % 4]],
+                             annotator=f"seat{i % 2}", prompt=it["prompt"])
+        params = {**SMOKE["02_rankings_reward_model"], "model": "tiny", "out_dir": str(tmp_path / "runs"),
+                  "annotation_mode": "interactive", "room": url, "seat": 3, "annotator": "pat"}
+        nb = inject(load("02_rankings_reward_model"), params)
+        try:
+            NotebookClient(nb, timeout=300, kernel_name="python3",
+                           resources={"metadata": {"path": str(tmp_path)}}).execute()
+        finally:
+            (tmp_path / "02_room.executed.ipynb").write_text(json.dumps(nb))
+        in_room = room.rankings()
+    finally:
+        _stop(proc)
+    printed = "".join(o.get("text", "") for c in nb.cells if c.cell_type == "code" for o in c.outputs)
+    assert "6 prompts x 4 answers published by the room" in printed
+    assert len(in_room) == 6  # nobody clicked, and a room gets no simulated fill-in from a laptop
+    rm = json.loads((tmp_path / "runs" / "rm_r1" / "metrics.json").read_text())
+    assert rm["data/n_rankings"] == 6  # the RM trained on the room's rankings
