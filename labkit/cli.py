@@ -71,6 +71,8 @@ def main(argv: list[str] | None = None) -> int:
     p_run.add_argument("--rounds", type=int, default=1, help="iterations of rankings -> RM -> PPO")
     p_run.add_argument("--model", default=None, help="override the preset's model (name, folder or HF id)")
     p_run.add_argument("--fresh", action="store_true", help="start over instead of resuming the run folder")
+    p_run.add_argument("--keep-checkpoints", action="store_true",
+                       help="keep the stages' resume checkpoints (weights + optimizer state) after the run")
     p_doc = sub.add_parser("doctor", help="versions, device, RAM, widgets and per-notebook time estimates")
     p_doc.add_argument("--model", default="smollm2-135m", help="model to time (default: the bundled one)")
     p_doc.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
@@ -107,7 +109,8 @@ def main(argv: list[str] | None = None) -> int:
     if args.command == "run":
         from labkit.pipeline import RunConfig, run
 
-        cfg = RunConfig.from_preset(args.preset, out_dir=args.out, rounds=args.rounds, model=args.model, fresh=args.fresh)
+        cfg = RunConfig.from_preset(args.preset, out_dir=args.out, rounds=args.rounds, model=args.model, fresh=args.fresh,
+                                    keep_checkpoints=args.keep_checkpoints)
         try:
             metrics = run(cfg)
         except RuntimeError as e:  # a stage stopped (interrupted or non-finite): its own message

@@ -72,6 +72,7 @@ def test_tiny_run_end_to_end_and_resume(tmp_path):
     for stage in ("sft", "rm_r1", "ppo_r1"):  # the stage contract's files
         for name in ("config.json", "metrics.json", "history.json", "dashboard.html"):
             assert (out / stage / name).exists(), (stage, name)
+    assert not list(out.glob("*/checkpoint*"))  # a finished run drops its resume checkpoints
     # a second invocation resumes: every stage is skipped, nothing is ranked twice
     n_before = saved["stages"]["rankings_r1"]["rankings"]
     again = run(RunConfig.from_preset("tiny", out_dir=str(out)))
@@ -177,3 +178,17 @@ def test_rankings_stage_ranks_saved_samples_again_and_asks_each_labeler_once(tmp
     assert second["inter_labeler_agreement"] is not None  # the first two labelers of each prompt
     rankings(k=3)  # another setting: sampled anew
     assert calls == [6, 6]
+
+
+def test_drop_checkpoints_frees_the_resume_state_and_keeps_the_models(tmp_path):
+    from labkit.pipeline import drop_checkpoints
+
+    for rel, size in (("sft/checkpoint-26/optimizer.pt", 300), ("sft/model/model.safetensors", 100),
+                      ("ppo_r1/checkpoint/model.safetensors", 200), ("ppo_r1/checkpoint.old/x", 50),
+                      ("ppo_r1/model/model.safetensors", 100), ("rm_r1/model/reward_model.json", 10)):
+        (tmp_path / rel).parent.mkdir(parents=True, exist_ok=True)
+        (tmp_path / rel).write_bytes(b"0" * size)
+    assert drop_checkpoints(tmp_path) == 550
+    left = sorted(str(p.relative_to(tmp_path)) for p in tmp_path.rglob("*") if p.is_file())
+    assert left == ["ppo_r1/model/model.safetensors", "rm_r1/model/reward_model.json", "sft/model/model.safetensors"]
+    assert drop_checkpoints(tmp_path) == 0
