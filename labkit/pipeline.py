@@ -104,9 +104,9 @@ PTX_SOURCES = ("demonstrations", "base_answers")
 # (target: the whole run in <= 30 minutes), `tiny` a smoke run in well under a minute.
 PRESETS: dict[str, dict] = {
     "tiny": dict(model="tiny", k=4, rm_prompts=16, eval_limit=16, sample_max_new_tokens=16,
-                 eval_max_new_tokens=16, n_samples=3,
+                 eval_max_new_tokens=16, n_samples=3, labelers_per_prompt=5,
                  sft=dict(max_steps=6, batch_size=8),
-                 rm=dict(max_steps=4, batch_size=4),
+                 rm=dict(max_steps=4, batch_size=4, consensus=True),
                  ppo=dict(steps=3, batch_size=8, mini_batch_size=8, micro_batch_size=8, max_new_tokens=16,
                           gold_every=1, save_every=0)),
     # Answers are sampled for ranking and PPO at the eval's length limit (96 tokens): at 48-64,
@@ -114,16 +114,20 @@ PRESETS: dict[str, dict] = {
     # the RM learned "shorter is better" (it preferred the shorter answer in 78% of held-out
     # pairs, gold in 64%) and PPO's missing-EOS penalty taught the same: answers fell from 26 to
     # 15 words and PPO lost to SFT on gold (seed 0: win rate 0.53 [0.46, 0.59]).
+    # Every labeler of the pool ranks every prompt and the RM trains on their merged ranking
+    # (rankings.consensus): on one run's samples the RM agreed with gold on 0.688 of held-out
+    # pairs against 0.599 with one labeler per prompt, at the same training cost.
     "cpu": dict(model="smollm2-135m", k=4, rm_prompts=None, eval_limit=None, sample_max_new_tokens=96,
+                labelers_per_prompt=5,
                 # RM: 4 of a step's 8 prompts per forward pass; with 96-token answers a whole step in
                 # one pass peaked at 8.7 GB of RAM
-                sft=dict(), rm=dict(micro_batch_size=4),
+                sft=dict(), rm=dict(micro_batch_size=4, consensus=True),
                 # 320 episodes of up to 96 tokens (most stop after 20-40); 4 episodes per forward pass
                 # (8 peaked at 12 GB of RAM with the separate value model)
                 ppo=dict(steps=20, batch_size=16, mini_batch_size=8, micro_batch_size=4, max_new_tokens=96)),
     "gpu": dict(model="smollm2-135m", k=6, rm_prompts=None, eval_limit=None, batch_size=64,
-                sample_max_new_tokens=128, eval_max_new_tokens=128,
-                sft=dict(), rm=dict(), ppo=dict(steps=100, batch_size=64, mini_batch_size=32, max_new_tokens=128)),
+                sample_max_new_tokens=128, eval_max_new_tokens=128, labelers_per_prompt=5,
+                sft=dict(), rm=dict(consensus=True), ppo=dict(steps=100, batch_size=64, mini_batch_size=32, max_new_tokens=128)),
 }
 
 

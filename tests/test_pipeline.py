@@ -64,7 +64,9 @@ def test_tiny_run_end_to_end_and_resume(tmp_path):
     assert saved["gold_mean"].keys() == {"base", "sft", "ppo_r1"}
     for stage in ("eval_base", "sft", "rankings_r1", "rm_r1", "ppo_r1", "eval_ppo_r1", "compare"):
         assert saved["stage_wall_s"][stage] > 0
-    assert saved["stages"]["rankings_r1"]["rankings"] >= 16
+    assert saved["stages"]["rankings_r1"]["rankings"] == 16 * 5  # every labeler ranks every prompt
+    rm_data = json.loads((out / "rm_r1" / "metrics.json").read_text())
+    assert rm_data["data/n_rankings"] == 80 and rm_data["data/n_merged"] <= 16  # merged per prompt
     assert 0 <= saved["comparisons"]["gold/ppo_r1_vs_sft"]["win_rate"] <= 1
     html = (out / "report.html").read_text()
     assert "Win rates" in html and "Sample responses" in html
@@ -169,7 +171,7 @@ def test_rankings_stage_ranks_saved_samples_again_and_asks_each_labeler_once(tmp
         result = pipeline.rankings_stage(pipeline.Run(cfg), 1, str(policy), store)
         return result, store.rankings()
 
-    first, stored = rankings()
+    first, stored = rankings(labelers_per_prompt=1)
     assert calls == [6] and first["rankings"] == 6 and len(stored) == 6
     second, stored_again = rankings(labelers_per_prompt=3)
     assert calls == [6]  # the saved samples, ranked again
