@@ -112,6 +112,18 @@ def test_a_stopped_stage_stops_labkit_run_with_its_message(tmp_path, monkeypatch
     assert "sft stopped (non-finite): non-finite training loss at step 3" in capsys.readouterr().err
 
 
+def count_calls(monkeypatch, owner, name: str) -> list[int]:
+    """Wrap ``owner.name(model, tokenizer, records, ...)``: the list grows by len(records) per call."""
+    calls, real = [], getattr(owner, name)
+
+    def counting(*args, **kw):
+        calls.append(len(args[2]))
+        return real(*args, **kw)
+
+    monkeypatch.setattr(owner, name, counting)
+    return calls
+
+
 def test_starting_model_answers_are_cached_across_runs(tmp_path, monkeypatch):
     """A second run of the same starting model, prompts and settings reuses its greedy answers;
     another length limit or changed weights compute them again."""
@@ -123,14 +135,7 @@ def test_starting_model_answers_are_cached_across_runs(tmp_path, monkeypatch):
     model.save_pretrained(folder)
     tok.save_pretrained(folder)
     records = [{"id": f"e-{i}", "prompt": p} for i, p in enumerate(["Name a colour.", "Say hi.", "Count to 3."])]
-    calls = []
-    real_answer = evaluate.answer
-
-    def counting_answer(*args, **kw):
-        calls.append(len(args[2]))
-        return real_answer(*args, **kw)
-
-    monkeypatch.setattr(evaluate, "answer", counting_answer)
+    calls = count_calls(monkeypatch, evaluate, "answer")
 
     def answers(out, **kw):
         cfg = RunConfig.from_preset("tiny", out_dir=str(tmp_path / out), model=str(folder), **kw)
@@ -156,14 +161,7 @@ def test_rankings_stage_ranks_saved_samples_again_and_asks_each_labeler_once(tmp
     policy = tmp_path / "policy"
     model.save_pretrained(policy)
     tok.save_pretrained(policy)
-    calls = []
-    real_sample_k = generation.sample_k
-
-    def counting_sample_k(*args, **kw):
-        calls.append(len(args[2]))
-        return real_sample_k(*args, **kw)
-
-    monkeypatch.setattr(generation, "sample_k", counting_sample_k)
+    calls = count_calls(monkeypatch, generation, "sample_k")
 
     def rankings(**kw):
         cfg = RunConfig.from_preset("tiny", out_dir=str(tmp_path / "run"), rm_prompts=6, overlap=0.0, **kw)
