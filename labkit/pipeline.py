@@ -328,8 +328,9 @@ def rankings_stage(run: Run, round_: int, policy_path: str, store) -> dict:
     for i, (rec, s) in enumerate(zip(prompts, samples)):
         responses = rankable_responses(s["responses"])
         candidates.append({"record": rec, "responses": responses, "truncated": s["truncated"]})
-        n_who = cfg.labelers_per_prompt + ((i * cfg.overlap) % 1 + cfg.overlap >= 1)  # a steady `overlap`
-        who = [pool[(i + j) % len(pool)] for j in range(min(n_who, len(pool)))]       # share gets one more
+        # labelers_per_prompt labelers, and one more for a steady `overlap` share of the prompts
+        n_who = min(cfg.labelers_per_prompt + ((i * cfg.overlap) % 1 + cfg.overlap >= 1), len(pool))
+        who = [pool[(i + j) % len(pool)] for j in range(n_who)]
         tiers_list = []
         for lab in who:
             tiers = lab.rank(rec, responses, truncated=s["truncated"])

@@ -431,7 +431,7 @@ class RewardConfig:
     prefix_sharing: bool = True
     # Several annotators' rankings of the same K responses become one, by mean rank (rankings.consensus).
     # On one run's samples ranked by all five simulated labelers, the consensus RM agreed with gold
-    # on 0.675 of held-out pairs against 0.599 for one labeler per prompt (docs/quality_ablations.md).
+    # on 0.688 of held-out pairs against 0.599 for one labeler per prompt (docs/quality_ablations.md).
     consensus: bool = False
     eval_fraction: float = 0.1  # share of prompts held out for accuracy (split by prompt)
     eval_batch_size: int = 16  # sequences per forward pass when scoring held-out data and demonstrations
