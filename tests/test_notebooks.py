@@ -27,7 +27,7 @@ SMOKE = {
                                   n_samples=3, max_new_tokens=8),
     "02_rankings_reward_model": dict(n_rm_prompts=12, n_human=2, k=4, max_new_tokens=8, sft_max_steps=1,
                                      rm_max_steps=2, n_check=8),
-    "03_ppo": dict(ppo_steps=2, batch_size=4, max_new_tokens=8, beta_steps=1, kl_coefs=(0.01, 0.5), hack_steps=1,
+    "03_ppo": dict(ppo_steps=2, batch_size=4, max_new_tokens=8, beta_steps=1, kl_coefs=(0.01, 0.5), hack_steps=1, hack_max_new_tokens=8,
                    n_rm_prompts=8, sft_max_steps=1, rm_max_steps=1, n_best_of=6, best_of_ns=(1, 2, 4)),
     "04_evaluation": dict(n_eval=6, max_new_tokens=8, n_compare=3, n_rm_prompts=8, sft_max_steps=1,
                           rm_max_steps=1, ppo_steps=1, batch_size=4),
