@@ -611,6 +611,7 @@ _EXAMPLE = re.compile(r"\b(?:for example|for instance|such as|an example|imagine
                       re.IGNORECASE)
 _TRAILING = re.compile("[\\s\"'”’)*_\u2600-\u27bf\U0001f300-\U0001faff]+$")  # closing quotes, emphasis, emoji
 _LIST_LINE = re.compile(r"^\s*(?:[-*•]|\d+[.)])\s+\S", re.MULTILINE)
+_READER = re.compile(r"\b(?:you|your|yours|yourself|you're|you'll|you've)\b", re.IGNORECASE)
 
 
 def ends_with_question(text: str) -> bool:
@@ -626,6 +627,11 @@ def gives_example(text: str) -> bool:
 def uses_list(text: str) -> bool:
     """The answer is laid out as a list: two or more bullet or numbered lines."""
     return len(_LIST_LINE.findall(text)) >= 2
+
+
+def addresses_reader(text: str) -> bool:
+    """The answer speaks to the reader directly ("you", "your", ...)."""
+    return _READER.search(text) is not None
 
 
 def exclaims(text: str) -> bool:
@@ -647,6 +653,7 @@ PERSONAS: dict[str, Persona] = {p.name: p for p in (
     Persona("question", "prefer answers that end with a question to the reader", ends_with_question),
     Persona("list", "prefer answers laid out as a list of points", uses_list),
     Persona("enthusiastic", "prefer answers that sound enthusiastic (an exclamation mark!)", exclaims),
+    Persona("reader", "prefer answers that speak to the reader directly (you, your)", addresses_reader),
 )}
 
 

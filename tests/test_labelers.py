@@ -346,6 +346,7 @@ def test_measure_agreement_gold_ties_and_interval():
     ("question", ["Paris. Have you been there?", 'He asked "why?"', "Try it? 😊"], ["Paris.", "Why? Because."]),
     ("list", ["Two things:\n- milk\n- eggs", "1. wake\n2. eat"], ["- just one", "A sentence - with a dash - here."]),
     ("enthusiastic", ["Great idea!", "Wow! It works."], ["Fine.", "It works."]),
+    ("reader", ["You can boil it.", "Try it yourself.", "Your turn."], ["Boil it.", "The youth club.", "A bayou."]),
 ])
 def test_persona_detectors(name, yes, no):
     persona = L.get_persona(name)
