@@ -192,7 +192,7 @@ def main() -> None:
         "machine": {"cpu": platform.processor() or platform.machine(), "cores": os.cpu_count(),
                     "torch_threads": args.threads, "torch": torch.__version__, "python": platform.python_version(),
                     "loadavg_start": load_start, "loadavg_end": load(),
-                    "note": "shared machine: other jobs ran at the same time (see the load averages)"},
+                    "note": "the load averages tell whether other jobs shared the machine"},
         "command": "python benchmarks/room_persona.py " + " ".join(
             f"--{k.replace('_', '-')} {v}" for k, v in vars(args).items() if k not in ("out", "work", "quick")),
         "settings": vars(args),
