@@ -27,52 +27,52 @@ from labkit import models
 
 # Wall time of each notebook in minutes, run in order with its default parameters on the
 # bundled model, annotation_mode="auto", on the development machine (2-core CPU with
-# AVX-512-BF16, no GPU): notebooks/README.md, "Time and memory". 00_tour is not timed there.
-# 03_ppo is an estimate: 8.0 min measured before its longer beta runs, like-for-like PPO-ptx run
-# and reward-hacking runs were added, scaled by its PPO episodes (160 then, 384 now).
+# AVX-512-BF16, no GPU, nothing else running), by `make notebooks` (scripts/run_notebooks.py):
+# notebooks/README.md, "Time and memory". 05_beyond_ppo is an older measurement, taken with a
+# separate value model before share_backbone became its default.
 REFERENCE_MINUTES = {
-    "01_demonstrations_sft": 4.1,
-    "02_rankings_reward_model": 4.7,
-    "03_ppo": 18.0,
-    "04_evaluation": 5.6,
+    "01_demonstrations_sft": 2.7,
+    "02_rankings_reward_model": 1.6,
+    "03_ppo": 13.5,
+    "04_evaluation": 5.8,
     "05_beyond_ppo": 14.8,
+    "06_room": 3.7,
 }
 
 # The share of each notebook's time spent sampling (the rest trains), a rough estimate from
 # what each notebook does: 01 answers eval prompts before and after one SFT epoch; 02 samples
 # K = 4 answers for 64 prompts, then trains the RM; a PPO step is about half rollout
 # (benchmarks/results/ppo_throughput.json: step 10.4 s, update 5.8 s); 04 only answers and
-# scores; 05 trains PPO, RLOO, GRPO and, for half its time, DPO.
+# scores; 05 trains PPO, RLOO, GRPO and, for half its time, DPO; 06 samples the room's items,
+# trains two RMs and a short PPO, and answers eval prompts twice.
 GENERATION_SHARE = {
     "01_demonstrations_sft": 0.4,
     "02_rankings_reward_model": 0.6,
     "03_ppo": 0.5,
     "04_evaluation": 0.9,
     "05_beyond_ppo": 0.3,
+    "06_room": 0.5,
 }
 
-# time_steps() on the bundled model on the development machine (bf16 autocast), for the 2
-# threads the notebook times ran with. The machine was shared when these were taken, so they
-# are one thread's CPU time (process_time: waits for the core do not count), median of 2,
-# halved. On a quiet machine, remeasure with
-#   labkit doctor --model smollm2-135m --threads 2
-# and copy the two figures of its "timing" line here.
-REFERENCE_GENERATE_S = 2.6
-REFERENCE_TRAIN_STEP_S = 2.25
+# time_steps() on the bundled model on the development machine (bf16 autocast, 2 threads,
+# load 0.7), taken right before the notebook times above: `labkit doctor`'s "timing" line.
+REFERENCE_GENERATE_S = 2.84
+REFERENCE_TRAIN_STEP_S = 1.78
 
-# Peak memory (GiB) of each notebook with its default parameters on the bundled model.
-# Estimates, not measurements of the notebooks: 03 and 05 run PPO with share_backbone=True by
-# default, whose peak RSS in the PPO benchmark is 4.8 GiB (8.1 GiB with a separate value model;
-# README, "Benchmarks"), plus the notebook kernel (about 1 GiB with torch and transformers
-# imported); their other cells hold a few 135M models (0.5 GiB of fp32 weights each). The rest:
-# AdamW training of a 135M model needs about four times its weights plus activations.
+# Peak memory (GiB) of each notebook's kernel (its peak resident set) with its default
+# parameters on the bundled model, measured with the times above and rounded up; 05 is an
+# estimate (not run in that series): share_backbone PPO, TRL's RLOO (4.6 GiB in the PPO
+# benchmark), GRPO and DPO one after another. The kernel keeps what earlier cells loaded, and
+# freed memory is not always returned to the system, so a notebook's peak is well above its
+# largest single step (PPO with share_backbone=True: 4.8 GiB in the PPO benchmark).
 NOTEBOOK_RAM_GIB = {
-    "00_tour": 2.0,
-    "01_demonstrations_sft": 5.0,  # + the chat cell's two models
-    "02_rankings_reward_model": 4.0,
-    "03_ppo": 6.0,  # share_backbone PPO + kernel; the chat cell's four models come after PPO has freed its own
-    "04_evaluation": 5.0,  # + the chat cell's three models
-    "05_beyond_ppo": 6.0,  # share_backbone PPO, TRL's RLOO (4.6 GiB in the benchmark), GRPO, DPO one after another
+    "00_tour": 1.5,
+    "01_demonstrations_sft": 7.0,
+    "02_rankings_reward_model": 6.0,
+    "03_ppo": 8.5,
+    "04_evaluation": 4.5,
+    "05_beyond_ppo": 6.0,
+    "06_room": 9.0,
 }
 
 GENERATE_SHAPE = (8, 32)  # (prompts, new tokens) of the timed generation batch
@@ -281,11 +281,12 @@ def estimate_minutes(generate_s: float, train_step_s: float) -> dict[str, float]
 # Seconds per unit of work in the notebooks' long cells: the bundled model, 2 threads, the
 # development machine (rough figures, not a benchmark), and the share of each spent sampling.
 # "answer": one sampled answer of up to ~48 tokens in a batch of 8 (REFERENCE_GENERATE_S);
-# "ppo_episode": 03_ppo's measured 8.0 min over its ~160 episodes and 96 best-of-n answers;
+# "ppo_episode": 03_ppo's measured 13.5 min over its 512 episodes (the reward-hacking ones up to
+#   64 tokens) and 96 best-of-n answers;
 # "sft_step": one SFT step of 8 demonstrations (labkit/sft.py's measured 5.0 s);
 # "rm_prompt": one prompt's K = 4 answers through an RM training step (about REFERENCE_TRAIN_STEP_S);
 # "dpo_step": one DPO step of 8 pairs (05_beyond_ppo: its 24 DPO steps took half of 14.8 min).
-UNIT_SECONDS = {"answer": (0.5, 1.0), "ppo_episode": (2.7, 0.5), "sft_step": (5.0, 0.0), "rm_prompt": (2.25, 0.0),
+UNIT_SECONDS = {"answer": (0.5, 1.0), "ppo_episode": (1.5, 0.5), "sft_step": (5.0, 0.0), "rm_prompt": (2.25, 0.0),
                 "dpo_step": (18.5, 0.0)}
 
 
