@@ -188,6 +188,14 @@ def _finished(out_dir: Path, fresh: bool) -> dict | None:
     return result if result.get("model_dir") and not result.get("stopped") else None
 
 
+def _model_dir(result: dict, out_dir: Path) -> str:
+    """A finished stage's model folder: the one inside ``out_dir`` where it has one, so a run folder
+    that was copied or moved (an instructor's, handed to the room) or is read from another working
+    directory uses its own models, not the paths recorded where it was trained."""
+    own = out_dir / "model"
+    return str(own) if (own / "config.json").exists() else result["model_dir"]
+
+
 def _trained(result: dict) -> dict:
     """A stage result, or the stage's own message as an error when it stopped early."""
     if result["stopped"] or not result["model_dir"]:
@@ -368,8 +376,8 @@ def train_stages(run: Run, store, upto: str = "ppo") -> dict:
 
     def stage(name: str, train, config_cls, **fields) -> str:
         out = run.dir / name
-        return run.stage(name, lambda: _finished(out, cfg.fresh) or _trained(train(config_cls(
-            out_dir=str(out), seed=cfg.seed, **fields, **getattr(cfg, name.split("_")[0])))))["model_dir"]
+        return _model_dir(run.stage(name, lambda: _finished(out, cfg.fresh) or _trained(train(config_cls(
+            out_dir=str(out), seed=cfg.seed, **fields, **getattr(cfg, name.split("_")[0]))))), out)
 
     folders = {"sft": stage("sft", train_sft, SFTConfig, model=cfg.model)}
     policy = folders["sft"]
@@ -393,9 +401,9 @@ def train_stages(run: Run, store, upto: str = "ppo") -> dict:
                                         reward_model=folders["rm"], **extra)
         if cfg.ppo_without_ptx and k == cfg.rounds:  # the same PPO without the LM term (the alignment tax)
             out = run.dir / f"ppo_r{k}_noptx"
-            folders["ppo_noptx"] = run.stage(f"ppo_r{k}_noptx", lambda: _finished(out, cfg.fresh) or _trained(train_ppo(
-                PPOConfig(out_dir=str(out), seed=cfg.seed, model=start, reference=folders["sft"],
-                          reward_model=folders["rm"], **{**cfg.ppo, "ptx_coef": 0.0}))))["model_dir"]
+            folders["ppo_noptx"] = _model_dir(run.stage(f"ppo_r{k}_noptx", lambda: _finished(out, cfg.fresh) or _trained(
+                train_ppo(PPOConfig(out_dir=str(out), seed=cfg.seed, model=start, reference=folders["sft"],
+                                    reward_model=folders["rm"], **{**cfg.ppo, "ptx_coef": 0.0})))), out)
     return folders
 
 

@@ -98,6 +98,16 @@ def test_ensure_builds_what_earlier_notebooks_leave_and_reuses_it(tmp_path):
     again = ensure(tmp_path, upto="rm", **settings)  # everything is there: nothing is redone
     assert again["rm"] == built["rm"] and len(again["store"].rankings()) == n_rankings
 
+    # a run folder handed on (copied, the original gone) uses its own models, not the recorded paths
+    import shutil
+
+    moved = tmp_path.parent / (tmp_path.name + "_handed_on")
+    shutil.copytree(tmp_path, moved)
+    shutil.rmtree(tmp_path / "sft"), shutil.rmtree(tmp_path / "rm_r1")
+    there = ensure(moved, upto="rm", **settings)
+    assert there["sft"] == str(moved / "sft" / "model") and there["rm"] == str(moved / "rm_r1" / "model")
+    assert len(there["store"].rankings()) == n_rankings  # nothing was trained or ranked again
+
 
 def test_a_stopped_stage_stops_labkit_run_with_its_message(tmp_path, monkeypatch, capsys):
     import labkit.sft
