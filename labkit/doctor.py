@@ -304,8 +304,8 @@ def estimate_minutes(generate_s: float, train_step_s: float) -> dict[str, float]
 # Seconds per unit of work in the notebooks' long cells: the bundled model, 2 threads, the
 # development machine (rough figures, not a benchmark), and the share of each spent sampling.
 # "answer": one sampled answer of up to ~48 tokens in a batch of 8 (REFERENCE_GENERATE_S);
-# "ppo_episode": 03_ppo's measured 13.5 min over its 512 episodes (the reward-hacking ones up to
-#   64 tokens) and 96 best-of-n answers;
+# "ppo_episode": 03_ppo's measured 13.5 min (without lean_memory) over its 512 episodes (the
+#   reward-hacking ones up to 64 tokens) and 96 best-of-n answers;
 # "sft_step": one SFT step of 8 demonstrations (labkit/sft.py's measured 5.0 s);
 # "rm_prompt": one prompt's K = 4 answers through an RM training step (about REFERENCE_TRAIN_STEP_S);
 # "dpo_step": one DPO step of 8 pairs (05_beyond_ppo: its 24 DPO steps took half of 14.8 min).

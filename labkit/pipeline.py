@@ -375,9 +375,11 @@ def train_stages(run: Run, store, upto: str = "ppo") -> dict:
     cfg = run.config
 
     def stage(name: str, train, config_cls, **fields) -> str:
+        """Train stage ``name`` with the run's settings for its kind (cfg.sft, cfg.rm, cfg.ppo), ``fields`` on top."""
         out = run.dir / name
+        settings = {**getattr(cfg, name.split("_")[0]), **fields}
         return _model_dir(run.stage(name, lambda: _finished(out, cfg.fresh) or _trained(train(config_cls(
-            out_dir=str(out), seed=cfg.seed, **fields, **getattr(cfg, name.split("_")[0]))))), out)
+            out_dir=str(out), seed=cfg.seed, **settings)))), out)
 
     folders = {"sft": stage("sft", train_sft, SFTConfig, model=cfg.model)}
     policy = folders["sft"]
@@ -400,10 +402,8 @@ def train_stages(run: Run, store, upto: str = "ppo") -> dict:
         policy = folders["ppo"] = stage(f"ppo_r{k}", train_ppo, PPOConfig, model=start, reference=folders["sft"],
                                         reward_model=folders["rm"], **extra)
         if cfg.ppo_without_ptx and k == cfg.rounds:  # the same PPO without the LM term (the alignment tax)
-            out = run.dir / f"ppo_r{k}_noptx"
-            folders["ppo_noptx"] = _model_dir(run.stage(f"ppo_r{k}_noptx", lambda: _finished(out, cfg.fresh) or _trained(
-                train_ppo(PPOConfig(out_dir=str(out), seed=cfg.seed, model=start, reference=folders["sft"],
-                                    reward_model=folders["rm"], **{**cfg.ppo, "ptx_coef": 0.0})))), out)
+            folders["ppo_noptx"] = stage(f"ppo_r{k}_noptx", train_ppo, PPOConfig, model=start, reference=folders["sft"],
+                                         reward_model=folders["rm"], ptx_coef=0.0)
     return folders
 
 

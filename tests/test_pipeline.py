@@ -103,7 +103,8 @@ def test_ensure_builds_what_earlier_notebooks_leave_and_reuses_it(tmp_path):
 
     moved = tmp_path.parent / (tmp_path.name + "_handed_on")
     shutil.copytree(tmp_path, moved)
-    shutil.rmtree(tmp_path / "sft"), shutil.rmtree(tmp_path / "rm_r1")
+    shutil.rmtree(tmp_path / "sft")
+    shutil.rmtree(tmp_path / "rm_r1")
     there = ensure(moved, upto="rm", **settings)
     assert there["sft"] == str(moved / "sft" / "model") and there["rm"] == str(moved / "rm_r1" / "model")
     assert len(there["store"].rankings()) == n_rankings  # nothing was trained or ranked again
