@@ -57,6 +57,8 @@ def test_notebook_list_is_complete():
 def test_committed_clean_with_parameters_summary_exercises(name):
     nb = load(name)
     nbformat.validate(nb)
+    raw = json.loads((NOTEBOOKS / f"{name}.ipynb").read_text())  # nbformat.read fills missing ids silently
+    assert all("id" in c for c in raw["cells"]), f"{name}: a cell lacks an id (nbformat 4.5 wants one)"
     for i, cell in enumerate(nb.cells):
         if cell.cell_type == "code":
             assert cell.outputs == [], f"{name} cell {i} holds outputs"
