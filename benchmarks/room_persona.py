@@ -13,7 +13,12 @@ split between seats), into one feedback store. Then:
    of the two shows the trait (does the RM prefer the one with the trait?);
 3. a short PPO run against the room's RM;
 4. the trait's share in the starting policy's and PPO's answers to eval prompts, greedy
-   (what ``labkit run`` evaluates) and sampled at PPO's temperature.
+   (what ``labkit run`` evaluates) and sampled at PPO's temperature; beside it the gold score
+   and the share of distinct greedy answers, since PPO can buy the trait with one stock reply
+   (and the gold score of that reply given to every prompt, for scale).
+
+``--reuse-rm`` trains PPO against the room RM of an earlier run with the same room settings,
+so PPO settings can be compared without training the RM again.
 
     python benchmarks/room_persona.py                       # the bundled model, ~15-25 min on 2 cores
     python benchmarks/room_persona.py --model tiny --quick  # the plumbing in about a minute
@@ -33,6 +38,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 RESULT = ROOT / "benchmarks" / "results" / "room_persona.json"
+STOCK_REPLY = "I'm ready to help! What can I help you with today?"  # a non-answer PPO found (it shows the trait)
 
 
 def load() -> list[float]:
@@ -83,6 +89,10 @@ def main() -> None:
     ap.add_argument("--ppo-lr", type=float, default=3e-5)
     ap.add_argument("--kl-coef", type=float, default=0.02)
     ap.add_argument("--ppo-tokens", type=int, default=40)
+    ap.add_argument("--missing-eos-penalty", type=float, default=1.0, help="PPO's penalty for an answer cut at --ppo-tokens")
+    ap.add_argument("--whiten-scores", type=int, default=0, help="1: standardise the RM scores over each PPO batch")
+    ap.add_argument("--reuse-rm", default=None, help="a room RM folder from an earlier run with the same settings "
+                    "(skips RM training; the PPO settings may differ)")
     ap.add_argument("--eval", type=int, default=48, help="eval prompts")
     ap.add_argument("--eval-tokens", type=int, default=48)
     ap.add_argument("--seed", type=int, default=0)
@@ -153,7 +163,8 @@ def main() -> None:
         times[f"{name}_s"] = time.perf_counter() - t0
         return result
 
-    rm_room = train_rm("rm_room", rankings)
+    rm_room = ({"model_dir": args.reuse_rm, **json.loads((Path(args.reuse_rm).parent / "metrics.json").read_text())}
+               if args.reuse_rm else train_rm("rm_room", rankings))
     rm_base = train_rm("rm_without_room", baseline_rankings) if args.baseline else None
     held = samples[n_items:]
     pairs = persona_pairs(held, persona.detect)
@@ -166,6 +177,7 @@ def main() -> None:
         model=args.model, reward_model=rm_room["model_dir"], out_dir=str(work / "ppo"), steps=args.ppo_steps,
         batch_size=args.ppo_batch, mini_batch_size=min(8, args.ppo_batch), micro_batch_size=min(8, args.ppo_batch),
         learning_rate=args.ppo_lr, kl_coef=args.kl_coef, max_new_tokens=args.ppo_tokens, seed=args.seed,
+        missing_eos_penalty=args.missing_eos_penalty, whiten_scores=bool(args.whiten_scores),
         gold_every=0, sample_every=0, save_every=0, dashboard=False, progress=False))
     times["ppo_s"] = time.perf_counter() - t0
     if ppo["stopped"]:
@@ -174,15 +186,22 @@ def main() -> None:
     # 5. The trait in answers to eval prompts: starting policy vs PPO, greedy and sampled.
     t0 = time.perf_counter()
     records = data.load_prompts("eval")[:args.eval]
-    shares, examples = {}, {}
+    shares, gold, distinct, examples = {}, {}, {}, {}
+    gold_labeler = labelers.GoldLabeler()
     for name, path in (("sft", args.model), ("ppo", ppo["model_dir"])):
         lm, lm_tok = models.load_model(path)
-        greedy, _ = evaluate.answer(lm, lm_tok, records, max_new_tokens=args.eval_tokens, batch_size=24)
+        greedy, cut = evaluate.answer(lm, lm_tok, records, max_new_tokens=args.eval_tokens, batch_size=24)
         sampled, _ = evaluate.answer(lm, lm_tok, records, max_new_tokens=args.eval_tokens, temperature=0.7,
                                      batch_size=24, seed=args.seed)
         shares[name] = {"greedy": labelers.trait_share(persona, greedy),
                         "sampled": labelers.trait_share(persona, sampled)}
+        # a trait bought with one stock reply is reward hacking, not the room's influence: gold and the
+        # share of distinct answers tell them apart (gold alone does not: see the stock reply below)
+        gold[name] = sum(map(gold_labeler.score, records, greedy, cut)) / len(records)
+        distinct[name] = len(set(greedy)) / len(greedy)
         examples[name] = [{"prompt": r["prompt"], "greedy": y} for r, y in zip(records[:4], greedy[:4])]
+    # what one stock reply to every prompt scores with the gold labeler
+    gold["stock_reply"] = sum(gold_labeler.score(r, STOCK_REPLY) for r in records) / len(records)
     times["eval_s"] = time.perf_counter() - t0
     wall = time.perf_counter() - t_start
     item_share = labelers.trait_share(persona, [y for it in items for y in it["responses"]])
@@ -208,6 +227,8 @@ def main() -> None:
         "ppo": {k: ppo.get(k) for k in ("objective/scores", "objective/kl", "train/steps", "time/total_s")},
         "trait_share": shares,
         "trait_share_rise_points": {m: 100 * (shares["ppo"][m] - shares["sft"][m]) for m in ("greedy", "sampled")},
+        "gold_greedy": gold,
+        "distinct_greedy_answers": distinct,
         "examples": examples,
         "time_s": {**times, "wall": wall},
     }
@@ -221,6 +242,10 @@ def main() -> None:
     for m in ("greedy", "sampled"):
         s, p = shares["sft"][m], shares["ppo"][m]
         print(f"trait share, {m:<11} {s:12.1%} {p:8.1%} {100 * (p - s):+7.1f}pt")
+    print(f"gold, greedy             {gold['sft']:12.3f} {gold['ppo']:8.3f} {gold['ppo'] - gold['sft']:+8.3f}"
+          f"   (PPO's KL to the start: {ppo.get('objective/kl', float('nan')):.1f} nats)")
+    print(f"distinct answers, greedy {distinct['sft']:12.1%} {distinct['ppo']:8.1%}"
+          f"   (gold of one stock reply to every prompt: {gold['stock_reply']:.3f})")
     fmt = lambda x: "n/a" if x is None else f"{x:.1%}"  # noqa: E731
     print(f"RM prefers the trait on {len(pairs)} held-out persona pairs: room RM {fmt(acc_room)}, "
           f"without the room {fmt(acc_base)}")
