@@ -29,15 +29,16 @@ from labkit import models
 # Wall time of each notebook in minutes, run in order with its default parameters on the
 # bundled model, annotation_mode="auto", on the development machine (2-core CPU with
 # AVX-512-BF16, no GPU, nothing else running), by `make notebooks` (scripts/run_notebooks.py):
-# notebooks/README.md, "Time and memory". 05_beyond_ppo is an older measurement, taken with a
-# separate value model before share_backbone became its default.
+# notebooks/README.md, "Time and memory". 01, 05 and 06 come from a later series run with
+# lean_memory() (01, 02, 05, 06 in order on a fresh run folder; 06 again, alone, on that SFT
+# model, once its PPO used share_backbone=True).
 REFERENCE_MINUTES = {
-    "01_demonstrations_sft": 2.7,
+    "01_demonstrations_sft": 2.9,
     "02_rankings_reward_model": 1.6,
     "03_ppo": 15.9,  # with lean_memory(); 13.5 without
     "04_evaluation": 5.8,
-    "05_beyond_ppo": 14.8,
-    "06_room": 3.7,
+    "05_beyond_ppo": 12.8,
+    "06_room": 3.6,  # share_backbone=True since; 3.7 before
 }
 
 # The share of each notebook's time spent sampling (the rest trains), a rough estimate from
@@ -62,19 +63,18 @@ REFERENCE_TRAIN_STEP_S = 1.78
 
 # Peak memory (GiB) of each notebook's kernel (its peak resident set) with its default
 # parameters on the bundled model, measured with the times above and rounded up (03: 6.0 GiB
-# with lean_memory(), 8.4 without; 06 was measured without it, 8.7 GiB); 05 is an
-# estimate (not run in that series): share_backbone PPO, TRL's RLOO (4.6 GiB in the PPO
-# benchmark), GRPO and DPO one after another. The kernel keeps what earlier cells loaded, and
-# freed memory is not always returned to the system, so a notebook's peak is well above its
-# largest single step (PPO with share_backbone=True: 4.8 GiB in the PPO benchmark).
+# with lean_memory(), 8.4 without; 01 6.4, 05 6.4 and 06 5.6 with it, 06 also with
+# share_backbone=True: 8.2 GiB with a separate value model). The kernel keeps what earlier
+# cells loaded, and freed memory is not always returned to the system, so a notebook's peak is
+# well above its largest single step (PPO with share_backbone=True: 4.8 GiB in the PPO benchmark).
 NOTEBOOK_RAM_GIB = {
     "00_tour": 1.5,
-    "01_demonstrations_sft": 7.0,
+    "01_demonstrations_sft": 6.5,
     "02_rankings_reward_model": 6.0,
     "03_ppo": 6.5,
     "04_evaluation": 4.5,
-    "05_beyond_ppo": 6.0,
-    "06_room": 9.0,
+    "05_beyond_ppo": 6.5,
+    "06_room": 6.0,
 }
 
 GENERATE_SHAPE = (8, 32)  # (prompts, new tokens) of the timed generation batch
@@ -308,9 +308,9 @@ def estimate_minutes(generate_s: float, train_step_s: float) -> dict[str, float]
 #   reward-hacking ones up to 64 tokens) and 96 best-of-n answers;
 # "sft_step": one SFT step of 8 demonstrations (labkit/sft.py's measured 5.0 s);
 # "rm_prompt": one prompt's K = 4 answers through an RM training step (about REFERENCE_TRAIN_STEP_S);
-# "dpo_step": one DPO step of 8 pairs (05_beyond_ppo: its 24 DPO steps took half of 14.8 min).
+# "dpo_step": one DPO step of 8 pairs (05_beyond_ppo: its 24 DPO steps took 388 s of 12.8 min).
 UNIT_SECONDS = {"answer": (0.5, 1.0), "ppo_episode": (1.5, 0.5), "sft_step": (5.0, 0.0), "rm_prompt": (2.25, 0.0),
-                "dpo_step": (18.5, 0.0)}
+                "dpo_step": (16.2, 0.0)}
 
 
 def timing_path() -> Path:
