@@ -354,6 +354,40 @@ def test_a_client_started_before_the_room_sends_later(tmp_path):
         _stop(server)
 
 
+def test_the_background_retry_ends_when_its_outbox_is_gone_or_the_client_closes(tmp_path, monkeypatch):
+    import shutil
+    import threading
+
+    crashed = []
+    monkeypatch.setattr(threading, "excepthook", lambda args: crashed.append(args.exc_value))
+    monkeypatch.setattr(RoomClient, "retry_s", (0.1, 0.2))
+    url = f"http://127.0.0.1:{_free_port()}/?token=room-token"  # nothing listens there
+    folder = tmp_path / "cache"
+    folder.mkdir()
+    with pytest.warns(UserWarning, match="does not answer"):
+        client = open_store(url, outbox=folder / "outbox.sqlite", timeout_s=0.2)
+    client.add_demonstration("sft-1", "Say hi.", "Hi!", "alice")  # queued; the retry thread keeps trying
+    retry = client._retry
+    assert retry is not None and retry.is_alive()
+    client.outbox.close()
+    shutil.rmtree(folder)  # e.g. a cleaned-up cache folder under a running kernel
+    with pytest.warns(UserWarning, match="background retry stops"):
+        retry.join(timeout=10)
+    assert not retry.is_alive() and crashed == []
+
+    with pytest.warns(UserWarning, match="does not answer"):
+        other = open_store(url, outbox=tmp_path / "o2.sqlite", timeout_s=0.2)
+    other.add_demonstration("sft-2", "Say hi.", "Hi!", "alice")
+    retry = other._retry
+    other.close()
+    retry.join(timeout=10)
+    assert not retry.is_alive() and crashed == []
+    with pytest.warns(UserWarning, match="does not answer"):
+        later = open_store(url, outbox=tmp_path / "o2.sqlite", timeout_s=0.2)
+    assert later.outbox.count() == 1  # what waited is kept for a later client
+    later.close()
+
+
 # ----------------------------------------------------------------------------- the room in the notebooks
 
 def test_widgets_take_a_room_url_and_names_are_unique_per_laptop(room, tmp_path):
@@ -379,6 +413,8 @@ def test_widgets_take_a_room_url_and_names_are_unique_per_laptop(room, tmp_path)
     assert again.annotator == "zoe" and again.item["prompt_id"] == "nm-1"  # resumed past nm-0
     with pytest.raises(ValueError, match="1-64 characters"):
         other.claim("x" * 65)
+    for client in (board.store, other, again.store):
+        client.close()  # no retry thread outlives the test
 
 
 def test_human_count_and_the_waiting_message(tmp_path, capsys):
