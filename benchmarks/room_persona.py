@@ -163,7 +163,7 @@ def main() -> None:
         times[f"{name}_s"] = time.perf_counter() - t0
         return result
 
-    rm_room = ({"model_dir": args.reuse_rm, **json.loads((Path(args.reuse_rm).parent / "metrics.json").read_text())}
+    rm_room = ({**json.loads((Path(args.reuse_rm).parent / "metrics.json").read_text()), "model_dir": args.reuse_rm}
                if args.reuse_rm else train_rm("rm_room", rankings))
     rm_base = train_rm("rm_without_room", baseline_rankings) if args.baseline else None
     held = samples[n_items:]
@@ -187,7 +187,6 @@ def main() -> None:
     t0 = time.perf_counter()
     records = data.load_prompts("eval")[:args.eval]
     shares, gold, distinct, examples = {}, {}, {}, {}
-    gold_labeler = labelers.GoldLabeler()
     for name, path in (("sft", args.model), ("ppo", ppo["model_dir"])):
         lm, lm_tok = models.load_model(path)
         greedy, cut = evaluate.answer(lm, lm_tok, records, max_new_tokens=args.eval_tokens, batch_size=24)
@@ -197,11 +196,11 @@ def main() -> None:
                         "sampled": labelers.trait_share(persona, sampled)}
         # a trait bought with one stock reply is reward hacking, not the room's influence: gold and the
         # share of distinct answers tell them apart (gold alone does not: see the stock reply below)
-        gold[name] = sum(map(gold_labeler.score, records, greedy, cut)) / len(records)
+        gold[name] = evaluate.gold_figures(records, greedy, cut)["gold/mean"]
         distinct[name] = len(set(greedy)) / len(greedy)
         examples[name] = [{"prompt": r["prompt"], "greedy": y} for r, y in zip(records[:4], greedy[:4])]
     # what one stock reply to every prompt scores with the gold labeler
-    gold["stock_reply"] = sum(gold_labeler.score(r, STOCK_REPLY) for r in records) / len(records)
+    gold["stock_reply"] = evaluate.gold_figures(records, [STOCK_REPLY] * len(records))["gold/mean"]
     times["eval_s"] = time.perf_counter() - t0
     wall = time.perf_counter() - t_start
     item_share = labelers.trait_share(persona, [y for it in items for y in it["responses"]])

@@ -655,22 +655,18 @@ class RoomClient:
         wait = self.retry_s[0]
         while True:
             time.sleep(wait)
-            with self._retry_lock:
-                if time.monotonic() >= self._gave_up_at:  # closed while this thread slept
-                    self._retry = None
-                    return
-            try:
-                self.flush(timeout=self.timeout_s * 2)
-            except PermissionError:
-                pass  # a refused token stays refused; the next submit or flush() reports it
-            except sqlite3.Error as e:  # the outbox file (or its folder) is gone: nothing left to send
-                warnings.warn(f"the outbox {self.outbox.path} cannot be read ({e}); background retry stops",
-                              stacklevel=1)
-                with self._retry_lock:
-                    self._retry = None
-                return
+            stop = time.monotonic() >= self._gave_up_at  # close()d while this thread slept: no more sends
+            if not stop:
+                try:
+                    self.flush(timeout=self.timeout_s * 2)
+                except PermissionError:
+                    pass  # a refused token stays refused; the next submit or flush() reports it
+                except sqlite3.Error as e:  # the outbox file (or its folder) is gone: nothing left to send
+                    warnings.warn(f"the outbox {self.outbox.path} cannot be read ({e}); background retry stops",
+                                  stacklevel=1)
+                    stop = True
             with self._retry_lock:  # a submit that queues after this check starts a new thread
-                if self.outbox.count() == 0 or time.monotonic() >= self._gave_up_at:
+                if stop or time.monotonic() >= self._gave_up_at or self.outbox.count() == 0:
                     self._retry = None
                     return
             wait = min(wait * 2, self.retry_s[1])
