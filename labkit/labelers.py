@@ -39,9 +39,11 @@ people at best, so labkit stands in for the rest with simulated labelers built i
 3. **Simulated labelers** (:class:`SimulatedLabeler`): utility = gold score + small
    per-labeler biases (length, format strictness, ...) + Gaussian noise, then rank; a labeler
    ties answers it cannot tell apart (utilities within ``tie_threshold`` of a tier's best),
-   as InstructGPT's labelers could. The default noise and tie threshold are calibrated
-   (:func:`measure_agreement`, ``benchmarks/labeler_agreement.py``) so two labelers agree on
-   about 73% of the pairs both order.
+   as InstructGPT's labelers could. A labeler with a room persona adds ``persona_bonus`` to an
+   answer that shows the persona's trait and takes up its prompt (:meth:`GoldLabeler.on_topic`:
+   a stock reply that happens to show the trait gets nothing for it). The default noise and tie
+   threshold are calibrated (:func:`measure_agreement`, ``benchmarks/labeler_agreement.py``) so
+   two labelers agree on about 73% of the pairs both order.
 """
 
 from __future__ import annotations
@@ -360,9 +362,10 @@ def _stem(word: str) -> str:
 
 
 def content_stems(text: str) -> set[str]:
-    """Stems of the words of ``text`` that are not stop words and have 3+ characters or digits."""
-    return {_stem(w) for w in words(text)
-            if w.lower() not in STOPWORDS and (len(w) >= 3 or w.isdigit())}
+    """Stems of the words of ``text`` that are not stop words and have 3+ characters or digits
+    (the stem too: "I'm" stems to "i", which says nothing about the topic)."""
+    stems = (_stem(w) for w in words(text) if w.lower() not in STOPWORDS)
+    return {s for s in stems if len(s) >= 3 or s.isdigit()}
 
 
 def repetition_score(text: str, n: int = 4) -> float:
@@ -458,6 +461,13 @@ class GoldLabeler:
         # graded, not capped: one more shared topic word is always worth a little
         return self.relevance_floor + (1 - self.relevance_floor) * (1 - math.exp(-shared / need))
 
+    def on_topic(self, record: dict, response: str) -> bool:
+        """The answer takes up its prompt: it shares a content word with it (or the prompt has none,
+        or it refuses a harmful one). A stock reply ("How can I help you today?") is not on topic."""
+        if record.get("harmful") and is_refusal(response):
+            return True
+        return not content_stems(record["prompt"]) or self._relevance(record, response) > self.relevance_floor
+
     def _info(self, record: dict, response: str) -> float:
         if self.short_ok(record):
             return 1.0  # "Positive." is a complete answer to a classification prompt
@@ -539,6 +549,7 @@ class SimulatedLabeler:
     tie_threshold: float = 0.02  # utilities closer than this to a tier's best share the tier
     persona: str | None = None  # a room persona (PERSONAS) this labeler applies; None = none
     persona_bonus: float = 0.4  # utility added to a response that shows the persona's trait
+    persona_on_topic: bool = True  # the bonus only counts on an answer that shares a topic word with its prompt
     gold: GoldLabeler = field(default_factory=GoldLabeler)  # the gold scorer underneath
 
     def __post_init__(self):
@@ -557,7 +568,8 @@ class SimulatedLabeler:
         if b["honesty"] is not None:
             u += self.honesty_bias * (b["honesty"] - 1)
         u += self.safety_bias * (b["harmlessness"] - 1)
-        if self.persona is not None and b["score"] > 0 and PERSONAS[self.persona].detect(response):
+        if self.persona is not None and b["score"] > 0 and PERSONAS[self.persona].detect(response) and (
+                not self.persona_on_topic or self.gold.on_topic(record, response)):
             u += self.persona_bonus  # the room's agreed preference, on top of what the gold scorer sees
         key = record.get("id") or record.get("prompt", "")
         return u + self.noise * _unit_noise(self.name, self.seed, key, response, truncated)
@@ -585,9 +597,10 @@ _TEMPERAMENTS = [
 
 
 def labeler_pool(n: int = 5, seed: int = 0, noise: float | None = None, persona: str | None = None,
-                 persona_bonus: float = 0.4) -> list[SimulatedLabeler]:
+                 persona_bonus: float = 0.4, persona_on_topic: bool = True) -> list[SimulatedLabeler]:
     """``n`` simulated labelers with varied biases; ``noise`` rescales every labeler's noise;
-    ``persona`` makes every one of them apply that room persona (a rehearsal of the room)."""
+    ``persona`` makes every one of them apply that room persona (a rehearsal of the room), to
+    on-topic answers only unless ``persona_on_topic`` is False."""
     if n < 1:
         raise ValueError("n must be >= 1")
     pool = []
@@ -597,7 +610,8 @@ def labeler_pool(n: int = 5, seed: int = 0, noise: float | None = None, persona:
             t["name"] = f"{t['name']}{i // len(_TEMPERAMENTS) + 1}"
         if noise is not None:
             t["noise"] = t.get("noise", DEFAULT_NOISE) / DEFAULT_NOISE * noise
-        pool.append(SimulatedLabeler(seed=seed * 1000 + i, persona=persona, persona_bonus=persona_bonus, **t))
+        pool.append(SimulatedLabeler(seed=seed * 1000 + i, persona=persona, persona_bonus=persona_bonus,
+                                     persona_on_topic=persona_on_topic, **t))
     return pool
 
 

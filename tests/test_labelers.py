@@ -383,6 +383,27 @@ def test_persona_labeler_adds_its_bonus_and_ranks_the_trait_first():
     assert 0.6 < wins / (20 * len(room)) < 0.95
 
 
+def test_persona_bonus_goes_to_answers_that_take_up_the_prompt():
+    record = {"id": "rm-y", "prompt": "Describe a good breakfast.", "category": "generation", "checks": []}
+    answer = "A good breakfast has oats, fruit and tea, which keep you full until lunch."
+    stock = "I'm ready to help! What can I help you with today?"  # shows the "reader" trait, answers nothing
+    gold = L.GoldLabeler()
+    assert gold.on_topic(record, answer) and not gold.on_topic(record, stock)
+    assert gold.on_topic({"prompt": "How do I make a bomb?", "harmful": True}, "I'm sorry, but I can't help with that.")
+    neutral = L.SimulatedLabeler(name="n", noise=0.0)
+    room = L.SimulatedLabeler(name="n", noise=0.0, persona="reader", persona_bonus=0.4)
+    loose = L.SimulatedLabeler(name="n", noise=0.0, persona="reader", persona_bonus=0.4, persona_on_topic=False)
+    assert room.utility(record, stock) == neutral.utility(record, stock)
+    assert loose.utility(record, stock) - neutral.utility(record, stock) == pytest.approx(0.4)
+    assert room.utility(record, answer) - neutral.utility(record, answer) == pytest.approx(0.4)
+    assert room.rank(record, [stock, answer]) == [[1], [0]]
+    assert {lab.persona_on_topic for lab in L.labeler_pool(3, persona="reader", persona_on_topic=False)} == {False}
+
+
+def test_contractions_are_not_topic_words():
+    assert L.content_stems("I'm sure it's 7 cats") == {"sure", "7", "cat"}
+
+
 def test_check_families_restrict_the_gold_scorer():
     assert set(L.CHECK_FAMILIES) == set(L.CHECKS)  # every check kind has a family
     keywords_only = L.GoldLabeler(check_families=("keywords",))
