@@ -9,11 +9,12 @@ split between seats), into one feedback store. Then:
 
 1. the reward model trained on the room's rankings, and a baseline RM trained on the same
    items ranked by the default pool without the persona (the room's feedback left out);
-2. RM accuracy on *persona pairs*: held-out responses to held-out prompts where exactly one
-   of the two shows the trait (does the RM prefer the one with the trait?);
+2. RM accuracy on *persona pairs*: responses to held-out prompts (the ppo split) where exactly
+   one of the two shows the trait (does the RM prefer the one with the trait?);
 3. a short PPO run against the room's RM;
 4. the trait's share in the starting policy's and PPO's answers to eval prompts, greedy
-   (what ``labkit run`` evaluates) and sampled at PPO's temperature; beside it the gold score
+   (what ``labkit run`` evaluates), sampled at PPO's temperature, and greedy counting only
+   answers that take up their prompt (``GoldLabeler.on_topic``); beside it the gold score
    and the share of distinct greedy answers, since PPO can buy the trait with one stock reply
    (and the gold score of that reply given to every prompt, for scale).
 
@@ -74,6 +75,8 @@ def main() -> None:
     ap.add_argument("--model", default="smollm2-135m", help="starting policy (the SFT model) and RM backbone")
     ap.add_argument("--persona", default="enthusiastic")
     ap.add_argument("--persona-bonus", type=float, default=0.4)
+    ap.add_argument("--persona-on-topic", type=int, default=1,
+                    help="1: labelers give the bonus only to answers that share a topic word with their prompt")
     ap.add_argument("--participants", type=int, default=25)
     ap.add_argument("--per-participant", type=int, default=20, help="rankings per participant")
     ap.add_argument("--seats", type=int, default=5, help="distinct queues; participants share seats in turn")
@@ -81,7 +84,10 @@ def main() -> None:
     ap.add_argument("--k", type=int, default=4)
     ap.add_argument("--sample-tokens", type=int, default=32)
     ap.add_argument("--heldout", type=int, default=16, help="held-out RM prompts for the persona pairs")
-    ap.add_argument("--rm-steps", type=int, default=24)
+    ap.add_argument("--rm-steps", type=int, default=24, help="RM optimiser steps; 0 = all of --rm-epochs")
+    ap.add_argument("--rm-epochs", type=int, default=1)
+    ap.add_argument("--rm-consensus", type=int, default=0,
+                    help="1: rankings of the same answers by several participants merge into one (mean rank)")
     ap.add_argument("--rm-lr", type=float, default=5e-5)
     ap.add_argument("--baseline", type=int, default=1, help="1: also train the RM without the persona")
     ap.add_argument("--ppo-steps", type=int, default=10)
@@ -128,8 +134,14 @@ def main() -> None:
     t0 = time.perf_counter()
     n_items = args.shared + args.seats * (args.per_participant - args.shared)
     rm_prompts = data.load_prompts("rm")
+    if n_items > len(rm_prompts):
+        raise SystemExit(f"{args.seats} seats x {args.per_participant - args.shared} items + {args.shared} shared = "
+                         f"{n_items} items, but the rm split has {len(rm_prompts)} prompts: use fewer seats")
     random.Random(args.seed).shuffle(rm_prompts)
-    ranked, heldout = rm_prompts[:n_items], rm_prompts[n_items:n_items + args.heldout]
+    # held-out persona pairs come from the ppo split, which no reward model trains on
+    ppo_prompts = data.load_prompts("ppo")
+    random.Random(args.seed + 1).shuffle(ppo_prompts)
+    ranked, heldout = rm_prompts[:n_items], ppo_prompts[:args.heldout]
     policy, tok = models.load_model(args.model)
     samples = sample_k(policy, tok, ranked + heldout, k=args.k, max_new_tokens=args.sample_tokens, temperature=1.0,
                        top_p=1.0, seed=args.seed, batch_size=32)
@@ -140,7 +152,7 @@ def main() -> None:
     # 2. The room: participant p sits at seat p % seats and ranks that seat's queue, with the persona.
     store = FeedbackStore(work / "room.sqlite")
     room = labelers.labeler_pool(args.participants, seed=args.seed, persona=persona.name,
-                                 persona_bonus=args.persona_bonus)
+                                 persona_bonus=args.persona_bonus, persona_on_topic=bool(args.persona_on_topic))
     plain = labelers.labeler_pool(args.participants, seed=args.seed)
     baseline_rankings = []
     for p, (lab, neutral) in enumerate(zip(room, plain)):
@@ -157,7 +169,8 @@ def main() -> None:
     def train_rm(name: str, records) -> dict:
         t0 = time.perf_counter()
         result = train_reward_model(RewardConfig(
-            model=args.model, rankings=records, out_dir=str(work / name), max_steps=args.rm_steps, batch_size=8,
+            model=args.model, rankings=records, out_dir=str(work / name), max_steps=args.rm_steps or None,
+            epochs=args.rm_epochs, consensus=bool(args.rm_consensus), batch_size=8,
             learning_rate=args.rm_lr, seed=args.seed, demonstrations=data.load_demonstrations()[:32],
             dashboard=False, progress=False))
         times[f"{name}_s"] = time.perf_counter() - t0
@@ -187,13 +200,17 @@ def main() -> None:
     t0 = time.perf_counter()
     records = data.load_prompts("eval")[:args.eval]
     shares, gold, distinct, examples = {}, {}, {}, {}
+    gold_labeler = labelers.GoldLabeler()
     for name, path in (("sft", args.model), ("ppo", ppo["model_dir"])):
         lm, lm_tok = models.load_model(path)
         greedy, cut = evaluate.answer(lm, lm_tok, records, max_new_tokens=args.eval_tokens, batch_size=24)
         sampled, _ = evaluate.answer(lm, lm_tok, records, max_new_tokens=args.eval_tokens, temperature=0.7,
                                      batch_size=24, seed=args.seed)
         shares[name] = {"greedy": labelers.trait_share(persona, greedy),
-                        "sampled": labelers.trait_share(persona, sampled)}
+                        "sampled": labelers.trait_share(persona, sampled),
+                        # the trait in answers that take up their prompt (a stock reply does not)
+                        "greedy_on_topic": sum(persona.detect(y) and gold_labeler.on_topic(r, y)
+                                               for r, y in zip(records, greedy)) / len(greedy)}
         # a trait bought with one stock reply is reward hacking, not the room's influence: gold and the
         # share of distinct answers tell them apart (gold alone does not: see the stock reply below)
         gold[name] = evaluate.gold_figures(records, greedy, cut)["gold/mean"]
@@ -222,10 +239,11 @@ def main() -> None:
                    k: rm_base.get(k) for k in ("eval/accuracy", "train/steps", "data/n_train")},
                "persona_pairs": len(pairs), "persona_pair_accuracy_room": acc_room,
                "persona_pair_accuracy_without_room": acc_base,
-               "rankings_seen": min(len(rankings), args.rm_steps * 8)},
+               "rankings_merged": rm_room.get("data/n_merged"), "train_steps": rm_room.get("train/steps")},
         "ppo": {k: ppo.get(k) for k in ("objective/scores", "objective/kl", "train/steps", "time/total_s")},
         "trait_share": shares,
-        "trait_share_rise_points": {m: 100 * (shares["ppo"][m] - shares["sft"][m]) for m in ("greedy", "sampled")},
+        "trait_share_rise_points": {m: 100 * (shares["ppo"][m] - shares["sft"][m])
+                                    for m in ("greedy", "sampled", "greedy_on_topic")},
         "gold_greedy": gold,
         "distinct_greedy_answers": distinct,
         "examples": examples,
@@ -238,9 +256,9 @@ def main() -> None:
     print(f"room: {args.participants} participants x {args.per_participant} = {len(rankings)} rankings of {n_items} "
           f"items (K={args.k}), agreement {agreement:.1%}; trait in the ranked samples {item_share:.1%}")
     print(f"{'':24} {'start (SFT)':>12} {'PPO':>8} {'rise':>8}")
-    for m in ("greedy", "sampled"):
+    for m in ("greedy", "sampled", "greedy_on_topic"):
         s, p = shares["sft"][m], shares["ppo"][m]
-        print(f"trait share, {m:<11} {s:12.1%} {p:8.1%} {100 * (p - s):+7.1f}pt")
+        print(f"trait, {m:<17} {s:12.1%} {p:8.1%} {100 * (p - s):+7.1f}pt")
     print(f"gold, greedy             {gold['sft']:12.3f} {gold['ppo']:8.3f} {gold['ppo'] - gold['sft']:+8.3f}"
           f"   (PPO's KL to the start: {ppo.get('objective/kl', float('nan')):.1f} nats)")
     print(f"distinct answers, greedy {distinct['sft']:12.1%} {distinct['ppo']:8.1%}"
