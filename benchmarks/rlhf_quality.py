@@ -236,7 +236,8 @@ def main_ablate(args) -> None:
     train = _load_samples(Path(args.samples))
     held = _load_samples(Path(args.heldout))[:args.heldout_prompts]
     held_records = [records[s["prompt_id"]] for s in held]
-    results = json.loads(ABLATION_RESULT.read_text()) if ABLATION_RESULT.exists() else {"rows": []}
+    result_path = Path(args.result) if args.result else ABLATION_RESULT
+    results = json.loads(result_path.read_text()) if result_path.exists() else {"rows": []}
     done = {r["name"] for r in results["rows"]}
     variants = [dict(name=v.split(":")[0], **json.loads(v.split(":", 1)[1])) for v in args.variant] or [
         dict(name="k4", k=4), dict(name="k8", k=8), dict(name="k8_no_ties", k=8, tie_scale=0.0),
@@ -251,6 +252,7 @@ def main_ablate(args) -> None:
         out = Path(args.out) / v["name"]
         res = train_reward_model(RewardConfig(model=args.backbone, rankings=ranked, out_dir=str(out), seed=args.seed,
                                               epochs=v.get("epochs", 1), learning_rate=v.get("lr", 5e-5),
+                                              micro_batch_size=v.get("micro_batch_size"),
                                               dashboard=False, progress=False, gold=False))
         rm, tok = load_reward_model(out / "model")
         with torch.no_grad():
@@ -261,7 +263,7 @@ def main_ablate(args) -> None:
         results["rows"] = [r for r in results["rows"] if r["name"] != v["name"]] + [row]
         results["setup"] = {"backbone": args.backbone, "train_samples": args.samples, "heldout": args.heldout,
                             "heldout_prompts": len(held)}
-        ABLATION_RESULT.write_text(json.dumps(results, indent=1) + "\n")
+        result_path.write_text(json.dumps(results, indent=1) + "\n")
         print(f"{v['name']}: RM agreement with gold {agree['value']:.3f} [{agree['low']:.3f}, {agree['high']:.3f}] "
               f"on {agree['n_prompts']} held-out prompts; prefers shorter {agree['rm_prefers_shorter']:.2f} "
               f"(gold {agree['gold_prefers_shorter']:.2f}); {row['wall_s']:.0f} s")
@@ -282,14 +284,15 @@ def main() -> None:
     ap.add_argument("--train-families", help="labelers see only these check families (comma-separated, e.g. "
                                              "keywords,change_case); the outside judge's other families are unseen")
     ap.add_argument("--fresh", action="store_true")
-    ap.add_argument("--result", help=f"results file (default {RESULT.relative_to(ROOT)})")
+    ap.add_argument("--result", help=f"results file (default {RESULT.relative_to(ROOT)}; "
+                                     f"ablate-rm: {ABLATION_RESULT.relative_to(ROOT)})")
     # ablate-rm
     ap.add_argument("--samples", help="ablate-rm: sample_k output on the rm split (JSON with 'samples')")
     ap.add_argument("--heldout", help="ablate-rm: sample_k output on held-out prompts")
     ap.add_argument("--backbone", default="smollm2-135m", help="ablate-rm: RM backbone (an SFT folder or a name)")
     ap.add_argument("--variant", action="append", default=[],
                     help='ablate-rm: NAME:{"k": 8, "tie_scale": 1.0, "lr": 5e-5, "epochs": 1, "noise": null, '
-                         '"labels": "one|all|consensus"}')
+                         '"labels": "one|all|consensus", "micro_batch_size": null}')
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--seed", type=int, default=0)
     args = ap.parse_args()
