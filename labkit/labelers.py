@@ -461,12 +461,20 @@ class GoldLabeler:
         # graded, not capped: one more shared topic word is always worth a little
         return self.relevance_floor + (1 - self.relevance_floor) * (1 - math.exp(-shared / need))
 
+    def _relevance_part(self, record: dict, response: str, refusal: bool | None = None) -> float:
+        """R of the quality term: a refusal of a harmful request need not echo the request."""
+        if record.get("harmful") and (is_refusal(response) if refusal is None else refusal):
+            return 1.0
+        return self._relevance(record, response)
+
+    def _on_topic(self, record: dict, relevance: float) -> bool:
+        return relevance > self.relevance_floor or not content_stems(record["prompt"])
+
     def on_topic(self, record: dict, response: str) -> bool:
         """The answer takes up its prompt: it shares a content word with it (or the prompt has none,
-        or it refuses a harmful one). A stock reply ("How can I help you today?") is not on topic."""
-        if record.get("harmful") and is_refusal(response):
-            return True
-        return not content_stems(record["prompt"]) or self._relevance(record, response) > self.relevance_floor
+        or it refuses a harmful one). A stock reply ("How can I help you today?") is not on topic.
+        ``breakdown(...)["on_topic"]`` holds the same."""
+        return self._on_topic(record, self._relevance_part(record, response))
 
     def _info(self, record: dict, response: str) -> float:
         if self.short_ok(record):
@@ -487,8 +495,7 @@ class GoldLabeler:
         asked_caps = any(c.get("type") == "uppercase" for c in record.get("checks", [])) or re.search(
             r"\b(?:all caps|capital letters|upper ?case)\b", record.get("prompt", ""), re.IGNORECASE)
         parts = {"length": self._length(record, len(words(response))),
-                 # a refusal of a harmful request need not echo the request
-                 "relevance": 1.0 if harmful and refusal else self._relevance(record, response),
+                 "relevance": self._relevance_part(record, response, refusal),
                  "info": self._info(record, response),
                  # a one-line answer where a short one is right (a label, a headline) needs no full stop
                  "ending": 1.0 if ends_cleanly(response) or (self.short_ok(record) and "\n" not in response.strip())
@@ -500,6 +507,7 @@ class GoldLabeler:
         quality = sum(w * parts[k] for k, w in weights.items()) / sum(weights.values())
         quality *= 1.0 if not truncated else self.truncated_factor
         out["quality_parts"], out["quality"] = parts, quality
+        out["on_topic"] = self._on_topic(record, parts["relevance"])
         if out["empty"]:
             out["score"] = 0.0
             return out
@@ -569,7 +577,7 @@ class SimulatedLabeler:
             u += self.honesty_bias * (b["honesty"] - 1)
         u += self.safety_bias * (b["harmlessness"] - 1)
         if self.persona is not None and b["score"] > 0 and PERSONAS[self.persona].detect(response) and (
-                not self.persona_on_topic or self.gold.on_topic(record, response)):
+                not self.persona_on_topic or b["on_topic"]):
             u += self.persona_bonus  # the room's agreed preference, on top of what the gold scorer sees
         key = record.get("id") or record.get("prompt", "")
         return u + self.noise * _unit_noise(self.name, self.seed, key, response, truncated)
