@@ -88,14 +88,63 @@ def per_category(run_dir: Path, final: str) -> dict:
         rec = records[a["id"]]
         sa, sb = gold.score(rec, a["response"], a["truncated"]), gold.score(rec, b["response"], b["truncated"])
         diffs.setdefault(rec["category"], []).append((sa, sb))
-    out = {}
-    for cat, rows in sorted(diffs.items()):
-        d = [p - s for s, p in rows]
-        n = len(d)
-        mean = sum(d) / n
-        sd = math.sqrt(sum((x - mean) ** 2 for x in d) / max(1, n - 1))
-        out[cat] = {"sft": sum(s for s, _ in rows) / n, "ppo": sum(p for _, p in rows) / n, "diff": mean,
-                    "low": mean - 1.96 * sd / math.sqrt(n), "high": mean + 1.96 * sd / math.sqrt(n), "n": n}
+    return {cat: _paired(rows) for cat, rows in sorted(diffs.items())}
+
+
+def _paired(pairs: list[tuple[float, float]]) -> dict:
+    """Means of A and B, the mean of B - A and its normal 95% interval."""
+    n = len(pairs)
+    d = [b - a for a, b in pairs]
+    mean = sum(d) / n
+    sd = math.sqrt(sum((x - mean) ** 2 for x in d) / max(1, n - 1))
+    half = 1.96 * sd / math.sqrt(n)
+    return {"sft": sum(a for a, _ in pairs) / n, "ppo": sum(b for _, b in pairs) / n, "diff": mean,
+            "low": mean - half, "high": mean + half, "n": n}
+
+
+def by_family(run_dir: Path, final: str, train: list[str]) -> dict:
+    """The held-out-family check: SFT against PPO on prompts whose instructions the labels
+    rewarded (``seen``), did not (``held_out``: labkit check families left out of training), or
+    that labkit never checks (``not_in_labkit``: outside-judge families such as ``combination``).
+
+    On labkit's eval prompts (full gold scorer, every check counts): gold and the share of the
+    group's checks followed, per prompt, paired. On the outside judge: the share of the group's
+    instructions followed, paired by prompt (a prompt counts in every group it has instructions of)."""
+    from labkit import ifeval
+    from labkit.data import load_prompts
+    from labkit.labelers import CHECK_FAMILIES, GoldLabeler
+    from labkit.report import load_jsonl
+
+    def group(fam: str) -> str:
+        return "seen" if fam in train else "held_out" if fam in CHECK_FAMILIES.values() else "not_in_labkit"
+
+    records = {r["id"]: r for r in load_prompts("eval")}
+    gold = GoldLabeler()
+    rows: dict[str, dict[str, list]] = {}
+    for a, b in zip(load_jsonl(run_dir / "eval" / "sft.jsonl"), load_jsonl(run_dir / "eval" / f"{final}.jsonl")):
+        rec = records[a["id"]]
+        groups = {group(CHECK_FAMILIES[c["type"]]) for c in rec.get("checks", [])}
+        if len(groups) != 1:  # no checks, or checks of seen and held-out families together
+            continue
+        g = rows.setdefault(groups.pop(), {"gold": [], "checks": []})
+        ba, bb = gold.breakdown(rec, a["response"], a["truncated"]), gold.breakdown(rec, b["response"], b["truncated"])
+        g["gold"].append((ba["score"], bb["score"]))
+        g["checks"].append((ba["instruction"], bb["instruction"]))
+    out = {"train_families": sorted(train),
+           "held_out_families": sorted(set(CHECK_FAMILIES.values()) - set(train)), "eval": {}, "outside": {}}
+    for name, g in sorted(rows.items()):
+        out["eval"][name] = {"gold": _paired(g["gold"]), "checks_followed": _paired(g["checks"])}
+    outside = ifeval.load_ifeval_prompts()
+    ys = {m: [r["response"] for r in load_jsonl(run_dir / "eval" / f"{m}_outside.jsonl")] for m in ("sft", final)}
+    followed = {m: [ifeval.judge(r, y) for r, y in zip(outside, ys[m])] for m in ys}
+    pairs: dict[str, list] = {}
+    for i, rec in enumerate(outside):
+        per: dict[str, list] = {}
+        for inst, fa, fb in zip(rec["instruction_id_list"], followed["sft"][i], followed[final][i]):
+            per.setdefault(group(ifeval.family(inst)), []).append((float(fa), float(fb)))
+        for name, v in per.items():
+            pairs.setdefault(name, []).append((sum(a for a, _ in v) / len(v), sum(b for _, b in v) / len(v)))
+    out["outside"] = {name: _paired(v) for name, v in sorted(pairs.items())}
     return out
 
 
@@ -150,6 +199,8 @@ def one_seed(args, seed: int) -> dict:
         "per_category": per_category(run_dir, final),
         "load_avg_1min_at_end": os.getloadavg()[0],
     }
+    if cfg.train_check_families:
+        row["families"] = by_family(run_dir, final, cfg.train_check_families)
     return row
 
 
@@ -196,6 +247,18 @@ def print_table(runs: list[dict]) -> None:
               f"{w['win_rate']:>6.3f} [{w['low']:.2f}, {w['high']:.2f}] {r['rm_gold_agreement']['value']:>8.3f} "
               f"{(r['labeler_agreement']['inter'] or math.nan):>6.3f} "
               f"{r['words']['sft']:>6.1f}/{r['words']['ppo']:<6.1f} {ifv:>28}")
+    for r in sorted(runs, key=lambda r: r["seed"]):
+        if "families" not in r:
+            continue
+        f = r["families"]
+        print(f"\nseed {r['seed']}: labels saw {', '.join(f['train_families'])}; held out: {', '.join(f['held_out_families'])}")
+        print(f"{'prompts, measure':>40} {'n':>4} {'SFT':>6} {'PPO':>6} {'PPO - SFT (95% ci)':>26}")
+        for where, key in (("eval", "gold"), ("eval", "checks_followed"), ("outside", None)):
+            for group, v in f[where].items():
+                v = v[key] if key else v
+                label = f"{where} {group} {key or 'instructions'}"
+                print(f"{label:>40} {v['n']:>4} {v['sft']:>6.3f} {v['ppo']:>6.3f} "
+                      f"{v['diff']:>+7.3f} [{v['low']:+.3f}, {v['high']:+.3f}]")
 
 
 # ----------------------------------------------------------------------------- RM-only ablations
