@@ -73,6 +73,10 @@ def main(argv: list[str] | None = None) -> int:
     p_run.add_argument("--fresh", action="store_true", help="start over instead of resuming the run folder")
     p_run.add_argument("--keep-checkpoints", action="store_true",
                        help="keep the stages' resume checkpoints (weights + optimizer state) after the run")
+    p_run.add_argument("--ptx-coef", type=float, default=None,
+                       help="PPO-ptx: weight of the language-modelling loss in PPO (default: the preset's, 0 = off)")
+    p_run.add_argument("--ptx-source", choices=["demonstrations", "base_answers"], default=None,
+                       help="PPO-ptx texts: the SFT demonstrations (default) or the starting model's own answers")
     p_doc = sub.add_parser("doctor", help="versions, device, RAM, widgets and per-notebook time estimates")
     p_doc.add_argument("--model", default="smollm2-135m", help="model to time (default: the bundled one)")
     p_doc.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
@@ -107,10 +111,13 @@ def main(argv: list[str] | None = None) -> int:
         print_report(doctor(args.model, threads=args.threads, seconds=args.seconds))
         return 0
     if args.command == "run":
-        from labkit.pipeline import RunConfig, run
+        from labkit.pipeline import PRESETS, RunConfig, run
 
+        if args.ptx_coef is not None and args.ptx_coef < 0:
+            parser.error("--ptx-coef must be >= 0")
+        ppo = None if args.ptx_coef is None else {**PRESETS[args.preset]["ppo"], "ptx_coef": args.ptx_coef}
         cfg = RunConfig.from_preset(args.preset, out_dir=args.out, rounds=args.rounds, model=args.model, fresh=args.fresh,
-                                    keep_checkpoints=args.keep_checkpoints)
+                                    keep_checkpoints=args.keep_checkpoints, ptx_source=args.ptx_source, ppo=ppo)
         try:
             metrics = run(cfg)
         except RuntimeError as e:  # a stage stopped (interrupted or non-finite): its own message

@@ -123,6 +123,21 @@ def test_a_stopped_stage_stops_labkit_run_with_its_message(tmp_path, monkeypatch
     assert "sft stopped (non-finite): non-finite training loss at step 3" in capsys.readouterr().err
 
 
+def test_labkit_run_turns_ptx_on_from_the_command_line(tmp_path, monkeypatch, capsys):
+    seen = []
+    monkeypatch.setattr("labkit.pipeline.run", lambda cfg: seen.append(cfg) or {"wall_s": 0})
+    out = str(tmp_path / "run")
+    assert cli.main(["run", "--preset", "tiny", "--out", out, "--ptx-coef", "0.3", "--ptx-source", "base_answers"]) == 0
+    cfg = seen[0]
+    assert cfg.ppo["ptx_coef"] == 0.3 and cfg.ptx_source == "base_answers"
+    assert cfg.ppo["steps"] == PRESETS["tiny"]["ppo"]["steps"]  # the rest of the preset's PPO settings stay
+    assert cli.main(["run", "--preset", "tiny", "--out", out]) == 0
+    assert seen[1].ppo.get("ptx_coef", 0) == 0 and seen[1].ptx_source == "demonstrations"  # the preset: off
+    with pytest.raises(SystemExit):
+        cli.main(["run", "--preset", "tiny", "--out", out, "--ptx-coef", "-1"])
+    assert "--ptx-coef must be >= 0" in capsys.readouterr().err
+
+
 def count_calls(monkeypatch, owner, name: str) -> list[int]:
     """Wrap ``owner.name(model, tokenizer, records, ...)``: the list grows by len(records) per call."""
     calls, real = [], getattr(owner, name)
