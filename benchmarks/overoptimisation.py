@@ -81,7 +81,7 @@ def plot(points: list[dict], path: Path, title: str) -> None:
     fig.update_yaxes(title_text="gold", row=1, col=2)
     fig.update_layout(title=title, height=420, width=1000)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fig.write_html(str(path), include_plotlyjs="cdn")
+    fig.write_html(str(path), include_plotlyjs=True)  # works offline
 
 
 def main() -> None:
