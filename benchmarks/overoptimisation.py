@@ -76,7 +76,7 @@ def plot(points: list[dict], path: Path, title: str) -> None:
                              showlegend=False), 1, 2)
     fig.update_xaxes(title_text="PPO step", row=1, col=1)
     fig.update_yaxes(title_text="RM score", row=1, col=1)
-    fig.update_yaxes(title_text="gold", row=1, col=1, secondary_y=True)
+    fig.update_yaxes(title_text="gold", row=1, col=1, secondary_y=True, tickformat=".3f")
     fig.update_xaxes(title_text="KL(policy || SFT), nats", row=1, col=2)
     fig.update_yaxes(title_text="gold", row=1, col=2)
     fig.update_layout(title=title, height=420, width=1000)
