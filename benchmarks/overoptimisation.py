@@ -44,13 +44,15 @@ def measure(model, sft, rm, tok, records: list[dict], sft_answers: tuple | None,
     from labkit.labelers import GoldLabeler, words
 
     ys, ts = evaluate.answer(model, tok, records, max_new_tokens=96, batch_size=16, seed=seed)
-    samples, sample_ts = evaluate.answer(model, tok, records, max_new_tokens=96, temperature=1.0, batch_size=16,
-                                         seed=seed + 1)
     prompts = [r["prompt"] for r in records]
     gold = GoldLabeler()
     with torch.no_grad():
         rm_scores = rm.score(tok, prompts, ys, progress=False)
-        kl = evaluate.kl_to_reference(model, sft, tok, prompts, samples, truncated=sample_ts)
+        kl = 0.0  # the SFT model itself
+        if model is not sft:
+            samples, sample_ts = evaluate.answer(model, tok, records, max_new_tokens=96, temperature=1.0,
+                                                 batch_size=16, seed=seed + 1)
+            kl = evaluate.kl_to_reference(model, sft, tok, prompts, samples, truncated=sample_ts)
     point = {"rm": sum(rm_scores) / len(rm_scores),
              "gold": sum(gold.score(r, y, t) for r, y, t in zip(records, ys, ts)) / len(ys),
              "kl": kl, "words": sum(len(words(y)) for y in ys) / len(ys), "stops": 1 - sum(ts) / len(ts)}

@@ -163,11 +163,7 @@ def one_seed(args, seed: int) -> dict:
     if args.train_families:
         values["train_check_families"] = args.train_families.split(",")
     run_dir = Path(args.out) / f"seed{seed}"
-    base = RunConfig.from_preset(args.preset, out_dir=str(run_dir), model=args.model, seed=seed)
-    cfg_values = {f: getattr(base, f) for f in base.__dataclass_fields__}
-    for key, value in values.items():
-        cfg_values[key] = {**cfg_values[key], **value} if isinstance(value, dict) else value
-    cfg = RunConfig(**cfg_values)
+    cfg = RunConfig.from_preset(args.preset, out_dir=str(run_dir), **{"model": args.model, "seed": seed, **values})
     t0 = time.time()
     metrics = run(cfg)
     final = f"ppo_r{cfg.rounds}"

@@ -111,11 +111,11 @@ def main(argv: list[str] | None = None) -> int:
         print_report(doctor(args.model, threads=args.threads, seconds=args.seconds))
         return 0
     if args.command == "run":
-        from labkit.pipeline import PRESETS, RunConfig, run
+        from labkit.pipeline import RunConfig, run
 
         if args.ptx_coef is not None and args.ptx_coef < 0:
             parser.error("--ptx-coef must be >= 0")
-        ppo = None if args.ptx_coef is None else {**PRESETS[args.preset]["ppo"], "ptx_coef": args.ptx_coef}
+        ppo = None if args.ptx_coef is None else {"ptx_coef": args.ptx_coef}  # merged into the preset's
         cfg = RunConfig.from_preset(args.preset, out_dir=args.out, rounds=args.rounds, model=args.model, fresh=args.fresh,
                                     keep_checkpoints=args.keep_checkpoints, ptx_source=args.ptx_source, ppo=ppo)
         try:

@@ -88,10 +88,15 @@ class RunConfig:
 
     @classmethod
     def from_preset(cls, name: str, out_dir: str | None = None, model: str | None = None, **kw) -> "RunConfig":
+        """The preset's settings with ``kw`` on top (None values ignored). A stage's settings
+        (``sft``, ``rm``, ``ppo``) are merged into the preset's: ``ppo=dict(ptx_coef=0.3)`` keeps
+        the preset's other PPO settings."""
         if name not in PRESETS:
             raise ValueError(f"unknown preset {name!r}; choose from {sorted(PRESETS)}")
         values = json.loads(json.dumps(PRESETS[name]))  # a deep copy
-        values.update({k: v for k, v in kw.items() if v is not None})
+        for key, value in kw.items():
+            if value is not None:
+                values[key] = {**values.get(key, {}), **value} if key in ("sft", "rm", "ppo") else value
         if model:
             values["model"] = model
         values["out_dir"] = out_dir or f"runs/{name}"
