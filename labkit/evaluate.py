@@ -308,24 +308,35 @@ def sequence_logprobs(model, tokenizer, prompts: list[str], responses: list[str]
     """Sum of log p(response | prompt) under ``model``, one value per pair: (N,).
 
     A response ends with EOS, as the model produced it, except where ``truncated`` says it was
-    cut at the length limit: the model never emitted that EOS, so it is not scored."""
+    cut at the length limit: the model never emitted that EOS, so it is not scored.
+
+    Pairs go through the model in batches of similar length, left-padded so that every
+    response ends its row; the unembedding runs only on the last R + 1 positions (R: the
+    batch's longest response), not on the prompts, which are most of the tokens."""
+    if len(prompts) != len(responses):
+        raise ValueError(f"{len(prompts)} prompts but {len(responses)} responses")
     device = next(model.parameters()).device
     truncated = truncated or [False] * len(responses)
-    out = []
-    for i in range(0, len(prompts), batch_size):
-        q = [tokenizer(models.format_prompt(tokenizer, p), add_special_tokens=False).input_ids for p in prompts[i:i + batch_size]]
-        r = [tokenizer(y, add_special_tokens=False).input_ids + [tokenizer.eos_token_id] * (not t)
-             for y, t in zip(responses[i:i + batch_size], truncated[i:i + batch_size])]
-        ids, attn = models.pad_rows([a + b for a, b in zip(q, r)], tokenizer.pad_token_id)  # (B, T) right-padded
-        resp_mask = torch.zeros(ids.shape)  # (B, T): 1 on response tokens
-        for j, (a, b) in enumerate(zip(q, r)):
-            resp_mask[j, len(a):len(a) + len(b)] = 1
-        ids, attn, resp_mask = ids.to(device), attn.to(device), resp_mask.to(device)
+    q = [tokenizer(models.format_prompt(tokenizer, p), add_special_tokens=False).input_ids for p in prompts]
+    r = [tokenizer(y, add_special_tokens=False).input_ids + [tokenizer.eos_token_id] * (not t)
+         for y, t in zip(responses, truncated)]
+    order = sorted(range(len(q)), key=lambda i: len(q[i]) + len(r[i]))  # little padding per batch
+    out = torch.zeros(len(q))
+    for s in range(0, len(order), batch_size):
+        idx = [i for i in order[s:s + batch_size] if r[i]]  # an empty response scores 0
+        if not idx:
+            continue
+        ids, attn = models.pad_rows([q[i] + r[i] for i in idx], tokenizer.pad_token_id, side="left")  # (B, T)
+        R = max(len(r[i]) for i in idx)
+        ids, attn = ids.to(device), attn.to(device)
         with models.autocast(device):
-            logits = model(input_ids=ids, attention_mask=attn).logits  # (B, T, V)
-        logp = logprobs_from_logits(logits[:, :-1], ids[:, 1:])  # (B, T-1), in fp32
-        out.append((logp * resp_mask[:, 1:]).sum(-1).cpu())
-    return torch.cat(out)
+            logits = model(input_ids=ids, attention_mask=attn, position_ids=models.position_ids(attn),
+                           logits_to_keep=R + 1).logits  # (B, R + 1, V)
+        logp = logprobs_from_logits(logits[:, :-1], ids[:, -R:])  # (B, R): log p of the last R tokens, fp32
+        lengths = torch.tensor([len(r[i]) for i in idx], device=device)  # (B,)
+        resp_mask = torch.arange(R, device=device) >= R - lengths[:, None]  # (B, R): each row's own response
+        out[idx] = torch.where(resp_mask, logp, 0.0).sum(-1).cpu()  # where, not *: pad columns may hold nan
+    return out
 
 
 def kl_to_reference(policy, reference, tokenizer, prompts: list[str], responses: list[str],

@@ -66,3 +66,23 @@ def test_rankings_through_rm_lists_one_annotators_order_beside_the_rm():
     assert [r["trait"] for r in rows[3:]] == [False, True]
     assert evaluate.rankings_through_rm(_LengthRM(), None, rankings, annotator="ben", limit=1)[1]["their rank"] == 2
     assert evaluate.rankings_through_rm(_LengthRM(), None, rankings, annotator="cleo") == []
+
+
+def test_sequence_logprobs_equal_a_plain_forward_per_pair(monkeypatch):
+    """Length-sorted, left-padded batches with the unembedding on the responses only give each
+    pair's log-probability as an unpadded forward of that pair alone (fp32, so exactly)."""
+    monkeypatch.setattr(models, "fast_dtype", lambda device="auto": torch.float32)  # autocast off
+    model, tok = models.load_model("tiny", dtype="float32")
+    prompts = ["Say hi.", "Count to three, slowly, one number a line.", "Name a colour.", "Why is the sky blue?"]
+    responses = ["hi there", "one\ntwo\nthree", "", "Because air scatters blue light more than red light."]
+    truncated = [False, True, True, False]
+    got = evaluate.sequence_logprobs(model, tok, prompts, responses, batch_size=3, truncated=truncated)
+    for p, y, t, value in zip(prompts, responses, truncated, got):
+        q = tok(models.format_prompt(tok, p), add_special_tokens=False).input_ids
+        r = tok(y, add_special_tokens=False).input_ids + [tok.eos_token_id] * (not t)
+        ids = torch.tensor([q + r])
+        with torch.no_grad():
+            logp = torch.log_softmax(model(input_ids=ids).logits[0, :-1].float(), -1)  # (T - 1, V)
+        want = sum(logp[len(q) - 1 + j, tok_id].item() for j, tok_id in enumerate(r))
+        assert value.item() == pytest.approx(want, abs=1e-3), (p, y)
+    assert got[2].item() == 0.0  # an empty, truncated answer has no token to score
