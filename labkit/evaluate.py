@@ -24,7 +24,7 @@ from collections import defaultdict
 import torch
 
 from labkit import labelers, models
-from labkit.ppo import logprobs_from_logits
+from labkit.ppo import logprobs_from_logits, response_logits
 
 
 # ----------------------------------------------------------------------------- answering
@@ -310,9 +310,9 @@ def sequence_logprobs(model, tokenizer, prompts: list[str], responses: list[str]
     A response ends with EOS, as the model produced it, except where ``truncated`` says it was
     cut at the length limit: the model never emitted that EOS, so it is not scored.
 
-    Pairs go through the model in batches of similar length, left-padded so that every
-    response ends its row; the unembedding runs only on the last R + 1 positions (R: the
-    batch's longest response), not on the prompts, which are most of the tokens."""
+    Pairs go through the model in batches of similar length, laid out as PPO's rollouts are
+    (prompts left-padded, responses right-padded after them), so the unembedding runs on the
+    response columns only, not on the prompts, which are most of the tokens."""
     if len(prompts) != len(responses):
         raise ValueError(f"{len(prompts)} prompts but {len(responses)} responses")
     device = next(model.parameters()).device
@@ -323,19 +323,17 @@ def sequence_logprobs(model, tokenizer, prompts: list[str], responses: list[str]
     order = sorted(range(len(q)), key=lambda i: len(q[i]) + len(r[i]))  # little padding per batch
     out = torch.zeros(len(q))
     for s in range(0, len(order), batch_size):
-        idx = [i for i in order[s:s + batch_size] if r[i]]  # an empty response scores 0
-        if not idx:
-            continue
-        ids, attn = models.pad_rows([q[i] + r[i] for i in idx], tokenizer.pad_token_id, side="left")  # (B, T)
-        R = max(len(r[i]) for i in idx)
-        ids, attn = ids.to(device), attn.to(device)
+        idx = order[s:s + batch_size]
+        if not any(r[i] for i in idx):
+            continue  # only empty responses: each scores 0
+        queries, query_mask = models.pad_rows([q[i] for i in idx], tokenizer.pad_token_id, side="left")  # (B, Tq)
+        resp, resp_mask = models.pad_rows([r[i] for i in idx], tokenizer.pad_token_id)  # (B, R)
+        ids, attn = torch.cat([queries, resp], 1).to(device), torch.cat([query_mask, resp_mask], 1).to(device)
+        resp, resp_mask = resp.to(device), resp_mask.to(device)
         with models.autocast(device):
-            logits = model(input_ids=ids, attention_mask=attn, position_ids=models.position_ids(attn),
-                           logits_to_keep=R + 1).logits  # (B, R + 1, V)
-        logp = logprobs_from_logits(logits[:, :-1], ids[:, -R:])  # (B, R): log p of the last R tokens, fp32
-        lengths = torch.tensor([len(r[i]) for i in idx], device=device)  # (B,)
-        resp_mask = torch.arange(R, device=device) >= R - lengths[:, None]  # (B, R): each row's own response
-        out[idx] = torch.where(resp_mask, logp, 0.0).sum(-1).cpu()  # where, not *: pad columns may hold nan
+            logits = response_logits(model, ids, attn, resp.shape[1])  # (B, R, V)
+        logp = logprobs_from_logits(logits, resp)  # (B, R), in fp32
+        out[idx] = (logp * resp_mask).sum(-1).cpu()
     return out
 
 

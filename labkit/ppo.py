@@ -56,6 +56,13 @@ def logprobs_from_logits(logits: torch.Tensor, labels: torch.Tensor) -> torch.Te
     return logp.gather(-1, labels.unsqueeze(-1)).squeeze(-1)  # (B, T)
 
 
+def response_logits(net: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor, R: int) -> torch.Tensor:
+    """Logits (B, R, V) that predict the last R columns of (left-padded query + response) rows;
+    the unembedding (V = 49k columns on the bundled model) runs on those columns only."""
+    return net(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids(attention_mask),
+               use_cache=False, logits_to_keep=R + 1).logits[:, :-1]
+
+
 def entropy_from_logits(logits: torch.Tensor) -> torch.Tensor:
     """Entropy of the categorical distribution at each position: (B, T, V) -> (B, T)."""
     logits = logits.float()
@@ -351,10 +358,7 @@ class PolicyAndValue(nn.Module):
                                position_ids=positions, use_cache=False).logits  # (B, T, V)
         R = n_response
         if self.value_model is not None:
-            # logits_to_keep: the unembedding (V = 49k columns) runs on the response only
-            logits = self.policy(input_ids=input_ids, attention_mask=attention_mask, position_ids=positions,
-                                 use_cache=False, logits_to_keep=R + 1).logits[:, :-1]  # (B, R, V)
-            return logits, self.values(input_ids, attention_mask, R)
+            return response_logits(self.policy, input_ids, attention_mask, R), self.values(input_ids, attention_mask, R)
         hidden = self._response_hidden(input_ids, attention_mask, positions, R)  # (B, R, H)
         return self.policy.get_output_embeddings()(hidden), self._head_values(hidden)
 
@@ -539,9 +543,7 @@ def _reference_logprobs(model: PolicyAndValue, reference, input_ids, attention_m
     """log pi_SFT of the response tokens (B, R): the frozen copy, or the policy with LoRA off."""
     context = model.policy.disable_adapter() if reference is None else contextlib.nullcontext()
     with context:
-        net = model.policy if reference is None else reference
-        logits = net(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids(attention_mask),
-                     use_cache=False, logits_to_keep=R + 1).logits[:, :-1]  # (B, R, V)
+        logits = response_logits(model.policy if reference is None else reference, input_ids, attention_mask, R)
     return logprobs_from_logits(logits.float() / temperature, responses)
 
 
