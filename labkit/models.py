@@ -14,6 +14,9 @@ Conventions fixed here, once, for the whole kit:
   hardware runs it fast (CUDA with bf16; CPUs with AMX or AVX-512-BF16) and fp32 otherwise.
   Training stages load fp32 master weights and compute under ``torch.autocast`` with
   :func:`fast_dtype`, which is the same hardware test.
+- **Attention.** Models that would use PyTorch's SDPA get labkit's wrapper of it
+  (:func:`use_training_attention`): the same kernel, run in fp32 where a CPU trains under bf16
+  autocast, because the CPU kernel's bf16 backward is slower than its fp32 one at these sizes.
 """
 
 from __future__ import annotations
@@ -146,6 +149,53 @@ def pad_rows(rows: list[list[int]], pad_id: int, side: str = "right") -> tuple[t
             input_ids[i, cols] = torch.tensor(r, dtype=torch.long)
             attention_mask[i, cols] = 1
     return input_ids, attention_mask
+
+
+# ----------------------------------------------------------------------------- attention
+
+TRAINING_ATTENTION = "labkit_sdpa"
+
+
+def _sdpa_fp32_when_training_on_cpu(module, query, key, value, attention_mask, **kwargs):
+    """transformers' SDPA attention, in fp32 when it runs with gradients under CPU autocast.
+
+    Under bf16 autocast a CPU runs SDPA's flash kernel in bf16, and its backward costs about 8x
+    its forward at training sizes (4 sequences of 177 tokens, 9 heads: 12 ms against 1.5); in
+    fp32 forward and backward together take 7.5 ms (``benchmarks/training_attention.py``).
+    Inference (no gradients: sampling, scoring) and GPUs keep the plain kernel and dtype.
+    """
+    from transformers.integrations.sdpa_attention import sdpa_attention_forward
+
+    if query.device.type == "cpu" and torch.is_grad_enabled() and torch.is_autocast_enabled("cpu"):
+        if attention_mask is not None and attention_mask.is_floating_point():
+            attention_mask = attention_mask.float()
+        with torch.autocast("cpu", enabled=False):
+            out, weights = sdpa_attention_forward(module, query.float(), key.float(), value.float(),
+                                                  attention_mask, **kwargs)
+        return out, weights  # fp32: the output projection's autocast casts it back to bf16
+    return sdpa_attention_forward(module, query, key, value, attention_mask, **kwargs)
+
+
+@functools.cache
+def _register_training_attention() -> None:
+    from transformers import AttentionInterface
+    from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
+
+    AttentionInterface.register(TRAINING_ATTENTION, _sdpa_fp32_when_training_on_cpu)
+    AttentionMaskInterface.register(TRAINING_ATTENTION, sdpa_mask)  # the same boolean masks as SDPA
+
+
+def use_training_attention(model) -> None:
+    """Switch a transformers model that uses SDPA to :func:`_sdpa_fp32_when_training_on_cpu`.
+
+    Everything that shares the model's config (its decoder, a reward model built on it) follows.
+    The setting is not written by ``save_pretrained``; other attention kinds are left alone.
+    """
+    config = getattr(model, "config", None)
+    if config is None or getattr(config, "_attn_implementation", None) != "sdpa":
+        return
+    _register_training_attention()
+    model.set_attn_implementation(TRAINING_ATTENTION)
 
 
 def autocast(device: str | torch.device = "auto", enabled: bool = True):
@@ -288,6 +338,7 @@ def load_model(name_or_path: str = BUNDLED, dtype: str | torch.dtype = "auto",
                 "holding config.json and safetensors weights; Hugging Face ids need the hub or its cache."
             ) from e
     model = model.to(device=device, dtype=dtype)
+    use_training_attention(model)
     if model.config.pad_token_id is None or model.config.pad_token_id != tok.pad_token_id:
         model.config.pad_token_id = tok.pad_token_id
     if getattr(model, "generation_config", None) is not None:

@@ -28,7 +28,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from labkit.live import LiveDashboard, progress
-from labkit.models import autocast, format_prompt, last_index, pad_rows, position_ids, resolve_device, resolve_dtype
+from labkit.models import (TRAINING_ATTENTION, autocast, format_prompt, last_index, pad_rows, position_ids,
+                           resolve_device, resolve_dtype, use_training_attention)
 from labkit.rankings import (consensus, n_comparisons, normalize_tiers, ordered_pairs, pairwise_accuracy, scores_to_ranks,
                              tiers_to_ranks)
 from labkit.stage import NonFiniteError, defer_interrupt, finish
@@ -77,7 +78,7 @@ class RewardModel(nn.Module):
         if attention_mask.dim() == 4:
             if positions is None:
                 raise ValueError("a 4D attention mask needs position ids")
-            if self.config._attn_implementation != "sdpa":
+            if self.config._attn_implementation not in ("sdpa", TRAINING_ATTENTION):
                 # transformers hands a 4D mask to the attention as it is: SDPA takes booleans,
                 # eager attention adds the mask to the scores, so it needs 0 / -inf-like numbers.
                 blocked = torch.finfo(torch.float32).min
@@ -178,6 +179,7 @@ class RewardModel(nn.Module):
         device = resolve_device(device)
         dtype = resolve_dtype(dtype, device)
         backbone = AutoModel.from_pretrained(path, dtype=dtype)
+        use_training_attention(backbone)
         rm = cls(backbone, meta["hidden_size"])
         rm.head.load_state_dict(load_file(path / HEAD_FILE))
         rm.bias.fill_(meta["bias"])

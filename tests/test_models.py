@@ -86,6 +86,31 @@ def test_local_folder_round_trip(tmp_path):
     assert tok2.pad_token_id == tok.pad_token_id and tok2.padding_side == "left"
 
 
+def test_training_attention_runs_sdpa_in_fp32_only_when_training_under_cpu_autocast(tmp_path):
+    from transformers.integrations.sdpa_attention import sdpa_attention_forward
+
+    model, _ = models.load_model("tiny", dtype="float32", device="cpu")
+    assert model.config._attn_implementation == models.TRAINING_ATTENTION
+    model.save_pretrained(tmp_path)  # the setting stays in the process: a saved config does not name it
+    assert "labkit_sdpa" not in (tmp_path / "config.json").read_text()
+    attn = model.model.layers[0].self_attn  # 4 query heads, 2 key/value heads of 16
+    g = torch.Generator().manual_seed(0)
+    q = torch.randn(2, 4, 7, 16, generator=g, requires_grad=True)
+    k, v = (torch.randn(2, 2, 7, 16, generator=g, requires_grad=True) for _ in range(2))
+    exact, _ = sdpa_attention_forward(attn, q, k, v, None)  # fp32, no autocast
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        plain, _ = sdpa_attention_forward(attn, q, k, v, None)
+        training, _ = models._sdpa_fp32_when_training_on_cpu(attn, q, k, v, None)
+        with torch.no_grad():
+            inference, _ = models._sdpa_fp32_when_training_on_cpu(attn, q, k, v, None)
+    assert plain.dtype == torch.bfloat16 and training.dtype == torch.float32
+    torch.testing.assert_close(training, exact)  # fp32 numbers, not bf16's
+    assert not torch.allclose(plain.float(), exact, atol=1e-4)
+    assert inference.dtype == torch.bfloat16 and torch.equal(inference, plain)  # sampling keeps bf16
+    training.sum().backward()
+    assert q.grad is not None and q.grad.dtype == torch.float32
+
+
 def test_pad_rows_right_and_left_and_last_index():
     ids, mask = models.pad_rows([[5, 6, 7], [8]], pad_id=0)  # right: training and scoring
     assert ids.tolist() == [[5, 6, 7], [8, 0, 0]] and mask.tolist() == [[1, 1, 1], [1, 0, 0]]
