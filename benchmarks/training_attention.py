@@ -167,7 +167,7 @@ def main(argv: list[str] | None = None) -> dict:
     torch.set_num_threads(args.threads)
 
     from generation import matmul_peak
-    from labkit.models import fast_dtype, load_model, use_training_attention
+    from labkit.models import cpu_name, fast_dtype, load_model, use_training_attention
 
     if fast_dtype(torch.device("cpu")) != torch.bfloat16:
         print("this CPU has no fast bf16: training runs in fp32 and the two attentions are the same")
@@ -183,7 +183,7 @@ def main(argv: list[str] | None = None) -> dict:
         rows += ppo_rows(args.new_tokens, max(2, args.repeats // 2))
     print(table(rows))
     result = {"benchmark": "training_attention",
-              "machine": {"platform": platform.platform(), "processor": platform.processor(), "cpus": os.cpu_count(),
+              "machine": {"cpu": cpu_name(), "platform": platform.platform(), "cpus": os.cpu_count(),
                           "torch": torch.__version__, "threads": args.threads, "loadavg_start": load_start,
                           "loadavg_end": os.getloadavg()},
               "matmul_peak_flops": {"bf16": peak},
