@@ -116,12 +116,31 @@ def evaluate_model(model, split: str = "eval", limit: int | None = None, tokeniz
 
 # ----------------------------------------------------------------------------- win rates
 
+def _is_reward_model(judge) -> bool:
+    return hasattr(judge, "score") and hasattr(judge, "token_values")  # a labkit RewardModel
+
+
+def _rm_pair_scores(rm, records, responses_a, responses_b, tokenizer) -> tuple[list[float], list[float]]:
+    """RM scores of A and B with each prompt's two answers side by side, so the RM computes the
+    prompt once (prefix sharing); an answer both models gave is scored once and ties exactly."""
+    recs, ys = [], []
+    for r, a, b in zip(records, responses_a, responses_b):
+        recs += [r] if a == b else [r, r]
+        ys += [a] if a == b else [a, b]
+    scores = iter(_judge_scores(rm, recs, ys, None, tokenizer))
+    sa, sb = [], []
+    for a, b in zip(responses_a, responses_b):
+        sa.append(next(scores))
+        sb.append(sa[-1] if a == b else next(scores))
+    return sa, sb
+
+
 def _judge_scores(judge, records, responses, truncated=None, tokenizer=None) -> list[float]:
     truncated = truncated or [False] * len(records)
     if judge == "gold" or isinstance(judge, labelers.GoldLabeler):
         g = judge if isinstance(judge, labelers.GoldLabeler) else labelers.GoldLabeler()
         return [g.score(r, y, truncated=t) for r, y, t in zip(records, responses, truncated)]
-    if hasattr(judge, "score") and hasattr(judge, "token_values"):  # a labkit RewardModel
+    if _is_reward_model(judge):
         tok = tokenizer or getattr(judge, "tokenizer", None)
         if tok is None:
             raise ValueError("a reward-model judge needs the tokenizer")
@@ -149,8 +168,11 @@ def win_rate(responses_a: list[str], responses_b: list[str], prompts: list[dict]
         raise ValueError("responses_a, responses_b and prompts must have the same length")
     if not prompts:
         raise ValueError("no prompts to judge")
-    sa = _judge_scores(judge, prompts, responses_a, truncated_a, tokenizer)
-    sb = _judge_scores(judge, prompts, responses_b, truncated_b, tokenizer)
+    if _is_reward_model(judge):
+        sa, sb = _rm_pair_scores(judge, prompts, responses_a, responses_b, tokenizer)
+    else:
+        sa = _judge_scores(judge, prompts, responses_a, truncated_a, tokenizer)
+        sb = _judge_scores(judge, prompts, responses_b, truncated_b, tokenizer)
     outcomes = [1.0 if a - b > tie_margin else 0.0 if b - a > tie_margin else 0.5 for a, b in zip(sa, sb)]
     return _summarise(outcomes) | {"score_a": _mean(sa), "score_b": _mean(sb)}
 

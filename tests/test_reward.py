@@ -308,6 +308,25 @@ def test_score_shares_consecutive_prompts_and_keeps_the_order(tiny):
     assert m[0]["eval/loss"] == pytest.approx(m[1]["eval/loss"], abs=1e-6)
 
 
+def test_win_rate_with_an_rm_judge_scores_each_pair_in_one_pass(tiny, monkeypatch):
+    from labkit import evaluate
+
+    rm, tok = tiny
+    recs = [{"id": str(i), "prompt": p, "category": "other"} for i, p in enumerate(["Say hi.", "What is 2+2?", "Name a river."])]
+    a, b = ["Hi!", "4", "The Rhine."], ["Hello there, friend.", "four", "The Rhine."]  # the last: the same answer
+    prompts = [r["prompt"] for r in recs]
+    sa = rm.score(tok, prompts, a, prefix_sharing=False, progress=False)
+    sb = rm.score(tok, prompts, b, prefix_sharing=False, progress=False)
+    calls = []
+    score = rm.score
+    monkeypatch.setattr(rm, "score", lambda *args, **kw: calls.append(args[1]) or score(*args, **kw))
+    w = evaluate.win_rate(a, b, recs, rm, tokenizer=tok)
+    assert calls == [[prompts[0], prompts[0], prompts[1], prompts[1], prompts[2]]]  # one call, A and B side by side
+    assert w["ties"] == 1 + sum(x == y for x, y in zip(sa[:2], sb[:2]))  # one answer, one score: an exact tie
+    assert w["score_a"] == pytest.approx(sum(sa) / 3, abs=1e-5) and w["score_b"] == pytest.approx(sum(sb) / 3, abs=1e-5)
+    assert w["wins"] == sum(x > y for x, y in zip(sa, sb)) and w["losses"] == sum(x < y for x, y in zip(sa, sb))
+
+
 # ----------------------------------------------------------------------------- training
 
 def keyword_rankings(n: int, k: int = 4, seed: int = 0) -> list[dict]:
