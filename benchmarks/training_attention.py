@@ -109,7 +109,6 @@ def model_rows(model, tok, batches: list[int], repeats: int) -> list[dict]:
         for impl in IMPLS:
             row[f"{impl}_ms"] = _median_ms(times[impl][1:])
         rows.append(row)
-    model.set_attn_implementation("labkit_sdpa")
     return rows
 
 
@@ -167,14 +166,13 @@ def main(argv: list[str] | None = None) -> dict:
     torch.set_num_threads(args.threads)
 
     from generation import matmul_peak
-    from labkit.models import cpu_name, fast_dtype, load_model, use_training_attention
+    from labkit.models import cpu_name, fast_dtype, load_model
 
     if fast_dtype(torch.device("cpu")) != torch.bfloat16:
         print("this CPU has no fast bf16: training runs in fp32 and the two attentions are the same")
     load_start = os.getloadavg()
     peak = matmul_peak(torch.bfloat16)
-    model, tok = load_model("smollm2-135m", dtype="float32", device="cpu")
-    use_training_attention(model)
+    model, tok = load_model("smollm2-135m", dtype="float32", device="cpu")  # labkit_sdpa already set
     rows = op_rows([(4, 177), (4, 300), (8, 200), (16, 120)], args.repeats)
     print(table(rows), flush=True)
     rows += model_rows(model, tok, [4, 8], args.repeats)

@@ -125,8 +125,9 @@ def _rm_pair_scores(rm, records, responses_a, responses_b, tokenizer) -> tuple[l
     prompt once (prefix sharing); an answer both models gave is scored once and ties exactly."""
     recs, ys = [], []
     for r, a, b in zip(records, responses_a, responses_b):
-        recs += [r] if a == b else [r, r]
-        ys += [a] if a == b else [a, b]
+        texts = [a] if a == b else [a, b]
+        recs += [r] * len(texts)
+        ys += texts
     scores = iter(_judge_scores(rm, recs, ys, None, tokenizer))
     sa, sb = [], []
     for a, b in zip(responses_a, responses_b):
