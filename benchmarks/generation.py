@@ -4,7 +4,11 @@ The same left-padded, length-sorted batches of chat-formatted prompts (the embed
 split, repeated to fill a batch) go through
 
 - ``labkit``: ``labkit.generation.sample_tokens(..., return_logprobs=False)``, the loop
-  ``generate`` and ``sample_k`` run;
+  ``generate`` and ``sample_k`` run, with its own forward for Llama-architecture models (the
+  bundled one); its bf16 weight copies are made once, as one ``generate`` call makes them for
+  all its batches (the time to make them is recorded as ``bf16_weight_copy_s``);
+- ``labkit_mf``: the same loop through ``model.forward`` (labkit's sampler before it had its
+  own forward, and the path for other architectures);
 - ``hf``: ``model.generate`` (transformers' loop, DynamicCache, its logits processors), as
   labkit called it before it had its own loop;
 - ``llamacpp`` (batch 1, greedy): llama-cpp-python on the bundled GGUF file itself, a CPU
@@ -96,15 +100,27 @@ def prompt_batch(tok, prompts: list[str], batch_size: int):
     return _left_pad(sorted(ids, key=len), tok.pad_token_id)  # (B, T) each
 
 
-def run_labkit(model, input_ids, mask, new_tokens: int, sampled: bool, bf16: bool) -> float:
-    from labkit.generation import sample_tokens
+WEIGHT_COPIES: dict = {}  # labkit's bf16 weight copies, made once (as one generate call makes them for its batches)
 
-    t0, c0 = time.perf_counter(), time.process_time()
-    responses, _, _ = sample_tokens(model, input_ids, mask, new_tokens, temperature=0.7, top_p=0.9,
-                                    do_sample=sampled, eos_token_id=None, pad_token_id=0, bf16=bf16,
-                                    return_logprobs=False)
+
+def run_labkit(model, input_ids, mask, new_tokens: int, sampled: bool, bf16: bool, lean: bool = True) -> float:
+    from labkit import generation
+
+    generation.LEAN_FORWARD = lean
+    try:
+        t0, c0 = time.perf_counter(), time.process_time()
+        responses, _, _ = generation.sample_tokens(model, input_ids, mask, new_tokens, temperature=0.7, top_p=0.9,
+                                                   do_sample=sampled, eos_token_id=None, pad_token_id=0, bf16=bf16,
+                                                   return_logprobs=False, cache=WEIGHT_COPIES)
+    finally:
+        generation.LEAN_FORWARD = True
     assert responses.shape[1] == new_tokens
     return time.perf_counter() - t0, time.process_time() - c0
+
+
+def run_labkit_model_forward(model, input_ids, mask, new_tokens: int, sampled: bool, bf16: bool) -> float:
+    """labkit's loop through ``model.forward`` (its sampler before it had its own forward)."""
+    return run_labkit(model, input_ids, mask, new_tokens, sampled, bf16, lean=False)
 
 
 def run_hf(model, input_ids, mask, new_tokens: int, sampled: bool, bf16: bool) -> float:
@@ -171,7 +187,8 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--batch-sizes", default="1,8,32,64")
     ap.add_argument("--modes", default="greedy,sampled")
     ap.add_argument("--dtypes", default="bf16,fp32", help="bf16 = bf16 autocast over fp32 weights")
-    ap.add_argument("--methods", default="labkit,hf,llamacpp")
+    ap.add_argument("--methods", default="labkit,labkit_mf,hf,llamacpp",
+                    help="labkit: its sampler; labkit_mf: the same loop through model.forward; hf: model.generate")
     ap.add_argument("--new-tokens", type=int, default=32)
     ap.add_argument("--repeats", type=int, default=2, help="timed calls per method and setting, taken in turn")
     ap.add_argument("--threads", type=int, default=2)
@@ -197,11 +214,14 @@ def main(argv: list[str] | None = None) -> dict:
     model, tok = load_model(args.model, dtype="float32", device="cpu")
     params = count_parameters(model)
     prompts = [r["prompt"] for r in load_prompts("eval")]
-    runners = {"labkit": run_labkit, "hf": run_hf}
+    runners = {"labkit": run_labkit, "labkit_mf": run_labkit_model_forward, "hf": run_hf}
 
     t0 = time.perf_counter()  # warm-up; the labkit bf16 call also makes the one-off bf16 copy of the weights
     run_labkit(model, *prompt_batch(tok, prompts, 2), 2, False, True)
     bf16_cast_s = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    run_labkit_model_forward(model, *prompt_batch(tok, prompts, 2), 2, False, True)
+    bf16_cast_s = {"labkit": bf16_cast_s, "labkit_mf": time.perf_counter() - t0}
     for name, run in runners.items():
         if name in methods:
             for bf16 in (True, False):
@@ -232,9 +252,11 @@ def main(argv: list[str] | None = None) -> dict:
                                  "mfu": 2 * params * processed / wall / peaks[dtype],
                                  "prompt_tokens": int(mask.sum()), "padded_prompt_length": mask.shape[1],
                                  "loadavg": max(loads)})
-                if "hf" in times and "labkit" in times:
-                    rows[-2]["speedup_vs_hf"] = rows[-2]["tokens_per_s"] / rows[-1]["tokens_per_s"]
-                    rows[-2]["cpu_speedup_vs_hf"] = rows[-2]["tokens_per_cpu_s"] / rows[-1]["tokens_per_cpu_s"]
+                if "hf" in times:
+                    hf = rows[-1]
+                    for r in rows[-len(times):-1]:
+                        r["speedup_vs_hf"] = r["tokens_per_s"] / hf["tokens_per_s"]
+                        r["cpu_speedup_vs_hf"] = r["tokens_per_cpu_s"] / hf["tokens_per_cpu_s"]
                 print(table(rows[-len(times):]).split("\n", 2)[-1], flush=True)
                 write(args, info, peaks, params, bf16_cast_s, rows, None)  # kept if the run is cut short
 

@@ -14,11 +14,24 @@ evaluation, and the chat playground.
 - **bf16 weights, cast and packed once.** Under bf16 autocast every ``nn.Linear`` would re-cast its
   fp32 weight to bf16 at every step, and oneDNN re-packs a bf16 weight into its kernel's
   blocked layout at every call; a decoding step of a few rows is then mostly that memory
-  traffic. The loop swaps each fp32 linear weight for a bf16 copy cast (and, on CPUs where
-  oneDNN's packed bf16 linear works, packed) once per call (:func:`bf16_linear_weights`; a
-  stream keeps its copies for all its tokens); the result is the same numbers autocast
-  computes, since autocast rounds the same weights the same way. Embeddings, norms and the
-  residual stream stay in the weights' own dtype.
+  traffic. The loop uses a bf16 copy of each linear weight, cast (and, on CPUs where oneDNN's
+  packed bf16 linear works, packed) once per ``generate`` call for all its batches, once per
+  stream for all its tokens (:func:`bf16_linear_weights`; labkit's own forward makes its fused
+  copies the same way); the result is the same numbers autocast computes, since autocast
+  rounds the same weights the same way. Embeddings, norms and the residual stream stay in the
+  weights' own dtype.
+- **Its own forward for Llama-architecture models** (the bundled SmolLM2, Llama 2/3 and
+  kin; :class:`_LeanDecoder`). ``model.forward`` is general, and a decoding step of a few rows
+  through 30 small layers spends most of its time outside the products: in masks built per
+  call, in casts of the whole cache under autocast, in PyTorch's fused attention kernel (built
+  for long queries: one query row per head costs it as much as a hundred) and in small
+  element-wise operations. labkit's forward computes the same function with fewer, larger
+  operations: q/k/v and gate/up as one product each, rotary positions once per step for all
+  layers (by the model's own rotary module), fused RMSNorm, keys and values in fp32 in a cache
+  allocated once, a decoding step's attention as two small fp32 products, and the unembedding
+  on the last position only. In fp32 it gives ``model.forward``'s tokens and log-probs (a test
+  checks it); models with adapters on their layers (LoRA) or other architectures go through
+  ``model.forward`` with the same loop.
 - **Last position only.** The unembedding (49k columns for SmolLM2) runs on the last
   position of each row (``logits_to_keep=1``), in the prompt pass too.
 - **Sampling in labkit.** Greedy = argmax. Sampling draws from ``softmax(logits / T)`` by
@@ -60,6 +73,7 @@ from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 
 import torch
+import torch.nn.functional as F
 from transformers.cache_utils import Cache, DynamicLayer
 
 from labkit.live import progress
@@ -240,6 +254,215 @@ def bf16_linear_weights(model, enabled: bool = True, cache: dict | None = None):
                 module.forward = own
 
 
+# ----------------------------------------------------------------------------- labkit's own forward
+
+LEAN_FORWARD = True  # run Llama-architecture models through _LeanDecoder (False: through model.forward)
+
+
+def lean_supported(model) -> bool:
+    """True when :class:`_LeanDecoder` can run ``model``: a Llama-architecture decoder (SmolLM2,
+    Llama 2/3 and their kin: pre-norm RMSNorm, rotary positions, grouped-query attention, SwiGLU)
+    whose linear layers are plain ``nn.Linear`` (no adapters wrapped around them)."""
+    config = getattr(model, "config", None)
+    core = getattr(model, "model", None)
+    if (config is None or getattr(config, "model_type", None) != "llama" or getattr(config, "hidden_act", None) != "silu"
+            or getattr(config, "pretraining_tp", 1) != 1 or not hasattr(core, "rotary_emb")
+            or not hasattr(core, "layers") or type(getattr(model, "lm_head", None)) is not torch.nn.Linear):
+        return False
+    for layer in core.layers:
+        a, m = layer.self_attn, layer.mlp
+        if any(type(p) is not torch.nn.Linear for p in (a.q_proj, a.k_proj, a.v_proj, a.o_proj,
+                                                         m.gate_proj, m.up_proj, m.down_proj)):
+            return False
+    return True
+
+
+def _use_lean(model) -> bool:
+    return LEAN_FORWARD and lean_supported(model)
+
+
+def _compute_dtype(model, device: torch.device) -> torch.dtype:
+    """The dtype of products and attention in the decoding loop: autocast's where it is on, else the weights'."""
+    if torch.is_autocast_enabled(device.type):
+        return torch.get_autocast_dtype(device.type)
+    return next(model.parameters()).dtype
+
+
+class _Projection:
+    """One or more ``nn.Linear`` applied to the same input, their outputs side by side: q, k and v
+    become one product, gate and up another (fewer, larger products; a decoding step of a few rows
+    pays a fixed cost per product). In bf16 the weights are cast (and on a CPU packed, see
+    :func:`_packed_linear_works`) once; in fp32 the modules' own weights are used, not copied."""
+
+    def __init__(self, linears: list, dtype: torch.dtype):
+        self.dtype, self.linears = dtype, linears
+        self.packed = self.weight = self.bias = None
+        if dtype == torch.float32 and all(lin.weight.dtype == torch.float32 for lin in linears):
+            return
+        w = torch.cat([lin.weight.detach() for lin in linears]).to(dtype)  # (sum of outs, in)
+        biases = [lin.bias for lin in linears]
+        if any(b is not None for b in biases):
+            self.bias = torch.cat([b.detach() if b is not None else w.new_zeros(lin.out_features)
+                                   for b, lin in zip(biases, linears)]).to(dtype)
+        if w.device.type == "cpu" and dtype == torch.bfloat16 and _packed_linear_works():
+            self.packed = torch.ops.mkldnn._reorder_linear_weight(w, None)
+        else:
+            self.weight = w
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        x = x.to(self.dtype)
+        if self.packed is not None:
+            return torch.ops.mkldnn._linear_pointwise(x, self.packed, self.bias, "none", [], "")
+        if self.weight is not None:
+            return F.linear(x, self.weight, self.bias)
+        outs = [lin(x) for lin in self.linears]
+        return outs[0] if len(outs) == 1 else torch.cat(outs, -1)
+
+
+class _LeanDecoder:
+    """A Llama-architecture model's forward for sampling, written for the decoding loop.
+
+    ``model.forward`` is general (masks built per call, hooks, output records, per-step casts of the
+    whole cache under autocast); a decoding step of a 30-layer 135M model on a CPU then spends more
+    time in that general code and in small element-wise operations than in its products. This
+    forward computes the same function with fewer operations: fused q/k/v and gate/up products,
+    rotary positions computed once per step for all layers (by the model's own rotary module, so
+    its scaling rules apply), fused RMSNorm, keys and values kept in fp32 in a cache allocated once,
+    attention of a decoding step as two small products (:meth:`_attend`), and the unembedding on the
+    last position only. Precision: the residual stream and norms in the weights' dtype, the
+    products in ``dtype`` (bf16 under bf16 autocast, as autocast computes them), rotary positions
+    and attention in fp32.
+    """
+
+    def __init__(self, model, capacity: int, dtype: torch.dtype, cache: dict | None = None):
+        config, core = model.config, model.model
+        self.embed, self.rotary, self.dtype, self.capacity = core.embed_tokens, core.rotary_emb, dtype, capacity
+        self.heads, self.kv_heads = config.num_attention_heads, config.num_key_value_heads
+        self.head_dim = getattr(config, "head_dim", None) or config.hidden_size // self.heads
+        self.norm = (core.norm.weight, core.norm.variance_epsilon)
+        # Casting, fusing and packing the products' weights takes about half a second for the bundled
+        # model (mostly fresh memory); a caller with several batches on unchanged weights keeps `cache`.
+        key = ("lean", dtype)
+        if cache is None or key not in cache:
+            layers = []
+            for layer in core.layers:
+                a, m = layer.self_attn, layer.mlp
+                layers.append(dict(
+                    norm1=(layer.input_layernorm.weight, layer.input_layernorm.variance_epsilon),
+                    qkv=_Projection([a.q_proj, a.k_proj, a.v_proj], dtype), o=_Projection([a.o_proj], dtype),
+                    norm2=(layer.post_attention_layernorm.weight, layer.post_attention_layernorm.variance_epsilon),
+                    gate_up=_Projection([m.gate_proj, m.up_proj], dtype), down=_Projection([m.down_proj], dtype),
+                    scale=a.scaling, intermediate=m.gate_proj.out_features))
+            weights = (layers, _Projection([model.lm_head], dtype))
+            if cache is None:
+                self.layers, self.unembed = weights
+            else:
+                cache[key] = weights
+        if cache is not None:
+            self.layers, self.unembed = cache[key]
+        self.keys = self.values = None  # per layer (B, kv_heads, capacity, head_dim), allocated at the first call
+        self.length = 0
+
+    @staticmethod
+    def _rms_norm(x: torch.Tensor, norm: tuple) -> torch.Tensor:
+        weight, eps = norm
+        return F.rms_norm(x, weight.shape, weight, eps)
+
+    def __call__(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+        """Feed ``input_ids`` (b, t) at ``positions`` (b, t) after the cached columns;
+        ``attention_mask`` (b, cached + t) marks the real tokens among all columns (0 = left padding).
+        Returns the last position's logits (b, V), fp32."""
+        b, t = input_ids.shape
+        H, KV, D = self.heads, self.kv_heads, self.head_dim
+        start, end = self.length, attention_mask.shape[1]
+        if end != start + t:
+            raise ValueError(f"attention_mask covers {end} columns; the cache holds {start} and {t} are new")
+        if end > self.capacity:
+            raise RuntimeError(f"KV cache full: {end} positions > capacity {self.capacity}")
+        with torch.autocast(input_ids.device.type, enabled=False):
+            x = self.embed(input_ids)  # (b, t, E), the weights' dtype
+            if self.keys is None:
+                self.keys = [x.new_empty(b, KV, self.capacity, D, dtype=torch.float32) for _ in self.layers]
+                self.values = [x.new_empty(b, KV, self.capacity, D, dtype=torch.float32) for _ in self.layers]
+            cos, sin = self.rotary(x, positions)  # (b, t, D)
+            cos, sin = cos[:, :, None].float(), sin[:, :, None].float()  # over heads: (b, t, 1, D)
+            mask = self._mask(attention_mask, t)
+            half = D // 2
+            for i, layer in enumerate(self.layers):
+                qkv = layer["qkv"](self._rms_norm(x, layer["norm1"])).view(b, t, H + 2 * KV, D)
+                qk = qkv[:, :, :H + KV].float()  # rotary positions in fp32, as the model's own forward
+                qk = qk * cos + torch.cat((-qk[..., half:], qk[..., :half]), -1) * sin
+                self.keys[i][:, :, start:end] = qk[:, :, H:].transpose(1, 2)
+                self.values[i][:, :, start:end] = qkv[:, :, H + KV:].transpose(1, 2)
+                a = self._attend(qk[:, :, :H].transpose(1, 2), self.keys[i][:, :, :end], self.values[i][:, :, :end],
+                                 mask, layer["scale"])  # (b, H, t, D)
+                x = x + layer["o"](a.transpose(1, 2).reshape(b, t, H * D))
+                gate_up = layer["gate_up"](self._rms_norm(x, layer["norm2"]))
+                gate, up = gate_up.split(layer["intermediate"], -1)
+                x = x + layer["down"](F.silu(gate) * up)
+            self.length = end
+            return self.unembed(self._rms_norm(x[:, -1], self.norm)).float()  # (b, V)
+
+    def _mask(self, attention_mask: torch.Tensor, t: int) -> torch.Tensor | None:
+        """Additive fp32 mask (b, 1, t, end) of the columns each new position attends to; None when
+        that is every column (one new position per row and no padding)."""
+        b, end = attention_mask.shape
+        if t == 1 and bool(attention_mask.all()):
+            return None
+        allowed = attention_mask.bool()[:, None, None, :].expand(b, 1, t, end).clone()  # (b, 1, t, end)
+        if t > 1:  # causal among the new positions; a pad position attends to itself (no empty rows)
+            new = torch.ones(t, t, dtype=torch.bool, device=attention_mask.device)
+            allowed[..., end - t:] &= new.tril()
+            allowed[..., end - t:] |= torch.eye(t, dtype=torch.bool, device=attention_mask.device)
+        return torch.zeros(allowed.shape, device=allowed.device).masked_fill_(~allowed, float("-inf"))
+
+    ATTEND_DIRECT_MAX = 1 << 20  # score elements (b x heads x t x columns) up to which attention runs as two products
+
+    def _attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None,
+                scale: float) -> torch.Tensor:
+        """Attention of ``q`` (b, H, t, D) over the cache ``k``, ``v`` (b, KV, end, D), all fp32.
+
+        A decoding step (t = 1) is two small fp32 products per layer, the H / KV query heads of a
+        key head stacked as rows of one product. PyTorch's fused CPU kernel is built for long
+        queries: at t = 1 it took 1.7 ms for 32 rows over 130 columns where the two products take
+        0.13 (AMD EPYC, 2 threads). Long prompt passes go through the fused kernel in ``dtype``."""
+        b, H, t, D = q.shape
+        KV, end = k.shape[1], k.shape[2]
+        if b * H * t * end > self.ATTEND_DIRECT_MAX:
+            dt = self.dtype
+            return F.scaled_dot_product_attention(q.to(dt), k.to(dt), v.to(dt), scale=scale, enable_gqa=KV != H,
+                                                  attn_mask=None if mask is None else mask.to(dt))
+        g = H // KV  # query heads per key head (query head h reads key head h // g)
+        scores = torch.matmul(q.reshape(b, KV, g * t, D), k.transpose(-1, -2)).view(b, KV, g, t, end) * scale
+        if mask is not None:
+            scores = scores + mask[:, :, None]  # (b, 1, 1, t, end)
+        return torch.matmul(scores.softmax(-1).view(b, KV, g * t, end), v).view(b, H, t, D)
+
+    def keep_rows(self, rows: torch.Tensor) -> None:
+        """Keep only batch rows ``rows`` (finished responses leave; copies of a prompt join)."""
+        self.keys = [k[rows] for k in self.keys]
+        self.values = [v[rows] for v in self.values]
+
+
+class _ModelForward:
+    """The decoding loop's forward through ``model.forward`` (any decoder whose layers all attend
+    over the full sequence), with the same call as :class:`_LeanDecoder`."""
+
+    def __init__(self, model, capacity: int):
+        self.model, self.cache_arg = model, _cache_argument(model)
+        self.slabs = [KVSlab(capacity) for _ in range(model.config.num_hidden_layers)]
+        self.cache = Cache(layers=self.slabs)
+
+    def __call__(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+        out = self.model(input_ids=input_ids, attention_mask=attention_mask, position_ids=positions,
+                         use_cache=True, logits_to_keep=1, **{self.cache_arg: self.cache})
+        return out.logits[:, -1].float()  # (b, V)
+
+    def keep_rows(self, rows: torch.Tensor) -> None:
+        for slab in self.slabs:
+            slab.keep_rows(rows)
+
+
 # ----------------------------------------------------------------------------- sampling
 
 
@@ -283,7 +506,7 @@ def sample_next(logits: torch.Tensor, temperature: float = 1.0, top_p: float = 1
 
 def _decode(model, input_ids: torch.Tensor, attention_mask: torch.Tensor, max_new_tokens: int,
             temperature: float, top_p: float, do_sample: bool, eos_token_id: int | None, pad_token_id: int,
-            with_logprobs: bool, generator: torch.Generator | None) -> Iterator[tuple]:
+            with_logprobs: bool, generator: torch.Generator | None, cache: dict | None = None) -> Iterator[tuple]:
     """Yield, per step, ``(tokens, logprobs, entropy)``, each (B,) for all rows of the batch
     (pad token, 0 and 0 for finished rows; logprobs and entropy None unless asked for).
 
@@ -291,9 +514,8 @@ def _decode(model, input_ids: torch.Tensor, attention_mask: torch.Tensor, max_ne
     """
     B, T = input_ids.shape
     device = input_ids.device
-    slabs = [KVSlab(T + max_new_tokens) for _ in range(model.config.num_hidden_layers)]
-    cache = Cache(layers=slabs)
-    cache_arg = _cache_argument(model)
+    forward = (_LeanDecoder(model, T + max_new_tokens, _compute_dtype(model, device), cache) if _use_lean(model)
+               else _ModelForward(model, T + max_new_tokens))
     mask = torch.ones(B, T + max_new_tokens, dtype=attention_mask.dtype, device=device)  # (B, T + R)
     mask[:, :T] = attention_mask
     positions = position_ids(attention_mask)  # (B, T)
@@ -309,15 +531,10 @@ def _decode(model, input_ids: torch.Tensor, attention_mask: torch.Tensor, max_ne
     for step in range(max_new_tokens):
         if step == 0 and not new_prompt.all():
             first = new_prompt.nonzero().squeeze(1)  # (P,)
-            out = model(input_ids=input_ids[first], attention_mask=mask[first, :T], position_ids=positions[first],
-                        use_cache=True, logits_to_keep=1, **{cache_arg: cache})
-            for slab in slabs:
-                slab.keep_rows(source_row)  # (P, ...) -> (B, ...)
-            logits = out.logits[:, -1].float()[source_row]  # (B, V)
+            logits = forward(input_ids[first], mask[first, :T], positions[first])[source_row]  # (B, V)
+            forward.keep_rows(source_row)  # (P, ...) -> (B, ...)
         else:
-            out = model(input_ids=tokens_in, attention_mask=mask[:, :n_filled], position_ids=positions,
-                        use_cache=True, logits_to_keep=1, **{cache_arg: cache})
-            logits = out.logits[:, -1].float()  # (b, V)
+            logits = forward(tokens_in, mask[:, :n_filled], positions)  # (b, V)
         tokens = sample_next(logits, temperature, top_p, do_sample, generator).masked_fill_(done, pad_token_id)  # (b,)
         full = torch.full((B,), pad_token_id, dtype=torch.long, device=device).index_copy_(0, active, tokens)  # (B,)
         logprobs = entropy = None
@@ -335,8 +552,7 @@ def _decode(model, input_ids: torch.Tensor, attention_mask: torch.Tensor, max_ne
             return
         if n_running <= len(active) // 2:  # compact: finished rows leave the batch
             keep = (~done).nonzero().squeeze(1)
-            for slab in slabs:
-                slab.keep_rows(keep)
+            forward.keep_rows(keep)
             active, tokens, mask, next_position, done = (active[keep], tokens[keep], mask[keep],
                                                          next_position[keep], done[keep])
         tokens_in, positions = tokens[:, None], next_position  # (b, 1)
@@ -347,7 +563,7 @@ def _decode(model, input_ids: torch.Tensor, attention_mask: torch.Tensor, max_ne
 def sample_tokens(model, input_ids: torch.Tensor, attention_mask: torch.Tensor, max_new_tokens: int,
                   temperature: float = 1.0, top_p: float = 1.0, do_sample: bool = True,
                   eos_token_id: int | None = None, pad_token_id: int = 0, bf16: bool = True,
-                  generator: torch.Generator | None = None, return_logprobs: bool = True
+                  generator: torch.Generator | None = None, return_logprobs: bool = True, cache: dict | None = None
                   ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
     """Sample responses to left-padded prompts ``input_ids``/``attention_mask`` (B, T).
 
@@ -357,15 +573,18 @@ def sample_tokens(model, input_ids: torch.Tensor, attention_mask: torch.Tensor, 
     also when ``top_p`` < 1 narrows the draw), and its ``entropy`` (B, R) fp32; both 0 after EOS.
     ``bf16`` runs under bf16 autocast where the hardware is fast at it (``labkit.models.autocast``).
     ``return_logprobs=False`` skips the two (B, V) softmaxes per step and returns None for both.
+    ``cache``: a dict the caller keeps over several calls on unchanged weights (the batches of one
+    ``generate`` call): the weights' bf16 copies are made once for all of them.
     """
     device = input_ids.device
     steps = []
-    with _sampling_context(model, device, bf16):
+    with _sampling_context(model, device, bf16, cache=cache):
         if not fast_path_supported(model, input_ids.shape[1] + max_new_tokens):
             return _hf_sample_tokens(model, input_ids, attention_mask, max_new_tokens, temperature, top_p, do_sample,
                                      eos_token_id, pad_token_id, return_logprobs)
         for step in _decode(model, input_ids, attention_mask, max_new_tokens, temperature, top_p, do_sample,
-                            eos_token_id, pad_token_id, with_logprobs=return_logprobs, generator=generator):
+                            eos_token_id, pad_token_id, with_logprobs=return_logprobs, generator=generator,
+                            cache=cache):
             steps.append(step)
     responses = torch.stack([s[0] for s in steps], 1)  # (B, R)
     if not return_logprobs:
@@ -375,12 +594,14 @@ def sample_tokens(model, input_ids: torch.Tensor, attention_mask: torch.Tensor, 
 
 @contextmanager
 def _sampling_context(model, device: torch.device, bf16: bool, cache: dict | None = None):
-    """eval mode, bf16 autocast (if asked for and fast here) with bf16 linear weights cast once."""
+    """eval mode, bf16 autocast (if asked for and fast here) with bf16 linear weights cast once
+    (the lean decoder makes its own bf16 weights and needs no swap)."""
     use_bf16 = bf16 and fast_dtype(device) == torch.bfloat16
     was_training = model.training
     model.eval()
     try:
-        with autocast(device, enabled=use_bf16), bf16_linear_weights(model, enabled=use_bf16, cache=cache):
+        with autocast(device, enabled=use_bf16), bf16_linear_weights(model, enabled=use_bf16 and not _use_lean(model),
+                                                                    cache=cache):
             yield
     finally:
         model.train(was_training)
@@ -446,6 +667,7 @@ def generate(model, tokenizer, prompts: Sequence[str], max_new_tokens: int = 64,
     responses: list[str] = [""] * len(ids)
     truncated: list[bool] = [False] * len(ids)
     batches = [order[i:i + batch_size] for i in range(0, len(order), batch_size)]
+    copies: dict = {}  # the weights' bf16 copies, made once for all batches of this call
     devices = [device] if device.type == "cuda" else []
     with torch.random.fork_rng(devices=devices, enabled=seed is not None):
         if seed is not None:
@@ -454,7 +676,7 @@ def generate(model, tokenizer, prompts: Sequence[str], max_new_tokens: int = 64,
             input_ids, attention_mask = _left_pad([ids[i] for i in batch], pad_id)  # (B, T)
             new_tokens, _, _ = sample_tokens(model, input_ids.to(device), attention_mask.to(device),
                                              max_new_tokens, temperature, top_p, do_sample, eos_id, pad_id,
-                                             bf16=bf16, return_logprobs=False)  # (B, R)
+                                             bf16=bf16, return_logprobs=False, cache=copies)  # (B, R)
             for i, tokens in zip(batch, new_tokens.tolist()):
                 tokens, cut = _cut_at_eos(tokens, eos_id)
                 responses[i] = tokenizer.decode(tokens, skip_special_tokens=True)
@@ -508,7 +730,7 @@ def stream(model, tokenizer, prompt: str, max_new_tokens: int = 256, temperature
     sent = ""
     copies: dict = {}  # this stream's bf16 weights: cast at its first token, reused for the rest
     steps = _decode(model, input_ids, torch.ones_like(input_ids), max_new_tokens, temperature, top_p, do_sample,
-                    eos_id, pad_id, with_logprobs=False, generator=generator)
+                    eos_id, pad_id, with_logprobs=False, generator=generator, cache=copies)
     try:
         while True:
             # The contexts (no_grad, eval mode, autocast, bf16 weights) are entered per token and left
