@@ -69,6 +69,7 @@ Speed against ``transformers``' ``generate`` and the machine's compute bound:
 from __future__ import annotations
 
 import inspect
+import os
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 
@@ -256,7 +257,8 @@ def bf16_linear_weights(model, enabled: bool = True, cache: dict | None = None):
 
 # ----------------------------------------------------------------------------- labkit's own forward
 
-LEAN_FORWARD = True  # run Llama-architecture models through _LeanDecoder (False: through model.forward)
+# Run Llama-architecture models through _LeanDecoder; False (or LABKIT_LEAN_FORWARD=0): through model.forward.
+LEAN_FORWARD = os.environ.get("LABKIT_LEAN_FORWARD", "1") != "0"
 
 
 def lean_supported(model) -> bool:
