@@ -224,15 +224,19 @@ def _answer_cache_path(cfg: RunConfig, model_path: str, records: list[dict]) -> 
     Greedy answers of an unchanged model are the same in every run with the same prompts and
     decoding settings, so runs (and seeds) share them: the key holds the model folder and its
     weight files' sizes and times, the prompts, the length limit, batch size and precision (bf16
-    answers can change with the batch), the device, the CPU and the library versions. Models
-    without weight files on disk (the tiny test model, a hub id) are not cached."""
+    answers can change with the batch), the sampler's forward (labkit's or the model's own: bf16
+    rounds them differently), the device, the CPU and the library versions. Models without
+    weight files on disk (the tiny test model, a hub id) are not cached."""
     import transformers
+
+    from labkit import generation
 
     weights = _weights_key(model_path)
     if weights is None:
         return None
     key = json.dumps([*weights, [(r["id"], r["prompt"]) for r in records], cfg.eval_max_new_tokens, cfg.batch_size,
-                      cfg.eval_bf16, str(models.resolve_device(cfg.device)), models.cpu_name(),
+                      cfg.eval_bf16, "lean" if generation.LEAN_FORWARD else "model.forward",
+                      str(models.resolve_device(cfg.device)), models.cpu_name(),
                       torch.__version__, transformers.__version__])
     return models.cache_dir() / "answers" / f"{hashlib.sha256(key.encode()).hexdigest()[:20]}.jsonl"
 
