@@ -58,7 +58,10 @@ def test_two_process_run_matches_single_process_statistics(peaked_tiny, tmp_path
         print(n, "processes: scores", [round(x["objective/scores"], 3) for x in h],
               "kl", [round(x["objective/kl"], 3) for x in h])
     for h in (one, two):
-        assert h[0]["objective/kl"] == pytest.approx(0.0, abs=1e-4)  # first rollout = reference
+        # first rollout = reference: the KL is rounding only (the sampler's attention runs in fp32, the
+        # reference's forward in bf16 where autocast is on: 0.005 over these 8 tokens), where a misaligned
+        # token or a wrong model would give nats
+        assert h[0]["objective/kl"] == pytest.approx(0.0, abs=2e-2)
         assert h[-1]["objective/scores"] > h[0]["objective/scores"] + 0.2  # both learn
     # same initial policy, same sizes: the statistics agree within sampling noise
     assert abs(one[0]["objective/scores"] - two[0]["objective/scores"]) < 0.2
