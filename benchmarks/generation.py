@@ -106,14 +106,11 @@ WEIGHT_COPIES: dict = {}  # labkit's bf16 weight copies, made once (as one gener
 def run_labkit(model, input_ids, mask, new_tokens: int, sampled: bool, bf16: bool, lean: bool = True) -> float:
     from labkit import generation
 
-    generation.LEAN_FORWARD = lean
-    try:
+    with generation.lean_forward(lean):
         t0, c0 = time.perf_counter(), time.process_time()
         responses, _, _ = generation.sample_tokens(model, input_ids, mask, new_tokens, temperature=0.7, top_p=0.9,
                                                    do_sample=sampled, eos_token_id=None, pad_token_id=0, bf16=bf16,
                                                    return_logprobs=False, cache=WEIGHT_COPIES)
-    finally:
-        generation.LEAN_FORWARD = True
     assert responses.shape[1] == new_tokens
     return time.perf_counter() - t0, time.process_time() - c0
 

@@ -69,13 +69,10 @@ def prompts(batch: int, device: str, seed: int = 0) -> tuple[torch.Tensor, torch
 
 
 def sample(model, ids, mask, steps: int, lean: bool, bf16: bool, do_sample: bool = True, seed: int = 0):
-    generation.LEAN_FORWARD = lean
     gen = torch.Generator(device=ids.device).manual_seed(seed)
-    try:
+    with generation.lean_forward(lean):
         return generation.sample_tokens(model, ids, mask, steps, temperature=0.7, do_sample=do_sample,
                                         eos_token_id=None, pad_token_id=0, bf16=bf16, generator=gen)
-    finally:
-        generation.LEAN_FORWARD = True
 
 
 def equivalence(model, device: str, steps: int) -> dict:

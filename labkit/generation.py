@@ -283,6 +283,18 @@ def _use_lean(model) -> bool:
     return LEAN_FORWARD and lean_supported(model)
 
 
+@contextmanager
+def lean_forward(enabled: bool):
+    """Within the block, Llama-architecture models are sampled through labkit's forward
+    (``enabled``) or through ``model.forward``; the setting before is restored after (A/B runs)."""
+    global LEAN_FORWARD
+    before, LEAN_FORWARD = LEAN_FORWARD, enabled
+    try:
+        yield
+    finally:
+        LEAN_FORWARD = before
+
+
 def _compute_dtype(model, device: torch.device) -> torch.dtype:
     """The dtype of products and attention in the decoding loop: autocast's where it is on, else the weights'."""
     if torch.is_autocast_enabled(device.type):
@@ -298,25 +310,23 @@ class _Projection:
 
     def __init__(self, linears: list, dtype: torch.dtype):
         self.dtype, self.linears = dtype, linears
-        self.packed = self.weight = self.bias = None
+        self.forward = None  # the fused product; None: the modules' own, outputs concatenated
         if dtype == torch.float32 and all(lin.weight.dtype == torch.float32 for lin in linears):
             return
         w = torch.cat([lin.weight.detach() for lin in linears]).to(dtype)  # (sum of outs, in)
-        biases = [lin.bias for lin in linears]
-        if any(b is not None for b in biases):
-            self.bias = torch.cat([b.detach() if b is not None else w.new_zeros(lin.out_features)
-                                   for b, lin in zip(biases, linears)]).to(dtype)
+        bias = None
+        if any(lin.bias is not None for lin in linears):
+            bias = torch.cat([lin.bias.detach() if lin.bias is not None else w.new_zeros(lin.out_features)
+                              for lin in linears]).to(dtype)
         if w.device.type == "cpu" and dtype == torch.bfloat16 and _packed_linear_works():
-            self.packed = torch.ops.mkldnn._reorder_linear_weight(w, None)
+            self.forward = _packed_forward(torch.ops.mkldnn._reorder_linear_weight(w, None), bias)
         else:
-            self.weight = w
+            self.forward = lambda x: F.linear(x, w, bias)
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         x = x.to(self.dtype)
-        if self.packed is not None:
-            return torch.ops.mkldnn._linear_pointwise(x, self.packed, self.bias, "none", [], "")
-        if self.weight is not None:
-            return F.linear(x, self.weight, self.bias)
+        if self.forward is not None:
+            return self.forward(x)
         outs = [lin(x) for lin in self.linears]
         return outs[0] if len(outs) == 1 else torch.cat(outs, -1)
 
@@ -344,26 +354,27 @@ class _LeanDecoder:
         self.norm = (core.norm.weight, core.norm.variance_epsilon)
         # Casting, fusing and packing the products' weights takes about half a second for the bundled
         # model (mostly fresh memory); a caller with several batches on unchanged weights keeps `cache`.
+        cache = {} if cache is None else cache
         key = ("lean", dtype)
-        if cache is None or key not in cache:
-            layers = []
-            for layer in core.layers:
-                a, m = layer.self_attn, layer.mlp
-                layers.append(dict(
-                    norm1=(layer.input_layernorm.weight, layer.input_layernorm.variance_epsilon),
-                    qkv=_Projection([a.q_proj, a.k_proj, a.v_proj], dtype), o=_Projection([a.o_proj], dtype),
-                    norm2=(layer.post_attention_layernorm.weight, layer.post_attention_layernorm.variance_epsilon),
-                    gate_up=_Projection([m.gate_proj, m.up_proj], dtype), down=_Projection([m.down_proj], dtype),
-                    scale=a.scaling, intermediate=m.gate_proj.out_features))
-            weights = (layers, _Projection([model.lm_head], dtype))
-            if cache is None:
-                self.layers, self.unembed = weights
-            else:
-                cache[key] = weights
-        if cache is not None:
-            self.layers, self.unembed = cache[key]
+        if key not in cache:
+            cache[key] = self._weights(model, dtype)
+        self.layers, self.unembed = cache[key]
         self.keys = self.values = None  # per layer (B, kv_heads, capacity, head_dim), allocated at the first call
         self.length = 0
+
+    @staticmethod
+    def _weights(model, dtype: torch.dtype) -> tuple[list[dict], _Projection]:
+        """Per layer its norms and fused products; and the unembedding."""
+        layers = []
+        for layer in model.model.layers:
+            a, m = layer.self_attn, layer.mlp
+            layers.append(dict(
+                norm1=(layer.input_layernorm.weight, layer.input_layernorm.variance_epsilon),
+                qkv=_Projection([a.q_proj, a.k_proj, a.v_proj], dtype), o=_Projection([a.o_proj], dtype),
+                norm2=(layer.post_attention_layernorm.weight, layer.post_attention_layernorm.variance_epsilon),
+                gate_up=_Projection([m.gate_proj, m.up_proj], dtype), down=_Projection([m.down_proj], dtype),
+                scale=a.scaling, intermediate=m.gate_proj.out_features))
+        return layers, _Projection([model.lm_head], dtype)
 
     @staticmethod
     def _rms_norm(x: torch.Tensor, norm: tuple) -> torch.Tensor:
