@@ -284,6 +284,12 @@ class PPOConfig:
     whiten_advantages: bool = True  # standardise advantages over each batch (shift and scale)
     cliprange: float = 0.2  # PPO ratio clip epsilon
     cliprange_value: float = 0.2  # value clip around the rollout-time values
+    # Steps at the start that train the value model alone (policy frozen, value loss unclipped);
+    # they count in `steps`. The value model starts as the RM, whose outputs before the last
+    # token were never trained: on the bundled model they run from about -4.5 at the prompt's
+    # end to the score at EOS and do not predict it, and with the 0.2 value clip they take
+    # ~10 steps to settle, while the advantages they feed move the policy.
+    value_warmup_steps: int = 0
     vf_coef: float = 0.1  # weight of the value loss
     ptx_coef: float = 0.0  # PPO-ptx: weight of the LM loss on ptx_texts (InstructGPT: 27.8)
     ptx_texts: list[str] | None = field(default=None, repr=False)  # LM texts; None: the SFT demonstrations
@@ -315,6 +321,8 @@ class PPOConfig:
             raise ValueError(f"unknown kl_estimator {self.kl_estimator!r}")
         if not (self.temperature > 0 and self.steps >= 1 and self.ppo_epochs >= 1 and self.max_new_tokens >= 1):
             raise ValueError("need temperature > 0, steps >= 1, ppo_epochs >= 1, max_new_tokens >= 1")
+        if not 0 <= self.value_warmup_steps < self.steps:
+            raise ValueError(f"value_warmup_steps must lie in [0, steps={self.steps})")
         if self.rollout_batch_size is not None and self.rollout_batch_size < 1:
             raise ValueError("rollout_batch_size must be >= 1 (or None: the whole batch at once)")
         if self.ema_decay is not None and not 0 < self.ema_decay < 1:
@@ -562,8 +570,10 @@ def _score_responses(batch: Rollout, reward_model, rm_tokenizer, reward_fn, conf
 
 
 def ppo_update(ddp_model, model: PolicyAndValue, optimizer, accelerator, batch: Rollout, advantages, returns,
-               config: PPOConfig, ptx_batches: list | None, ema: dict | None):
-    """``ppo_epochs`` passes over the batch in shuffled minibatches; returns mean statistics."""
+               config: PPOConfig, ptx_batches: list | None, ema: dict | None, value_only: bool = False):
+    """``ppo_epochs`` passes over the batch in shuffled minibatches; returns mean statistics.
+
+    ``value_only`` (the value warm-up): the value loss unclipped, the policy left as it is."""
     device = advantages.device
     B = advantages.shape[0]  # episodes on this process
     mini = config.mini_batch_size // accelerator.num_processes
@@ -574,6 +584,8 @@ def ppo_update(ddp_model, model: PolicyAndValue, optimizer, accelerator, batch: 
     stats = {k: [] for k in ("loss/policy", "loss/value", "loss/ptx", "policy/clipfrac", "policy/approxkl",
                              "val/clipfrac")}
     ptx_i = 0
+    cliprange_value = float("inf") if value_only else config.cliprange_value
+    pg_weight = 0.0 if value_only else 1.0  # kept in the graph, so DDP sees every parameter used
     for epoch in range(config.ppo_epochs):
         order = torch.randperm(B, device=device)
         for start in range(0, B, mini):
@@ -594,12 +606,12 @@ def ppo_update(ddp_model, model: PolicyAndValue, optimizer, accelerator, batch: 
                 pg_loss, pg_clipfrac, approxkl = policy_loss(logprobs, batch.logprobs[idx, :r],
                                                              advantages[idx, :r], mask, config.cliprange)
                 vf_loss, vf_clipfrac = value_loss(values.float(), batch.values[idx, :r], returns[idx, :r], mask,
-                                                  config.cliprange_value)
-                loss = pg_loss + config.vf_coef * vf_loss
+                                                  cliprange_value)
+                loss = pg_weight * pg_loss + config.vf_coef * vf_loss
                 _check_finite(accelerator, loss, "PPO loss")
                 accelerator.backward(loss * (mask.sum() / n_tokens))  # this micro-batch's share of the tokens
                 ptx_loss = torch.zeros((), device=device)
-                if config.ptx_coef > 0:  # PPO-ptx (InstructGPT eq. 2): a separate forward/backward
+                if config.ptx_coef > 0 and not value_only:  # PPO-ptx (InstructGPT eq. 2): a separate forward/backward
                     ids, am = (x.to(device) for x in ptx_batches[ptx_i % len(ptx_batches)])
                     ptx_i += 1
                     with autocast(device, enabled=config.bf16):
@@ -609,10 +621,13 @@ def ppo_update(ddp_model, model: PolicyAndValue, optimizer, accelerator, batch: 
                     accelerator.backward(config.ptx_coef * ptx_loss / n_micro)
                 for k, v in zip(stats, (pg_loss, vf_loss, ptx_loss, pg_clipfrac, approxkl, vf_clipfrac)):
                     stats[k].append(float(v.detach()))
+            if value_only:  # no gradient, no step: AdamW leaves parameters without one untouched
+                for p in model.policy.parameters():
+                    p.grad = None
             grad_norm = accelerator.clip_grad_norm_(params, config.max_grad_norm)
             _check_finite(accelerator, torch.as_tensor(grad_norm), "gradient norm")
             optimizer.step()
-            if ema is not None:
+            if ema is not None and not value_only:
                 _update_ema(ema, model.policy, config.ema_decay)
     optimizer.zero_grad(set_to_none=True)
     return {k: float(np.mean(v)) for k, v in stats.items()}
@@ -884,8 +899,9 @@ def ppo_step(run: _Run, config: PPOConfig, step: int) -> tuple[dict, Rollout, to
             advantages = masked_whiten(advantages, mask)
         # 6. ppo_epochs of clipped policy + value updates over minibatches
         ptx = _ptx_micro_batches(run.ptx_texts, config, run.tokenizer, step) if config.ptx_coef > 0 else None
+        value_only = step < config.value_warmup_steps
         train_stats = ppo_update(run.ddp_model, run.model, run.optimizer, acc, batch, advantages, returns,
-                                 config, ptx, run.ema)
+                                 config, ptx, run.ema, value_only)
         t_train = time.perf_counter() - t0
 
         # 7. metrics, averaged over processes; then the KL controller sees the batch's KL

@@ -174,6 +174,8 @@ def test_config_checks():
         ppo.PPOConfig(model="tiny", reward_fn=len, batch_size=10, mini_batch_size=4)
     with pytest.raises(ValueError, match="micro_batch_size"):
         ppo.PPOConfig(model="tiny", reward_fn=len, batch_size=8, mini_batch_size=8, micro_batch_size=3)
+    with pytest.raises(ValueError, match="value_warmup_steps"):
+        ppo.PPOConfig(model="tiny", reward_fn=len, steps=4, value_warmup_steps=4)
     assert ppo.PPOConfig(model="tiny", reward_fn=len, batch_size=16, mini_batch_size=8).num_mini_batches == 2
 
 
@@ -404,6 +406,39 @@ def test_micro_batch_split_does_not_change_the_update(peaked_tiny):
     for a, b in zip(params_a, params_b):
         assert torch.allclose(a, b, atol=1e-5)
     assert any(not torch.equal(a, b) for a, b in zip(params_a, ppo.build_models(config, torch.device("cpu"))[0].parameters()))
+
+
+def test_value_warmup_moves_only_the_value_and_unclipped(peaked_tiny):
+    """A warm-up update leaves every policy weight as it was and moves the value model; with
+    returns far from the values, the unclipped warm-up loss falls further than a clipped update
+    can take it in one step."""
+    from accelerate import Accelerator
+
+    config = small_config(peaked_tiny, "unused", temperature=0.7, bf16=False, batch_size=4, mini_batch_size=4,
+                          micro_batch_size=4, max_new_tokens=6, cliprange_value=0.2)
+    losses = {}
+    for value_only in (True, False):
+        model, reference, _, tok, _ = ppo.build_models(config, torch.device("cpu"))
+        torch.manual_seed(0)
+        batch = ppo.rollout(model, tok, [p["prompt"] for p in PROMPTS[:4]], config, torch.device("cpu"))
+        ppo.rollout_forward(model, reference, batch, config)
+        scores = torch.full((4,), 5.0)  # far above the values the model starts with
+        rewards, _ = ppo.shape_rewards(scores, batch.logprobs, batch.ref_logprobs, batch.response_mask, 0.05)
+        adv, ret = ppo.compute_gae(rewards, batch.values, batch.response_mask)
+        adv = ppo.masked_whiten(adv, batch.response_mask)
+        policy_before = [p.detach().clone() for p in model.policy.parameters()]
+        value_before = [p.detach().clone() for p in model.value_model.parameters()]
+        optimizer = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.5)
+        for _ in range(3):
+            stats = ppo.ppo_update(model, model, optimizer, Accelerator(cpu=True), batch, adv, ret, config, None, None,
+                                   value_only=value_only)
+        losses[value_only] = stats["loss/value"]
+        policy_same = all(torch.equal(a, b) for a, b in zip(policy_before, model.policy.parameters()))
+        assert policy_same == value_only
+        assert any(not torch.equal(a, b) for a, b in zip(value_before, model.value_model.parameters()))
+        if value_only:
+            assert stats["val/clipfrac"] == 0.0
+    assert losses[True] < losses[False]
 
 
 def test_ctrl_c_during_the_update_finishes_the_step_then_stops(peaked_tiny, tmp_path, monkeypatch):
