@@ -290,6 +290,7 @@ class PPOConfig:
     # end to the score at EOS and do not predict it, and with the 0.2 value clip they take
     # ~10 steps to settle, while the advantages they feed move the policy.
     value_warmup_steps: int = 0
+    value_warmup_epochs: int = 4  # passes over each warm-up step's episodes
     vf_coef: float = 0.1  # weight of the value loss
     ptx_coef: float = 0.0  # PPO-ptx: weight of the LM loss on ptx_texts (InstructGPT: 27.8)
     ptx_texts: list[str] | None = field(default=None, repr=False)  # LM texts; None: the SFT demonstrations
@@ -321,8 +322,8 @@ class PPOConfig:
             raise ValueError(f"unknown kl_estimator {self.kl_estimator!r}")
         if not (self.temperature > 0 and self.steps >= 1 and self.ppo_epochs >= 1 and self.max_new_tokens >= 1):
             raise ValueError("need temperature > 0, steps >= 1, ppo_epochs >= 1, max_new_tokens >= 1")
-        if not 0 <= self.value_warmup_steps < self.steps:
-            raise ValueError(f"value_warmup_steps must lie in [0, steps={self.steps})")
+        if not 0 <= self.value_warmup_steps < self.steps or self.value_warmup_epochs < 1:
+            raise ValueError(f"value_warmup_steps must lie in [0, steps={self.steps}) and value_warmup_epochs be >= 1")
         if self.rollout_batch_size is not None and self.rollout_batch_size < 1:
             raise ValueError("rollout_batch_size must be >= 1 (or None: the whole batch at once)")
         if self.ema_decay is not None and not 0 < self.ema_decay < 1:
@@ -586,7 +587,7 @@ def ppo_update(ddp_model, model: PolicyAndValue, optimizer, accelerator, batch: 
     ptx_i = 0
     cliprange_value = float("inf") if value_only else config.cliprange_value
     pg_weight = 0.0 if value_only else 1.0  # kept in the graph, so DDP sees every parameter used
-    for epoch in range(config.ppo_epochs):
+    for epoch in range(config.value_warmup_epochs if value_only else config.ppo_epochs):
         order = torch.randperm(B, device=device)
         for start in range(0, B, mini):
             optimizer.zero_grad(set_to_none=True)
