@@ -284,11 +284,11 @@ class PPOConfig:
     whiten_advantages: bool = True  # standardise advantages over each batch (shift and scale)
     cliprange: float = 0.2  # PPO ratio clip epsilon
     cliprange_value: float = 0.2  # value clip around the rollout-time values
-    # Steps at the start that train the value model alone (policy frozen, value loss unclipped);
-    # they count in `steps`. The value model starts as the RM, whose outputs before the last
-    # token were never trained: on the bundled model they run from about -4.5 at the prompt's
-    # end to the score at EOS and do not predict it, and with the 0.2 value clip they take
-    # ~10 steps to settle, while the advantages they feed move the policy.
+    # Steps at the start that train the value model alone (policy frozen, value loss unclipped;
+    # with share_backbone only the value head); they count in `steps`. The value model starts
+    # as the RM, whose outputs before the last token were never trained: on the bundled model
+    # they run from about -4.5 at the prompt's end to the score at EOS without predicting it,
+    # and with the 0.2 value clip they take ~10 steps to settle while their advantages move the policy.
     value_warmup_steps: int = 0
     value_warmup_epochs: int = 4  # passes over each warm-up step's episodes
     vf_coef: float = 0.1  # weight of the value loss
@@ -355,6 +355,7 @@ class PolicyAndValue(nn.Module):
     def __init__(self, policy: nn.Module, value_model: nn.Module | None, value_head: nn.Linear | None = None):
         super().__init__()
         self.policy, self.value_model, self.value_head = policy, value_model, value_head
+        self.policy_frozen = False  # value warm-up: the policy computes without a graph (no backward through it)
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, n_response: int | None):
         """Logits (B, R, V) predicting the last R tokens and values (B, R) before each of them.
@@ -366,10 +367,15 @@ class PolicyAndValue(nn.Module):
             return self.policy(input_ids=input_ids, attention_mask=attention_mask,
                                position_ids=positions, use_cache=False).logits  # (B, T, V)
         R = n_response
+        with torch.set_grad_enabled(torch.is_grad_enabled() and not self.policy_frozen):
+            if self.value_model is not None:
+                logits = response_logits(self.policy, input_ids, attention_mask, R)
+            else:
+                hidden = self._response_hidden(input_ids, attention_mask, positions, R)  # (B, R, H)
+                logits = self.policy.get_output_embeddings()(hidden)
         if self.value_model is not None:
-            return response_logits(self.policy, input_ids, attention_mask, R), self.values(input_ids, attention_mask, R)
-        hidden = self._response_hidden(input_ids, attention_mask, positions, R)  # (B, R, H)
-        return self.policy.get_output_embeddings()(hidden), self._head_values(hidden)
+            return logits, self.values(input_ids, attention_mask, R)
+        return logits, self._head_values(hidden)  # frozen: only the head gets a gradient
 
     def values(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, n_response: int) -> torch.Tensor:
         """Values (B, R) before each of the last R tokens, without the policy's unembedding."""
@@ -586,7 +592,7 @@ def ppo_update(ddp_model, model: PolicyAndValue, optimizer, accelerator, batch: 
                              "val/clipfrac")}
     ptx_i = 0
     cliprange_value = float("inf") if value_only else config.cliprange_value
-    pg_weight = 0.0 if value_only else 1.0  # kept in the graph, so DDP sees every parameter used
+    model.policy_frozen = value_only
     for epoch in range(config.value_warmup_epochs if value_only else config.ppo_epochs):
         order = torch.randperm(B, device=device)
         for start in range(0, B, mini):
@@ -608,7 +614,7 @@ def ppo_update(ddp_model, model: PolicyAndValue, optimizer, accelerator, batch: 
                                                              advantages[idx, :r], mask, config.cliprange)
                 vf_loss, vf_clipfrac = value_loss(values.float(), batch.values[idx, :r], returns[idx, :r], mask,
                                                   cliprange_value)
-                loss = pg_weight * pg_loss + config.vf_coef * vf_loss
+                loss = config.vf_coef * vf_loss if value_only else pg_loss + config.vf_coef * vf_loss
                 _check_finite(accelerator, loss, "PPO loss")
                 accelerator.backward(loss * (mask.sum() / n_tokens))  # this micro-batch's share of the tokens
                 ptx_loss = torch.zeros((), device=device)
@@ -622,15 +628,13 @@ def ppo_update(ddp_model, model: PolicyAndValue, optimizer, accelerator, batch: 
                     accelerator.backward(config.ptx_coef * ptx_loss / n_micro)
                 for k, v in zip(stats, (pg_loss, vf_loss, ptx_loss, pg_clipfrac, approxkl, vf_clipfrac)):
                     stats[k].append(float(v.detach()))
-            if value_only:  # no gradient, no step: AdamW leaves parameters without one untouched
-                for p in model.policy.parameters():
-                    p.grad = None
             grad_norm = accelerator.clip_grad_norm_(params, config.max_grad_norm)
             _check_finite(accelerator, torch.as_tensor(grad_norm), "gradient norm")
             optimizer.step()
             if ema is not None and not value_only:
                 _update_ema(ema, model.policy, config.ema_decay)
     optimizer.zero_grad(set_to_none=True)
+    model.policy_frozen = False
     return {k: float(np.mean(v)) for k, v in stats.items()}
 
 
@@ -815,7 +819,8 @@ def _set_up(config: PPOConfig) -> _Run:
     from accelerate import Accelerator
     from accelerate.utils import DistributedDataParallelKwargs
 
-    ddp_kwargs = DistributedDataParallelKwargs(find_unused_parameters=config.ptx_coef > 0)
+    # PPO-ptx's forward and the value warm-up's leave parameters without a gradient
+    ddp_kwargs = DistributedDataParallelKwargs(find_unused_parameters=config.ptx_coef > 0 or config.value_warmup_steps > 0)
     # cpu=True on machines without a GPU: accelerate then joins CPU processes with gloo
     accelerator = Accelerator(cpu=resolve_device("auto").type == "cpu", kwargs_handlers=[ddp_kwargs])
     device, rank, world = accelerator.device, accelerator.process_index, accelerator.num_processes

@@ -408,14 +408,15 @@ def test_micro_batch_split_does_not_change_the_update(peaked_tiny):
     assert any(not torch.equal(a, b) for a, b in zip(params_a, ppo.build_models(config, torch.device("cpu"))[0].parameters()))
 
 
-def test_value_warmup_moves_only_the_value_and_unclipped(peaked_tiny):
+@pytest.mark.parametrize("share_backbone", [False, True])
+def test_value_warmup_moves_only_the_value_and_unclipped(peaked_tiny, share_backbone):
     """A warm-up update (``value_warmup_epochs`` unclipped passes) leaves every policy weight as
-    it was and moves the value model; with returns far from the values it ends closer to them
-    than a clipped PPO update does."""
+    it was and moves the value model (a shared backbone: the value head); with returns far from
+    the values it ends closer to them than a clipped PPO update does."""
     from accelerate import Accelerator
 
     config = small_config(peaked_tiny, "unused", temperature=0.7, bf16=False, batch_size=4, mini_batch_size=4,
-                          micro_batch_size=4, max_new_tokens=6, cliprange_value=0.2)
+                          micro_batch_size=4, max_new_tokens=6, cliprange_value=0.2, share_backbone=share_backbone)
     losses = {}
     for value_only in (True, False):
         model, reference, _, tok, _ = ppo.build_models(config, torch.device("cpu"))
@@ -426,17 +427,19 @@ def test_value_warmup_moves_only_the_value_and_unclipped(peaked_tiny):
         rewards, _ = ppo.shape_rewards(scores, batch.logprobs, batch.ref_logprobs, batch.response_mask, 0.05)
         adv, ret = ppo.compute_gae(rewards, batch.values, batch.response_mask)
         adv = ppo.masked_whiten(adv, batch.response_mask)
+        value_params = list(model.value_model.parameters()) if model.value_model is not None else [model.value_head.weight]
         policy_before = [p.detach().clone() for p in model.policy.parameters()]
-        value_before = [p.detach().clone() for p in model.value_model.parameters()]
+        value_before = [p.detach().clone() for p in value_params]
         optimizer = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.02)
         stats = ppo.ppo_update(model, model, optimizer, Accelerator(cpu=True), batch, adv, ret, config, None, None,
                                value_only=value_only)
+        assert not model.policy_frozen  # the next PPO update trains the policy again
         with torch.no_grad():  # the value loss after the update, unclipped
             values = model.values(batch.input_ids, batch.attention_mask, batch.responses.shape[1])
         losses[value_only] = ppo.masked_mean((values - ret).square(), batch.response_mask).item()
         policy_same = all(torch.equal(a, b) for a, b in zip(policy_before, model.policy.parameters()))
         assert policy_same == value_only
-        assert any(not torch.equal(a, b) for a, b in zip(value_before, model.value_model.parameters()))
+        assert any(not torch.equal(a, b) for a, b in zip(value_before, value_params))
         if value_only:
             assert stats["val/clipfrac"] == 0.0
     assert losses[True] < losses[False]
