@@ -1,0 +1,193 @@
+"""Where PPO's gain goes: how far PPO moved the RM, what the RM could give, how its values start.
+
+PPO in the cpu preset beats SFT by gold only narrowly (README, "Benchmarks"). This script takes
+one finished ``labkit run`` folder and measures three things that say why:
+
+1. **What the RM could give** (``best_of_k``): on the K SFT samples per held-out prompt that
+   ``rlhf_quality.py`` caches in the run folder (``heldout_samples.json``: ppo-split prompts, no
+   RM trained on them, temperature 1), the gold score of a random sample, of the sample the
+   RM scores highest (best-of-K, a policy about log K - (K-1)/K nats from SFT) and of the best by
+   gold (the ceiling), with how often each beats another sample of the same prompt by gold.
+2. **How far PPO moved it** (``sampled``): ``--samples`` answers per prompt from SFT and from
+   PPO at PPO's own temperature, on the eval prompts and on PPO's training prompts (the ppo
+   split): mean RM score (with the RM's spread of single answers, for scale), mean gold, words,
+   and gold's win rate of PPO's answers against SFT's (every pair of a prompt's answers,
+   a prompt-bootstrap interval).
+3. **How the value model starts** (``values``): PPO's value model starts as the RM (InstructGPT
+   §3.5), whose outputs before the last token were never trained. On held-out samples: the
+   RM's output at the prompt's last token, in the middle of the response and before the
+   response's last token, against the score it gives at the end, and their correlation.
+
+    python benchmarks/ppo_diagnostics.py --run runs/rq_lean/seed0
+
+Prints the figures and writes ``benchmarks/results/ppo_diagnostics.json`` (one entry per run).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import math
+import platform
+import random
+import statistics
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+RESULT = ROOT / "benchmarks" / "results" / "ppo_diagnostics.json"
+
+
+def _beats(a: float, b: float) -> float:
+    return 1.0 if a > b else 0.5 if a == b else 0.0
+
+
+def _interval(values: list[float], seed: int, n_boot: int = 1000) -> list[float]:
+    """95% bootstrap interval of the mean, resampling prompts."""
+    rng, n = random.Random(seed), len(values)
+    means = sorted(sum(values[rng.randrange(n)] for _ in range(n)) / n for _ in range(n_boot))
+    return [means[int(0.025 * n_boot)], means[int(0.975 * n_boot) - 1]]
+
+
+def best_of_k(rm, tok, samples: list[dict], records: dict, gold) -> dict:
+    """Gold of a random sample, of the RM's best and of gold's best among each prompt's K samples."""
+    import torch
+
+    with torch.no_grad():
+        scores = rm.score(tok, [s["prompt"] for s in samples for _ in s["responses"]],
+                          [y for s in samples for y in s["responses"]], progress=False)
+    rows, at = [], 0
+    for s in samples:
+        k = len(s["responses"])
+        r, at = scores[at:at + k], at + k
+        g = [gold.score(records[s["prompt_id"]], y, t)
+             for y, t in zip(s["responses"], s.get("truncated") or [False] * k)]
+        best_rm, best_gold = max(range(k), key=r.__getitem__), max(range(k), key=g.__getitem__)
+
+        def win(i):  # against the other samples of the prompt, by gold
+            return sum(_beats(g[i], g[j]) for j in range(k) if j != i) / (k - 1)
+
+        rows.append({"random": sum(g) / k, "rm_best": g[best_rm], "gold_best": g[best_gold],
+                     "rm_best_wins": win(best_rm), "gold_best_wins": win(best_gold)})
+    k = len(samples[0]["responses"])
+    out = {name: statistics.mean(row[name] for row in rows) for name in rows[0]}
+    return {"k": k, "n_prompts": len(rows), "kl_of_best_of_k_nats": math.log(k) - (k - 1) / k,
+            "rm_score_sd": statistics.pstdev(scores), **out}
+
+
+def sampled(sft, policy, tok, rm, records: list[dict], n: int, temperature: float, seed: int, gold) -> dict:
+    """``n`` answers per prompt from SFT and from PPO: RM, gold, words, gold win rate of PPO."""
+    import torch
+
+    from labkit.generation import sample_k
+    from labkit.labelers import words
+
+    out, golds = {}, {}
+    for name, model in (("sft", sft), ("ppo", policy)):
+        samples = sample_k(model, tok, records, k=n, max_new_tokens=96, temperature=temperature, top_p=1.0,
+                           seed=seed, show_progress=False)
+        ys = [y for s in samples for y in s["responses"]]
+        with torch.no_grad():
+            rm_scores = rm.score(tok, [s["prompt"] for s in samples for _ in s["responses"]], ys, progress=False)
+        golds[name] = [[gold.score(r, y, t) for y, t in zip(s["responses"], s["truncated"])]
+                       for r, s in zip(records, samples)]
+        out[name] = {"rm": statistics.mean(rm_scores), "rm_sd": statistics.pstdev(rm_scores),
+                     "gold": statistics.mean(g for row in golds[name] for g in row),
+                     "words": statistics.mean(len(words(y)) for y in ys)}
+    wins = [sum(_beats(a, b) for a in pa for b in pb) / (len(pa) * len(pb))
+            for pa, pb in zip(golds["ppo"], golds["sft"])]
+    out["ppo_vs_sft"] = {"win_rate": statistics.mean(wins), "ci95": _interval(wins, seed)}
+    out["rm_gain_in_sd"] = (out["ppo"]["rm"] - out["sft"]["rm"]) / out["sft"]["rm_sd"]
+    out["n_prompts"], out["answers_per_prompt"], out["temperature"] = len(records), n, temperature
+    return out
+
+
+def values(rm, tok, samples: list[dict], n: int) -> dict:
+    """The RM's per-token outputs on ``n`` held-out (prompt, response) pairs against its final score."""
+    import torch
+
+    from labkit.reward import encode
+
+    ends, mids, lasts, finals = [], [], [], []
+    with torch.no_grad():
+        for s in samples:
+            for y in s["responses"][:2]:
+                if len(finals) == n:
+                    break
+                ids = torch.tensor(encode(tok, [s["prompt"]], [y])[0])
+                v = rm.token_values(ids, torch.ones_like(ids))[0]  # (T,)
+                r = len(tok(y, add_special_tokens=False)["input_ids"]) + 1  # response + EOS
+                if r < 4:
+                    continue
+                ends.append(float(v[-r - 1]))  # before the response's first token (what V_0 reads)
+                mids.append(float(v[-r:-1].mean()))
+                lasts.append(float(v[-2]))  # before EOS
+                finals.append(float(v[-1]))  # the reward
+    def desc(xs):
+        return {"mean": statistics.mean(xs), "sd": statistics.pstdev(xs)}
+
+    return {"n": len(finals), "prompt_end": desc(ends), "response_mean": desc(mids), "before_eos": desc(lasts),
+            "score": desc(finals), "corr_prompt_end_score": statistics.correlation(ends, finals),
+            "corr_before_eos_score": statistics.correlation(lasts, finals)}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--run", required=True, help="a finished labkit run folder (sft/, rm_r1/, ppo_r1/)")
+    ap.add_argument("--samples", type=int, default=4, help="answers per prompt and model for the sampled figures")
+    ap.add_argument("--temperature", type=float, default=None, help="default: the run's PPO temperature")
+    ap.add_argument("--value-pairs", type=int, default=48)
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--seed", type=int, default=1)
+    args = ap.parse_args()
+
+    import torch
+
+    from labkit.data import load_prompts
+    from labkit.labelers import GoldLabeler
+    from labkit.models import load_model
+    from labkit.ppo import PPOConfig
+    from labkit.reward import load_reward_model
+
+    torch.set_num_threads(args.threads)
+    t0 = time.time()
+    run = Path(args.run)
+    cfg = json.loads((run / "config.json").read_text())
+    temperature = args.temperature or cfg.get("ppo", {}).get("temperature", PPOConfig.temperature)
+    held = json.loads((run / "heldout_samples.json").read_text())["samples"]
+    records = {r["id"]: r for r in load_prompts()}
+    gold = GoldLabeler()
+    rm, rm_tok = load_reward_model(run / "rm_r1" / "model")
+    entry = {"run": str(run), "ppo_settings": cfg.get("ppo"), "seed": args.seed}
+    entry["best_of_k"] = best_of_k(rm, rm_tok, held, records, gold)
+    entry["values"] = values(rm, rm_tok, held, args.value_pairs)
+    sft, tok = load_model(str(run / "sft" / "model"))
+    policy, _ = load_model(str(run / "ppo_r1" / "model"))
+    entry["sampled"] = {split: sampled(sft, policy, tok, rm, load_prompts(split), args.samples, temperature,
+                                       args.seed, gold) for split in ("eval", "ppo")}
+    entry["wall_s"] = time.time() - t0
+    entry["machine"] = {"platform": platform.platform(), "cpus": os.cpu_count(), "threads": args.threads,
+                        "load_avg_1min_at_end": os.getloadavg()[0]}
+
+    b, v = entry["best_of_k"], entry["values"]
+    print(f"{run}: best of {b['k']} on {b['n_prompts']} held-out prompts, gold: random {b['random']:.3f}, "
+          f"RM's pick {b['rm_best']:.3f} (beats another sample {b['rm_best_wins']:.3f}), "
+          f"gold's pick {b['gold_best']:.3f}; RM spread of one answer (sd) {b['rm_score_sd']:.3f}")
+    for split, s in entry["sampled"].items():
+        w = s["ppo_vs_sft"]
+        print(f"  {split} prompts, {s['answers_per_prompt']} answers at T={s['temperature']}: RM SFT {s['sft']['rm']:+.3f} "
+              f"-> PPO {s['ppo']['rm']:+.3f} ({s['rm_gain_in_sd']:+.2f} sd); gold {s['sft']['gold']:.3f} -> "
+              f"{s['ppo']['gold']:.3f}; words {s['sft']['words']:.1f} -> {s['ppo']['words']:.1f}; "
+              f"gold win rate {w['win_rate']:.3f} [{w['ci95'][0]:.3f}, {w['ci95'][1]:.3f}]")
+    print(f"  RM outputs on {v['n']} held-out answers: prompt end {v['prompt_end']['mean']:+.2f}, response "
+          f"{v['response_mean']['mean']:+.2f}, before EOS {v['before_eos']['mean']:+.2f} (sd {v['before_eos']['sd']:.2f}), "
+          f"score {v['score']['mean']:+.2f} (sd {v['score']['sd']:.2f}); corr(prompt end, score) "
+          f"{v['corr_prompt_end_score']:+.2f}; {entry['wall_s']:.0f} s")
+    results = json.loads(RESULT.read_text()) if RESULT.exists() else {"runs": []}
+    results["runs"] = [r for r in results["runs"] if r["run"] != entry["run"]] + [entry]
+    RESULT.write_text(json.dumps(results, indent=1) + "\n")
+
+
+if __name__ == "__main__":
+    main()
