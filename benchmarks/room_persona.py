@@ -97,6 +97,8 @@ def main() -> None:
     ap.add_argument("--ppo-tokens", type=int, default=40)
     ap.add_argument("--missing-eos-penalty", type=float, default=1.0, help="PPO's penalty for an answer cut at --ppo-tokens")
     ap.add_argument("--whiten-scores", type=int, default=0, help="1: standardise the RM scores over each PPO batch")
+    ap.add_argument("--value-warmup-steps", type=int, default=0,
+                    help="PPO steps at the start that train only the value model (counted in --ppo-steps)")
     ap.add_argument("--reuse-rm", default=None, help="a room RM folder from an earlier run with the same settings "
                     "(skips RM training; the PPO settings may differ)")
     ap.add_argument("--eval", type=int, default=48, help="eval prompts")
@@ -191,7 +193,7 @@ def main() -> None:
         batch_size=args.ppo_batch, mini_batch_size=min(8, args.ppo_batch), micro_batch_size=min(8, args.ppo_batch),
         learning_rate=args.ppo_lr, kl_coef=args.kl_coef, max_new_tokens=args.ppo_tokens, seed=args.seed,
         missing_eos_penalty=args.missing_eos_penalty, whiten_scores=bool(args.whiten_scores),
-        gold_every=0, sample_every=0, save_every=0, dashboard=False, progress=False))
+        value_warmup_steps=args.value_warmup_steps, gold_every=0, sample_every=0, save_every=0, dashboard=False, progress=False))
     times["ppo_s"] = time.perf_counter() - t0
     if ppo["stopped"]:
         raise SystemExit(f"PPO stopped: {ppo['message']}")
