@@ -43,7 +43,7 @@ from labkit.models import autocast, format_prompt, last_index, load_model, pad_r
 from labkit.stage import NonFiniteError, defer_interrupt, finish, rng_state, set_rng_state
 
 __all__ = ["logprobs_from_logits", "entropy_from_logits", "masked_mean", "masked_var", "masked_whiten",
-           "kl_penalty", "shape_rewards", "compute_gae", "policy_loss", "value_loss", "FixedKLController",
+           "kl_penalty", "shape_rewards", "leave_one_out", "compute_gae", "policy_loss", "value_loss", "FixedKLController",
            "AdaptiveKLController", "PPOConfig", "PolicyAndValue", "build_models", "Rollout", "rollout",
            "rollout_forward", "ppo_update", "ppo_step", "train_ppo", "DASHBOARD_LAYOUT"]
 
@@ -277,6 +277,11 @@ class PPOConfig:
     kl_horizon: int = 10000  # adaptive controller's horizon (episodes)
     missing_eos_penalty: float = 1.0  # subtracted from the score of a response without EOS; 0 = off
     whiten_scores: bool = False  # standardise the RM scores over each batch before shaping
+    # Episodes per prompt in a step. Above 1, each score has the mean score of its prompt's other
+    # episodes subtracted (a leave-one-out baseline, as in RLOO) before shaping, so how hard a
+    # prompt is leaves the advantages: on the bundled model's held-out samples, differences
+    # between prompts make about half of the RM scores' variance.
+    group_size: int = 1
     whiten_rewards: bool = False  # standardise the shaped per-token rewards before GAE (scale only)
     # advantages and losses
     gamma: float = 1.0  # discount (1: an episode is one short response)
@@ -322,6 +327,8 @@ class PPOConfig:
             raise ValueError(f"unknown kl_estimator {self.kl_estimator!r}")
         if not (self.temperature > 0 and self.steps >= 1 and self.ppo_epochs >= 1 and self.max_new_tokens >= 1):
             raise ValueError("need temperature > 0, steps >= 1, ppo_epochs >= 1, max_new_tokens >= 1")
+        if self.group_size < 1 or self.batch_size % self.group_size:
+            raise ValueError(f"group_size={self.group_size} must be >= 1 and divide batch_size={self.batch_size}")
         if not 0 <= self.value_warmup_steps < self.steps or self.value_warmup_epochs < 1:
             raise ValueError(f"value_warmup_steps must lie in [0, steps={self.steps}) and value_warmup_epochs be >= 1")
         if self.rollout_batch_size is not None and self.rollout_batch_size < 1:
@@ -467,6 +474,13 @@ class Rollout:
 
 def _prompt_text(record) -> str:
     return record if isinstance(record, str) else record["prompt"]
+
+
+def leave_one_out(scores: torch.Tensor, group_size: int) -> torch.Tensor:
+    """``scores`` (B,) of consecutive groups of ``group_size`` episodes of one prompt, each minus
+    the mean of the other episodes of its group."""
+    s = scores.view(-1, group_size)  # (B / g, g)
+    return (s - (s.sum(1, keepdim=True) - s) / (group_size - 1)).view(-1)
 
 
 def _step_indices(step: int, batch_size: int, n: int, seed: int) -> list[int]:
@@ -827,6 +841,9 @@ def _set_up(config: PPOConfig) -> _Run:
     if config.batch_size % world or (config.mini_batch_size // world) % config.micro_batch_size:
         raise ValueError(f"with {world} processes, batch_size and mini_batch_size must split into "
                          f"equal per-process parts that are multiples of micro_batch_size={config.micro_batch_size}")
+    if (config.batch_size // config.group_size) % world:
+        raise ValueError(f"with {world} processes, the batch's {config.batch_size // config.group_size} prompt groups "
+                         "must split evenly between them")
     if accelerator.distributed_type == "DEEPSPEED" and (
             config.mini_batch_size // world != config.micro_batch_size or config.ptx_coef > 0):
         # accelerate steps a DeepSpeed engine inside backward(), so every backward is an update
@@ -871,7 +888,9 @@ def ppo_step(run: _Run, config: PPOConfig, step: int) -> tuple[dict, Rollout, to
     """
     acc, world = run.accelerator, run.accelerator.num_processes
     t_step = time.perf_counter()
-    idx = _step_indices(step, config.batch_size, len(run.records), config.seed)[acc.process_index::world]
+    g = config.group_size  # a prompt's episodes stay together on one process
+    groups = _step_indices(step, config.batch_size // g, len(run.records), config.seed)[acc.process_index::world]
+    idx = [i for i in groups for _ in range(g)]
     step_records = [run.records[i] for i in idx]
 
     # 1. rollout: sample one response per prompt (KV-cached, left-padded, plain sampling)
@@ -893,7 +912,8 @@ def ppo_step(run: _Run, config: PPOConfig, step: int) -> tuple[dict, Rollout, to
         t0 = time.perf_counter()
         mask = batch.response_mask  # (B, R)
         # 4. shaped rewards: -kl_coef * KL per token, score (minus EOS penalty) at the last token
-        shaped = masked_whiten(scores, torch.ones_like(scores)) if config.whiten_scores else scores
+        shaped = leave_one_out(scores, g) if g > 1 else scores
+        shaped = masked_whiten(shaped, torch.ones_like(shaped)) if config.whiten_scores else shaped
         rewards, kl = shape_rewards(shaped, batch.logprobs, batch.ref_logprobs, mask, run.kl_ctl.value,
                                     config.kl_estimator, batch.has_eos, config.missing_eos_penalty)
         rlhf_reward = rewards.sum(1)  # (B,)

@@ -143,6 +143,13 @@ def test_shape_rewards_kl_per_token_score_at_last_and_eos_penalty():
     assert rewards0[0, 2].item() == pytest.approx(2.0)  # penalty off by default in the function
 
 
+def test_leave_one_out_hand_values():
+    scores = torch.tensor([1.0, 2.0, 3.0, 10.0, 10.0, 4.0])
+    out = ppo.leave_one_out(scores, 3)  # two prompts of three episodes
+    assert torch.allclose(out, torch.tensor([1 - 2.5, 2 - 2.0, 3 - 1.5, 10 - 7.0, 10 - 7.0, 4 - 10.0]))
+    assert torch.allclose(ppo.leave_one_out(torch.tensor([0.5, 1.5]), 2), torch.tensor([-1.0, 1.0]))
+
+
 def test_kl_controllers():
     fixed = ppo.FixedKLController(0.05)
     fixed.update(100.0, 64)
@@ -174,6 +181,8 @@ def test_config_checks():
         ppo.PPOConfig(model="tiny", reward_fn=len, batch_size=10, mini_batch_size=4)
     with pytest.raises(ValueError, match="micro_batch_size"):
         ppo.PPOConfig(model="tiny", reward_fn=len, batch_size=8, mini_batch_size=8, micro_batch_size=3)
+    with pytest.raises(ValueError, match="group_size"):
+        ppo.PPOConfig(model="tiny", reward_fn=len, batch_size=8, mini_batch_size=8, group_size=3)
     with pytest.raises(ValueError, match="value_warmup_steps"):
         ppo.PPOConfig(model="tiny", reward_fn=len, steps=4, value_warmup_steps=4)
     assert ppo.PPOConfig(model="tiny", reward_fn=len, batch_size=16, mini_batch_size=8).num_mini_batches == 2
@@ -308,6 +317,26 @@ def test_shared_backbone_and_ptx(peaked_tiny, tmp_path):
     h = history_rows(m["out_dir"])
     assert all(math.isfinite(x["loss/ptx"]) and x["loss/ptx"] > 0 for x in h)
     assert h[0]["val/mean"] == 0.0  # a scripted reward starts the value head at zero
+
+
+def test_groups_of_episodes_per_prompt_with_a_value_warmup(peaked_tiny, tmp_path, monkeypatch):
+    """group_size=4: each step's 8 episodes are 2 prompts x 4, side by side, two new prompts a
+    step; a run with a value warm-up step first runs to the end."""
+    seen = []
+    real_rollout = ppo.rollout
+
+    def recording_rollout(model, tokenizer, prompts, config, device):
+        seen.append(list(prompts))
+        return real_rollout(model, tokenizer, prompts, config, device)
+
+    monkeypatch.setattr(ppo, "rollout", recording_rollout)
+    m = ppo.train_ppo(small_config(peaked_tiny, tmp_path, steps=3, group_size=4, value_warmup_steps=1))
+    assert m["stopped"] is None and len(seen) == 3
+    for prompts in seen:
+        groups = [prompts[i:i + 4] for i in range(0, 8, 4)]
+        assert all(len(set(g)) == 1 for g in groups) and groups[0][0] != groups[1][0]
+    assert len({g for prompts in seen for g in prompts}) == 6
+    assert all(math.isfinite(x["loss/value"]) for x in history_rows(m["out_dir"]))
 
 
 def test_value_model_starts_as_the_reward_model(tmp_path):
