@@ -7,7 +7,8 @@ one finished ``labkit run`` folder and measures three things that say why:
    ``rlhf_quality.py`` caches in the run folder (``heldout_samples.json``: ppo-split prompts, no
    RM trained on them, temperature 1), the gold score of a random sample, of the sample the
    RM scores highest (best-of-K, a policy about log K - (K-1)/K nats from SFT) and of the best by
-   gold (the ceiling), with how often each beats another sample of the same prompt by gold.
+   gold (the ceiling), with how often each beats another sample of the same prompt by gold;
+   and how the RM's and gold's scores move with answer length among one prompt's samples.
 2. **How far PPO moved it** (``sampled``): ``--samples`` answers per prompt from SFT and from
    PPO at PPO's own temperature, on the eval prompts and on PPO's training prompts (the ppo
    split): mean RM score (with the RM's spread of single answers, for scale), mean gold, words,
@@ -58,11 +59,15 @@ def best_of_k(rm, tok, samples: list[dict], records: dict, gold) -> dict:
         scores = rm.score(tok, [s["prompt"] for s in samples for _ in s["responses"]],
                           [y for s in samples for y in s["responses"]], progress=False)
     rows, at = [], 0
+    centred = {"log_tokens": [], "rm": [], "gold": []}  # within each prompt, minus the prompt's mean
     for s in samples:
         k = len(s["responses"])
         r, at = scores[at:at + k], at + k
         g = [gold.score(records[s["prompt_id"]], y, t)
              for y, t in zip(s["responses"], s.get("truncated") or [False] * k)]
+        n_tokens = [math.log1p(len(tok(y, add_special_tokens=False)["input_ids"])) for y in s["responses"]]
+        for name, xs in (("log_tokens", n_tokens), ("rm", r), ("gold", g)):
+            centred[name] += [x - statistics.mean(xs) for x in xs]
         best_rm, best_gold = max(range(k), key=r.__getitem__), max(range(k), key=g.__getitem__)
 
         def win(i):  # against the other samples of the prompt, by gold
@@ -72,6 +77,11 @@ def best_of_k(rm, tok, samples: list[dict], records: dict, gold) -> dict:
                      "rm_best_wins": win(best_rm), "gold_best_wins": win(best_gold)})
     k = len(samples[0]["responses"])
     out = {name: statistics.mean(row[name] for row in rows) for name in rows[0]}
+    x = centred["log_tokens"]
+    for name in ("rm", "gold"):  # how each judge's score moves with length among one prompt's answers
+        slope = sum(a * b for a, b in zip(x, centred[name])) / sum(a * a for a in x)
+        out[f"{name}_length_slope"] = slope  # per unit of log(1 + tokens)
+        out[f"{name}_length_r2"] = slope ** 2 * statistics.pvariance(x) / statistics.pvariance(centred[name])
     return {"k": k, "n_prompts": len(rows), "kl_of_best_of_k_nats": math.log(k) - (k - 1) / k,
             "rm_score_sd": statistics.pstdev(scores), **out}
 
@@ -174,6 +184,8 @@ def main() -> None:
     print(f"{run}: best of {b['k']} on {b['n_prompts']} held-out prompts, gold: random {b['random']:.3f}, "
           f"RM's pick {b['rm_best']:.3f} (beats another sample {b['rm_best_wins']:.3f}), "
           f"gold's pick {b['gold_best']:.3f}; RM spread of one answer (sd) {b['rm_score_sd']:.3f}")
+    print(f"  within a prompt, per log-token: RM {b['rm_length_slope']:+.3f} (length explains {b['rm_length_r2']:.0%}), "
+          f"gold {b['gold_length_slope']:+.3f} ({b['gold_length_r2']:.0%})")
     for split, s in entry["sampled"].items():
         w = s["ppo_vs_sft"]
         print(f"  {split} prompts, {s['answers_per_prompt']} answers at T={s['temperature']}: RM SFT {s['sft']['rm']:+.3f} "
