@@ -55,10 +55,12 @@ def best_of_k(rm, tok, samples: list[dict], records: dict, gold) -> dict:
     """Gold of a random sample, of the RM's best and of gold's best among each prompt's K samples."""
     import torch
 
+    from labkit.evaluate import best_of_n_curve, length_fit
+
     with torch.no_grad():
         scores = rm.score(tok, [s["prompt"] for s in samples for _ in s["responses"]],
                           [y for s in samples for y in s["responses"]], progress=False)
-    rows, at = [], 0
+    rows, rm_rows, gold_rows, at = [], [], [], 0
     centred = {"log_tokens": [], "rm": [], "gold": []}  # within each prompt, minus the prompt's mean
     for s in samples:
         k = len(s["responses"])
@@ -73,17 +75,19 @@ def best_of_k(rm, tok, samples: list[dict], records: dict, gold) -> dict:
         def win(i):  # against the other samples of the prompt, by gold
             return sum(_beats(g[i], g[j]) for j in range(k) if j != i) / (k - 1)
 
-        rows.append({"random": sum(g) / k, "rm_best": g[best_rm], "gold_best": g[best_gold],
+        rm_rows.append(r)
+        gold_rows.append(g)
+        rows.append({"random": sum(g) / k, "gold_best": g[best_gold],
                      "rm_best_wins": win(best_rm), "gold_best_wins": win(best_gold)})
     k = len(samples[0]["responses"])
+    best = best_of_n_curve(rm_rows, gold_rows, ns=(k,))[0]  # the RM's pick among all k
     out = {name: statistics.mean(row[name] for row in rows) for name in rows[0]}
-    x = centred["log_tokens"]
     for name in ("rm", "gold"):  # how each judge's score moves with length among one prompt's answers
-        slope = sum(a * b for a, b in zip(x, centred[name])) / sum(a * a for a in x)
-        out[f"{name}_length_slope"] = slope  # per unit of log(1 + tokens)
-        out[f"{name}_length_r2"] = slope ** 2 * statistics.pvariance(x) / statistics.pvariance(centred[name])
-    return {"k": k, "n_prompts": len(rows), "kl_of_best_of_k_nats": math.log(k) - (k - 1) / k,
-            "rm_score_sd": statistics.pstdev(scores), **out}
+        fit = length_fit(centred["log_tokens"], centred[name])
+        out[f"{name}_length_slope"] = fit["slope"]  # per unit of log(1 + tokens)
+        out[f"{name}_length_r2"] = fit["r"] ** 2
+    return {"k": k, "n_prompts": len(rows), "kl_of_best_of_k_nats": best["kl"],
+            "rm_score_sd": statistics.pstdev(scores), "rm_best": best["gold"], **out}
 
 
 def sampled(sft, policy, tok, rm, records: list[dict], n: int, temperature: float, seed: int, gold) -> dict:

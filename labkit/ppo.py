@@ -893,7 +893,7 @@ def ppo_step(run: _Run, config: PPOConfig, step: int) -> tuple[dict, Rollout, to
     idx = [i for i in groups for _ in range(g)]
     step_records = [run.records[i] for i in idx]
 
-    # 1. rollout: sample one response per prompt (KV-cached, left-padded, plain sampling)
+    # 1. rollout: sample one response per episode, group_size episodes a prompt (KV-cached, left-padded, plain sampling)
     batch = rollout(run.model, run.tokenizer, [_prompt_text(r) for r in step_records], config, acc.device)
     t_generate = time.perf_counter() - t_step
 
@@ -923,9 +923,10 @@ def ppo_step(run: _Run, config: PPOConfig, step: int) -> tuple[dict, Rollout, to
         advantages, returns = compute_gae(rewards, batch.values, mask, config.gamma, config.lam)
         if config.whiten_advantages:
             advantages = masked_whiten(advantages, mask)
-        # 6. ppo_epochs of clipped policy + value updates over minibatches
-        ptx = _ptx_micro_batches(run.ptx_texts, config, run.tokenizer, step) if config.ptx_coef > 0 else None
+        # 6. ppo_epochs of clipped policy + value updates over minibatches (a warm-up step: value only)
         value_only = step < config.value_warmup_steps
+        ptx = (_ptx_micro_batches(run.ptx_texts, config, run.tokenizer, step)
+               if config.ptx_coef > 0 and not value_only else None)
         train_stats = ppo_update(run.ddp_model, run.model, run.optimizer, acc, batch, advantages, returns,
                                  config, ptx, run.ema, value_only)
         t_train = time.perf_counter() - t0
