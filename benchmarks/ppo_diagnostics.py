@@ -12,8 +12,9 @@ one finished ``labkit run`` folder and measures three things that say why:
 2. **How far PPO moved it** (``sampled``): ``--samples`` answers per prompt from SFT and from
    PPO at PPO's own temperature, on the eval prompts and on PPO's training prompts (the ppo
    split): mean RM score (with the RM's spread of single answers, for scale), mean gold, words,
-   and gold's win rate of PPO's answers against SFT's (every pair of a prompt's answers,
-   a prompt-bootstrap interval).
+   gold's win rate of PPO's answers against SFT's (every pair of a prompt's answers,
+   a prompt-bootstrap interval), and how often the RM orders two answers of one prompt as gold
+   does, on SFT's answers and on PPO's (does the RM stay right where PPO took the policy?).
 3. **How the value model starts** (``values``): PPO's value model starts as the RM (InstructGPT
    §3.5), whose outputs before the last token were never trained. On held-out samples: the
    RM's output at the prompt's last token, in the middle of the response and before the
@@ -94,6 +95,7 @@ def sampled(sft, policy, tok, rm, records: list[dict], n: int, temperature: floa
     """``n`` answers per prompt from SFT and from PPO: RM, gold, words, gold win rate of PPO."""
     import torch
 
+    from labkit.evaluate import pair_agreement
     from labkit.generation import sample_k
     from labkit.labelers import words
 
@@ -106,9 +108,12 @@ def sampled(sft, policy, tok, rm, records: list[dict], n: int, temperature: floa
             rm_scores = rm.score(tok, [s["prompt"] for s in samples for _ in s["responses"]], ys, progress=False)
         golds[name] = [[gold.score(r, y, t) for y, t in zip(s["responses"], s["truncated"])]
                        for r, s in zip(records, samples)]
+        per_prompt = [rm_scores[i:i + n] for i in range(0, len(rm_scores), n)]
         out[name] = {"rm": statistics.mean(rm_scores), "rm_sd": statistics.pstdev(rm_scores),
                      "gold": statistics.mean(g for row in golds[name] for g in row),
-                     "words": statistics.mean(len(words(y)) for y in ys)}
+                     "words": statistics.mean(len(words(y)) for y in ys),
+                     # does the RM still order this model's answers to one prompt as gold does?
+                     "rm_gold_agreement": pair_agreement(per_prompt, golds[name], seed=seed)}
     wins = [sum(_beats(a, b) for a in pa for b in pb) / (len(pa) * len(pb))
             for pa, pb in zip(golds["ppo"], golds["sft"])]
     out["ppo_vs_sft"] = {"win_rate": statistics.mean(wins), "ci95": _interval(wins, seed)}
@@ -149,6 +154,7 @@ def values(rm, tok, samples: list[dict], n: int) -> dict:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--run", required=True, help="a finished labkit run folder (sft/, rm_r1/, ppo_r1/)")
+    ap.add_argument("--round", type=int, default=1, help="which round's RM and PPO policy (rm_rN/, ppo_rN/)")
     ap.add_argument("--samples", type=int, default=4, help="answers per prompt and model for the sampled figures")
     ap.add_argument("--temperature", type=float, default=None, help="default: the run's PPO temperature")
     ap.add_argument("--value-pairs", type=int, default=48)
@@ -172,12 +178,12 @@ def main() -> None:
     held = json.loads((run / "heldout_samples.json").read_text())["samples"]
     records = {r["id"]: r for r in load_prompts()}
     gold = GoldLabeler()
-    rm, rm_tok = load_reward_model(run / "rm_r1" / "model")
-    entry = {"run": str(run), "ppo_settings": cfg.get("ppo"), "seed": args.seed}
+    rm, rm_tok = load_reward_model(run / f"rm_r{args.round}" / "model")
+    entry = {"run": str(run), "round": args.round, "ppo_settings": cfg.get("ppo"), "seed": args.seed}
     entry["best_of_k"] = best_of_k(rm, rm_tok, held, records, gold)
     entry["values"] = values(rm, rm_tok, held, args.value_pairs)
     sft, tok = load_model(str(run / "sft" / "model"))
-    policy, _ = load_model(str(run / "ppo_r1" / "model"))
+    policy, _ = load_model(str(run / f"ppo_r{args.round}" / "model"))
     entry["sampled"] = {split: sampled(sft, policy, tok, rm, load_prompts(split), args.samples, temperature,
                                        args.seed, gold) for split in ("eval", "ppo")}
     entry["wall_s"] = time.time() - t0
@@ -185,7 +191,7 @@ def main() -> None:
                         "load_avg_1min_at_end": os.getloadavg()[0]}
 
     b, v = entry["best_of_k"], entry["values"]
-    print(f"{run}: best of {b['k']} on {b['n_prompts']} held-out prompts, gold: random {b['random']:.3f}, "
+    print(f"{run}, round {args.round}: best of {b['k']} on {b['n_prompts']} held-out prompts, gold: random {b['random']:.3f}, "
           f"RM's pick {b['rm_best']:.3f} (beats another sample {b['rm_best_wins']:.3f}), "
           f"gold's pick {b['gold_best']:.3f}; RM spread of one answer (sd) {b['rm_score_sd']:.3f}")
     print(f"  within a prompt, per log-token: RM {b['rm_length_slope']:+.3f} (length explains {b['rm_length_r2']:.0%}), "
@@ -196,12 +202,16 @@ def main() -> None:
               f"-> PPO {s['ppo']['rm']:+.3f} ({s['rm_gain_in_sd']:+.2f} sd); gold {s['sft']['gold']:.3f} -> "
               f"{s['ppo']['gold']:.3f}; words {s['sft']['words']:.1f} -> {s['ppo']['words']:.1f}; "
               f"gold win rate {w['win_rate']:.3f} [{w['ci95'][0]:.3f}, {w['ci95'][1]:.3f}]")
+        print("    RM vs gold within a prompt: " + "; ".join(
+            f"{m} {a['value']:.3f} [{a['low']:.3f}, {a['high']:.3f}] ({a['n_pairs']} pairs)"
+            for m, a in ((m, s[m]["rm_gold_agreement"]) for m in ("sft", "ppo"))))
     print(f"  RM outputs on {v['n']} held-out answers: prompt end {v['prompt_end']['mean']:+.2f}, response "
           f"{v['response_mean']['mean']:+.2f}, before EOS {v['before_eos']['mean']:+.2f} (sd {v['before_eos']['sd']:.2f}), "
           f"score {v['score']['mean']:+.2f} (sd {v['score']['sd']:.2f}); corr(prompt end, score) "
           f"{v['corr_prompt_end_score']:+.2f}; {entry['wall_s']:.0f} s")
     results = json.loads(RESULT.read_text()) if RESULT.exists() else {"runs": []}
-    results["runs"] = [r for r in results["runs"] if r["run"] != entry["run"]] + [entry]
+    results["runs"] = [r for r in results["runs"]
+                       if (r["run"], r.get("round", 1)) != (entry["run"], entry["round"])] + [entry]
     RESULT.write_text(json.dumps(results, indent=1) + "\n")
 
 

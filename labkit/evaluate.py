@@ -249,10 +249,9 @@ def rm_gold_agreement(rm, tokenizer, records: list[dict], samples: list[dict], g
 
     ``samples``: ``labkit.generation.sample_k`` output (K responses per prompt of ``records``,
     in the same order), best taken on prompts the RM never trained on. Pooled over the pairs
-    gold orders (gold ties left out; an exact RM tie counts half), with a 95% interval that
-    resamples prompts. ``rm_prefers_shorter``: among pairs of different word counts, how often
-    the RM scores the shorter response higher (a length shortcut shows as a share far from the
-    gold scorer's own, ``gold_prefers_shorter``).
+    gold orders (:func:`pair_agreement`). ``rm_prefers_shorter``: among pairs of different
+    word counts, how often the RM scores the shorter response higher (a length shortcut shows
+    as a share far from the gold scorer's own, ``gold_prefers_shorter``).
     """
     if len(records) != len(samples):
         raise ValueError(f"{len(records)} prompts but {len(samples)} sample sets")
@@ -260,7 +259,7 @@ def rm_gold_agreement(rm, tokenizer, records: list[dict], samples: list[dict], g
     prompts = [r["prompt"] for r, s in zip(records, samples) for _ in s["responses"]]
     flat = [y for s in samples for y in s["responses"]]
     rm_scores = list(rm.score(tokenizer, prompts, flat, progress=False))
-    rows, short = [], {"rm": [0, 0], "gold": [0, 0]}  # per prompt: (agreeing, pairs)
+    rm_rows, gold_rows, short = [], [], {"rm": [0, 0], "gold": [0, 0]}
     at = 0
     for rec, s in zip(records, samples):
         k = len(s["responses"])
@@ -268,7 +267,6 @@ def rm_gold_agreement(rm, tokenizer, records: list[dict], samples: list[dict], g
         at += k
         g = [gold.score(rec, y, t) for y, t in zip(s["responses"], s.get("truncated") or [False] * k)]
         n_words = [len(labelers.words(y)) for y in s["responses"]]
-        agree = pairs = 0
         for i in range(k):
             for j in range(i + 1, k):
                 if n_words[i] != n_words[j]:
@@ -277,6 +275,22 @@ def rm_gold_agreement(rm, tokenizer, records: list[dict], samples: list[dict], g
                         if sc[shorter] != sc[longer]:
                             short[name][0] += sc[shorter] > sc[longer]
                             short[name][1] += 1
+        rm_rows.append(r)
+        gold_rows.append(g)
+    return {**pair_agreement(rm_rows, gold_rows, n_boot, seed), "n_prompts": len(records),
+            "rm_prefers_shorter": short["rm"][0] / short["rm"][1] if short["rm"][1] else math.nan,
+            "gold_prefers_shorter": short["gold"][0] / short["gold"][1] if short["gold"][1] else math.nan}
+
+
+def pair_agreement(scores: list[list[float]], gold: list[list[float]], n_boot: int = 1000, seed: int = 0) -> dict:
+    """How often ``scores`` order two responses to one prompt as ``gold`` does: one list of
+    scores per prompt in each. Pooled over the pairs gold orders (gold ties left out; a tie in
+    ``scores`` counts half), with a 95% interval that resamples prompts."""
+    rows = []  # per prompt: (agreeing, pairs)
+    for r, g in zip(scores, gold, strict=True):
+        agree = pairs = 0
+        for i in range(len(g)):
+            for j in range(i + 1, len(g)):
                 if abs(g[i] - g[j]) <= 1e-9:
                     continue
                 pairs += 1
@@ -293,10 +307,7 @@ def rm_gold_agreement(rm, tokenizer, records: list[dict], samples: list[dict], g
     draws.sort()
     low, high = (draws[int(0.025 * (len(draws) - 1))], draws[int(0.975 * (len(draws) - 1))]) if draws else (
         math.nan, math.nan)
-    return {"value": value, "low": low, "high": high, "n_prompts": len(records),
-            "n_pairs": sum(p for _, p in rows),
-            "rm_prefers_shorter": short["rm"][0] / short["rm"][1] if short["rm"][1] else math.nan,
-            "gold_prefers_shorter": short["gold"][0] / short["gold"][1] if short["gold"][1] else math.nan}
+    return {"value": value, "low": low, "high": high, "n_pairs": sum(p for _, p in rows)}
 
 
 def rankings_through_rm(rm, tokenizer, rankings: list[dict], annotator: str | None = None, limit: int = 3,

@@ -37,7 +37,8 @@ class RunConfig:
     seed: int = 0                       # seeds sampling, labelers and every stage
     device: str = "auto"                # "auto", "cpu" or "cuda"
     k: int = 4                          # responses ranked per prompt (InstructGPT: 4..9)
-    rm_prompts: int | None = None       # RM prompts sampled per round; None = the whole rm split
+    rm_prompts: int | None = None       # RM prompts per round, new ones each round while the split lasts;
+                                        # None = the whole rm split every round
     n_labelers: int = 5                 # simulated labelers in the pool
     labelers_per_prompt: int = 1        # labelers of the pool who rank each prompt (with rm.consensus, the RM
                                         # trains on their merged ranking: less noise from any one labeler)
@@ -309,16 +310,34 @@ def samples_settings(cfg: RunConfig, round_: int, policy_path: str, prompts: lis
         "prompts": [r["id"] for r in prompts]}))
 
 
+def round_prompts(cfg: RunConfig, round_: int) -> list[dict]:
+    """The rm-split prompts that round ``round_`` ranks.
+
+    ``rm_prompts=None``: the whole split, every round. Otherwise each round draws
+    ``rm_prompts`` (every category, the harmful prompts and their look-alikes) from the prompts
+    no earlier round ranked, as InstructGPT collected new prompts for each round; a round that
+    finds fewer left takes those, and once none are left rounds draw from the whole split again.
+    """
+    from labkit.data import balanced_sample, load_prompts
+
+    prompts = load_prompts("rm")
+    if cfg.rm_prompts is None:
+        return prompts
+    used: set[str] = set()
+    for k in range(1, round_ + 1):
+        left = [p for p in prompts if p["id"] not in used] or prompts
+        picked = balanced_sample(left, cfg.rm_prompts, seed=cfg.seed + k)
+        used |= {p["id"] for p in picked}
+    return picked
+
+
 def rankings_stage(run: Run, round_: int, policy_path: str, store) -> dict:
     """Sample K responses per RM prompt from the current policy; simulated labelers rank them."""
-    from labkit.data import balanced_sample, load_prompts
     from labkit.feedback import rankable_responses
     from labkit.generation import sample_k
 
     cfg = run.config
-    prompts = load_prompts("rm")
-    if cfg.rm_prompts is not None:  # every category, the harmful prompts and their look-alikes
-        prompts = balanced_sample(prompts, cfg.rm_prompts, seed=cfg.seed + round_)
+    prompts = round_prompts(cfg, round_)
     # The samples are kept for re-ranking and calibration (benchmarks/labeler_agreement.py), and
     # a stage that runs again on the same policy weights and settings (a crash after sampling, a
     # new labeling or RM setting) ranks them again instead of sampling anew.

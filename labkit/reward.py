@@ -195,6 +195,21 @@ class RewardModel(nn.Module):
         return self
 
 
+class RewardEnsemble:
+    """Reward models trained apart (other seeds, other data), scoring as one: the mean of
+    their scores. Members share a tokenizer (the same starting model). ``score`` has
+    :meth:`RewardModel.score`'s signature."""
+
+    def __init__(self, members: list[RewardModel]):
+        if not members:
+            raise ValueError("RewardEnsemble needs at least one reward model")
+        self.members = members
+
+    def score(self, tokenizer, prompts: list[str], responses: list[str], **kwargs) -> list[float]:
+        per_member = [m.score(tokenizer, prompts, responses, **kwargs) for m in self.members]
+        return [sum(xs) / len(xs) for xs in zip(*per_member)]
+
+
 def load_reward_model(path: str | Path, dtype: str | torch.dtype = "auto",
                       device: str | torch.device = "auto"):
     """``(reward_model, tokenizer)`` from a folder written by :func:`train_reward_model`."""

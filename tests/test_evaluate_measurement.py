@@ -47,6 +47,16 @@ def test_rm_gold_agreement_by_hand():
     assert r["rm_prefers_shorter"] == 0.0  # the stand-in always prefers the longer answer
 
 
+def test_pair_agreement_by_hand():
+    # prompt 1: gold orders all three pairs, the scores agree on two; prompt 2: a gold tie
+    # (left out) and a score tie (half)
+    r = evaluate.pair_agreement([[3.0, 2.0, 2.5], [1.0, 1.0, 0.0]], [[0.9, 0.5, 0.1], [0.4, 0.2, 0.2]], n_boot=200)
+    assert r["n_pairs"] == 5 and r["value"] == pytest.approx((2 + 0.5 + 1) / 5)
+    assert 0 <= r["low"] <= r["value"] <= r["high"] <= 1
+    with pytest.raises(ValueError):
+        evaluate.pair_agreement([[1.0]], [[1.0], [2.0]])
+
+
 def test_rankings_through_rm_lists_one_annotators_order_beside_the_rm():
     rankings = [
         {"annotator": "ana", "prompt_id": "p1", "prompt": "Say hi.", "responses": ["hi", "hello there", "hey you"],

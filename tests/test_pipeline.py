@@ -206,6 +206,24 @@ def test_rankings_stage_ranks_saved_samples_again_and_asks_each_labeler_once(tmp
     assert calls == [6, 6]
 
 
+def test_rounds_rank_new_prompts_while_the_split_lasts():
+    """Each round draws rm_prompts the earlier rounds did not rank; round 1 is the balanced
+    sample a one-round run takes; rm_prompts=None ranks the whole split every round."""
+    from labkit.data import balanced_sample, load_prompts
+    from labkit.pipeline import round_prompts
+
+    split = load_prompts("rm")
+    half = len(split) // 2 + 1
+    cfg = RunConfig.from_preset("cpu", out_dir="x", rm_prompts=half)
+    ids = [{p["id"] for p in round_prompts(cfg, k)} for k in (1, 2, 3)]
+    assert [p["id"] for p in round_prompts(cfg, 1)] == [p["id"] for p in balanced_sample(split, half, seed=1)]
+    assert len(ids[0]) == half and len(ids[1]) == len(split) - half  # round 2 takes what is left
+    assert ids[0].isdisjoint(ids[1]) and ids[0] | ids[1] == {p["id"] for p in split}
+    assert len(ids[2]) == half  # the split is used up: round 3 draws from all of it again
+    whole = RunConfig.from_preset("cpu", out_dir="x")
+    assert [p["id"] for p in round_prompts(whole, 2)] == [p["id"] for p in split]
+
+
 def test_drop_checkpoints_frees_the_resume_state_and_keeps_the_models(tmp_path):
     from labkit.pipeline import drop_checkpoints
 

@@ -1,5 +1,6 @@
 """Stage 2: ranking loss numbers, RM equivalences, a tiny training run, save/load, validation."""
 
+import copy
 import itertools
 import json
 import math
@@ -306,6 +307,22 @@ def test_score_shares_consecutive_prompts_and_keeps_the_order(tiny):
             {"prompt": "What is 2+2?", "responses": responses[3:5], "tiers": [[0], [1]], "prompt_id": None}]
     m = [evaluate_rankings(rm, tok, held, RewardConfig(gold=False, progress=False, prefix_sharing=s)) for s in (0, 1)]
     assert m[0]["eval/loss"] == pytest.approx(m[1]["eval/loss"], abs=1e-6)
+
+
+def test_ensemble_scores_the_members_mean(tiny):
+    from labkit.reward import RewardEnsemble
+
+    rm, tok = tiny
+    other = copy.deepcopy(rm)
+    with torch.no_grad():
+        other.head.weight.mul_(-3.0)
+    prompts, responses = ["Say hi."] * 2 + ["What is 2+2?"], ["Hi!", "Hello.", "4"]
+    a, b = (m.score(tok, prompts, responses, progress=False) for m in (rm, other))
+    mean = RewardEnsemble([rm, other]).score(tok, prompts, responses, progress=False)
+    assert mean == pytest.approx([(x + y) / 2 for x, y in zip(a, b)], abs=1e-6)
+    assert a != pytest.approx(b, abs=1e-3)  # the members differ, so the mean is not either one
+    with pytest.raises(ValueError, match="at least one"):
+        RewardEnsemble([])
 
 
 def test_win_rate_with_an_rm_judge_scores_each_pair_in_one_pass(tiny, monkeypatch):
