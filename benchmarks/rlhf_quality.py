@@ -57,7 +57,7 @@ def heldout_rm_agreement(run_dir: Path, seed: int, n_prompts: int, k: int = 4, m
     from labkit.data import load_prompts
     from labkit.generation import sample_k
     from labkit.models import load_model
-    from labkit.reward import load_reward_model
+    from labkit.reward import RewardEnsemble, load_reward_model
 
     records = random.Random(seed).sample(load_prompts("ppo"), n_prompts)
     cache = run_dir / "heldout_samples.json"
@@ -69,10 +69,17 @@ def heldout_rm_agreement(run_dir: Path, seed: int, n_prompts: int, k: int = 4, m
                            batch_size=32, seed=seed + 7)
         cache.write_text(json.dumps({"samples": samples}))
         del model
-    rms = sorted(run_dir.glob("rm_r*"))
-    rm, tok = load_reward_model(rms[-1] / "model")
+    last = max(int(p.name[4:]) for p in run_dir.glob("rm_r*") if p.name[4:].isdigit())  # the last round's RM
+    members = [run_dir / f"rm_r{last}"] + sorted(run_dir.glob(f"rm_r{last}_m*"))  # and its ensemble's others
+    rms = [load_reward_model(m / "model") for m in members]
+    tok = rms[0][1]
     with torch.no_grad():
-        return evaluate.rm_gold_agreement(rm, tok, records, samples, seed=seed)
+        out = evaluate.rm_gold_agreement(rms[0][0], tok, records, samples, seed=seed)
+        if len(rms) > 1:  # what PPO optimised: the members' mean; the first member's figure beside it
+            first = out
+            out = evaluate.rm_gold_agreement(RewardEnsemble([rm for rm, _ in rms]), tok, records, samples, seed=seed)
+            out["first_member"], out["ensemble_size"] = first, len(rms)
+    return out
 
 
 def per_category(run_dir: Path, final: str) -> dict:

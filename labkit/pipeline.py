@@ -39,6 +39,8 @@ class RunConfig:
     k: int = 4                          # responses ranked per prompt (InstructGPT: 4..9)
     rm_prompts: int | None = None       # RM prompts per round, new ones each round while the split lasts;
                                         # None = the whole rm split every round
+    rm_ensemble: int = 1                # reward models per round, trained on the same rankings with seeds
+                                        # seed, seed+1, ...; PPO's reward is their mean (the value model starts as the first)
     n_labelers: int = 5                 # simulated labelers in the pool
     labelers_per_prompt: int = 1        # labelers of the pool who rank each prompt (with rm.consensus, the RM
                                         # trains on their merged ranking: less noise from any one labeler)
@@ -74,6 +76,8 @@ class RunConfig:
                                  f"{config_cls.__name__} knows: {sorted(fields)}")
         if self.rounds < 1:
             raise ValueError("rounds must be >= 1")
+        if self.rm_ensemble < 1:
+            raise ValueError("rm_ensemble must be >= 1")
         if not 2 <= self.k <= 9:
             raise ValueError("k must lie in 2..9 (InstructGPT ranks 4 to 9 responses)")
         if not 0 <= self.overlap <= 1:
@@ -407,7 +411,7 @@ def train_stages(run: Run, store, upto: str = "ppo") -> dict:
         out = run.dir / name
         settings = {**getattr(cfg, name.split("_")[0]), **fields}
         return _model_dir(run.stage(name, lambda: _finished(out, cfg.fresh) or _trained(train(config_cls(
-            out_dir=str(out), seed=cfg.seed, **settings)))), out)
+            **{"out_dir": str(out), "seed": cfg.seed, **settings})))), out)
 
     folders = {"sft": stage("sft", train_sft, SFTConfig, model=cfg.model)}
     policy = folders["sft"]
@@ -418,6 +422,10 @@ def train_stages(run: Run, store, upto: str = "ppo") -> dict:
             run.stage(f"rankings_r{k}", lambda: rankings_stage(run, k, policy, store))
         folders["rm"] = stage(f"rm_r{k}", train_reward_model, RewardConfig, model=folders["sft"], rankings=store,
                               device=cfg.device)
+        reward = [folders["rm"]] + [stage(f"rm_r{k}_m{j}", train_reward_model, RewardConfig, model=folders["sft"],
+                                          rankings=store, device=cfg.device, seed=cfg.seed + j)
+                                    for j in range(1, cfg.rm_ensemble)]
+        reward = reward if len(reward) > 1 else reward[0]  # several: PPO's reward is their mean
         if upto == "rm":
             break
         # later rounds start from the last policy; the KL penalty keeps pointing at SFT (§3.1)
@@ -428,10 +436,10 @@ def train_stages(run: Run, store, upto: str = "ppo") -> dict:
             if extra["ptx_texts"] is None:
                 print("labkit run: the starting model gave no non-empty answer for PPO-ptx; using the demonstrations")
         policy = folders["ppo"] = stage(f"ppo_r{k}", train_ppo, PPOConfig, model=start, reference=folders["sft"],
-                                        reward_model=folders["rm"], **extra)
+                                        reward_model=reward, **extra)
         if cfg.ppo_without_ptx and k == cfg.rounds:  # the same PPO without the LM term (the alignment tax)
             folders["ppo_noptx"] = stage(f"ppo_r{k}_noptx", train_ppo, PPOConfig, model=start, reference=folders["sft"],
-                                         reward_model=folders["rm"], ptx_coef=0.0)
+                                         reward_model=reward, ptx_coef=0.0)
     return folders
 
 

@@ -249,7 +249,8 @@ class PPOConfig:
     # models and data
     model: str = "smollm2-135m"  # the starting policy: SFT model folder (or built-in name); also the frozen reference
     reference: str | None = None  # frozen reference folder; None: the policy's starting weights (later rounds pass the SFT folder)
-    reward_model: str | None = None  # RewardModel folder (labkit.reward); None: use reward_fn
+    reward_model: str | list[str] | None = None  # RewardModel folder (labkit.reward), or several: their mean
+    #   score is the reward (labkit.reward.RewardEnsemble) and the value model starts as the first; None: reward_fn
     reward_fn: Callable[[list[str], list[str]], list[float]] | None = field(default=None, repr=False)  # scripted reward(prompts, responses) instead of an RM
     prompts: list | None = field(default=None, repr=False)  # prompt records or strings; None: load_prompts("ppo")
     out_dir: str = "runs/ppo"  # model/ (the final policy), checkpoint/, samples.jsonl and the stage files
@@ -318,6 +319,8 @@ class PPOConfig:
     def __post_init__(self):
         if self.reward_model is None and self.reward_fn is None:
             raise ValueError("PPOConfig needs a reward_model folder or a reward_fn")
+        if isinstance(self.reward_model, (list, tuple)) and not self.reward_model:
+            raise ValueError("reward_model is an empty list; give one RewardModel folder or several")
         if self.batch_size % self.mini_batch_size:
             raise ValueError(f"batch_size={self.batch_size} must be a multiple of mini_batch_size={self.mini_batch_size}")
         if self.mini_batch_size % self.micro_batch_size:
@@ -405,7 +408,7 @@ class PolicyAndValue(nn.Module):
 
 def build_models(config: PPOConfig, device: torch.device):
     """(PolicyAndValue, reference or None, reward model or None, tokenizer, RM tokenizer)."""
-    from labkit.reward import RewardModel, load_reward_model
+    from labkit.reward import RewardEnsemble, RewardModel, load_reward_model
 
     policy, tokenizer = load_model(config.model, dtype="float32", device=device, seed=config.seed)
     policy.generation_config.pad_token_id = tokenizer.pad_token_id
@@ -426,21 +429,26 @@ def build_models(config: PPOConfig, device: torch.device):
     else:  # a frozen copy of the SFT weights (a copy is faster than loading them again)
         reference = copy.deepcopy(policy).requires_grad_(False).eval()
 
-    reward_model = rm_tokenizer = None
+    reward_model = rm_tokenizer = first_rm = None
     if config.reward_model is not None:
-        reward_model, rm_tokenizer = load_reward_model(config.reward_model, dtype="float32", device=device)
-        reward_model.requires_grad_(False).eval()
+        folders = [config.reward_model] if isinstance(config.reward_model, (str, Path)) else config.reward_model
+        members = []
+        for folder in folders:
+            rm, rm_tokenizer = load_reward_model(folder, dtype="float32", device=device)
+            members.append(rm.requires_grad_(False).eval())
+        first_rm = members[0]
+        reward_model = first_rm if len(members) == 1 else RewardEnsemble(members)
 
     value_model = value_head = None
     hidden_size = policy.config.hidden_size
     if config.share_backbone:
         value_head = nn.Linear(hidden_size, 1, bias=False).to(device)
-        if reward_model is not None:
-            value_head.weight.data.copy_(reward_model.head.weight.data)
+        if first_rm is not None:
+            value_head.weight.data.copy_(first_rm.head.weight.data)
         else:  # a scripted reward has no RM to start from: values start at 0
             nn.init.zeros_(value_head.weight)
     elif config.reward_model is not None:
-        value_model = copy.deepcopy(reward_model).requires_grad_(True)  # InstructGPT §3.5: V starts as the RM
+        value_model = copy.deepcopy(first_rm).requires_grad_(True)  # InstructGPT §3.5: V starts as the RM
     else:  # scripted reward: value model = a second copy of the policy's backbone, zero head
         value_model = RewardModel.from_causal_lm(value_source)
         # A random head would start with values of arbitrary scale, and their errors would

@@ -110,6 +110,24 @@ def test_ensure_builds_what_earlier_notebooks_leave_and_reuses_it(tmp_path):
     assert len(there["store"].rankings()) == n_rankings  # nothing was trained or ranked again
 
 
+def test_an_ensemble_of_reward_models_feeds_ppo_their_mean(tmp_path):
+    """rm_ensemble=2: a second RM on the same rankings with the next seed; PPO gets both."""
+    import json
+
+    from labkit.pipeline import ensure
+
+    built = ensure(tmp_path, upto="ppo", model="tiny", rm_prompts=6, sample_max_new_tokens=6, rm_ensemble=2,
+                   sft=dict(max_steps=1), rm=dict(max_steps=2, batch_size=4),
+                   ppo=dict(steps=1, batch_size=4, mini_batch_size=4, micro_batch_size=4, max_new_tokens=4,
+                            gold_every=0, sample_every=0, save_every=0))
+    configs = [json.loads((tmp_path / name / "config.json").read_text()) for name in ("rm_r1", "rm_r1_m1", "ppo_r1")]
+    assert [c["seed"] for c in configs[:2]] == [0, 1]
+    assert configs[2]["reward_model"] == [str(tmp_path / "rm_r1" / "model"), str(tmp_path / "rm_r1_m1" / "model")]
+    assert built["rm"] == str(tmp_path / "rm_r1" / "model")  # the first member: the report's RM, the value's start
+    with pytest.raises(ValueError, match="rm_ensemble"):
+        RunConfig(rm_ensemble=0)
+
+
 def test_a_stopped_stage_stops_labkit_run_with_its_message(tmp_path, monkeypatch, capsys):
     import labkit.sft
 

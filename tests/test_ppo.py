@@ -1,5 +1,6 @@
 """PPO: pure functions against hand-computed numbers and naive loops; tiny-model smoke runs."""
 
+import copy
 import math
 
 import pytest
@@ -355,6 +356,31 @@ def test_value_model_starts_as_the_reward_model(tmp_path):
     assert torch.allclose(got, expected, atol=1e-5)
     assert model.value_model is not reward_model and not reward_model.head.weight.requires_grad
     assert not any(p.requires_grad for p in reference.parameters())
+
+
+def test_several_reward_models_score_their_mean_and_the_value_model_starts_as_the_first(tmp_path):
+    from labkit.reward import RewardEnsemble, RewardModel
+
+    lm, tok = load_model("tiny", dtype="float32", device="cpu", seed=3)
+    rms = []
+    for i in range(2):
+        rm = RewardModel.from_causal_lm(copy.deepcopy(lm))
+        torch.nn.init.normal_(rm.head.weight, std=0.5, generator=torch.Generator().manual_seed(i))
+        rm.save_pretrained(tmp_path / f"rm{i}", tokenizer=tok)
+        rms.append(rm)
+    config = ppo.PPOConfig(model="tiny", reward_model=[str(tmp_path / "rm0"), str(tmp_path / "rm1")], dashboard=False)
+    model, _, reward_model, _, rm_tok = ppo.build_models(config, torch.device("cpu"))
+    assert isinstance(reward_model, RewardEnsemble)
+    prompts, texts = ["Say hi."] * 2, ["Hello there.", "Hi"]
+    each = [rm.score(tok, prompts, texts, progress=False) for rm in rms]
+    assert each[0] != pytest.approx(each[1], abs=1e-3)
+    assert reward_model.score(rm_tok, prompts, texts, progress=False) == pytest.approx(
+        [(a + b) / 2 for a, b in zip(*each)], abs=1e-5)
+    enc = tok(texts, return_tensors="pt", padding=True)
+    assert torch.allclose(model.value_model.token_values(enc.input_ids, enc.attention_mask),
+                          rms[0].token_values(enc.input_ids, enc.attention_mask), atol=1e-5)
+    with pytest.raises(ValueError, match="empty list"):
+        ppo.PPOConfig(model="tiny", reward_model=[])
 
 
 @pytest.mark.parametrize("share_backbone", [False, True])
