@@ -295,7 +295,7 @@ def main_ablate(args) -> None:
 
     from labkit import evaluate
     from labkit.data import load_prompts
-    from labkit.reward import RewardConfig, RewardEnsemble, load_reward_model, train_reward_model
+    from labkit.reward import RewardConfig, load_reward_model, train_reward_model
 
     torch.set_num_threads(args.threads)
     records = {r["id"]: r for r in load_prompts()}
@@ -334,17 +334,7 @@ def main_ablate(args) -> None:
         print(f"{v['name']}: RM agreement with gold {agree['value']:.3f} [{agree['low']:.3f}, {agree['high']:.3f}] "
               f"on {agree['n_prompts']} held-out prompts; prefers shorter {agree['rm_prefers_shorter']:.2f} "
               f"(gold {agree['gold_prefers_shorter']:.2f}); {row['wall_s']:.0f} s")
-    for spec in args.ensemble:  # NAME:variant,variant,...: the members' mean score, no training
-        name, members = spec.split(":", 1)
-        rms = [load_reward_model(Path(args.out) / m / "model") for m in members.split(",")]
-        ensemble = RewardEnsemble([rm for rm, _ in rms])
-        with torch.no_grad():
-            agree = evaluate.rm_gold_agreement(ensemble, rms[0][1], held_records, held, seed=args.seed)
-        row = {"name": name, "ensemble_of": members.split(","), "rm_gold_agreement": agree}
-        results["rows"] = [r for r in results["rows"] if r["name"] != name] + [row]
-        result_path.write_text(json.dumps(results, indent=1) + "\n")
-        print(f"{name} (mean of {members}): RM agreement with gold {agree['value']:.3f} "
-              f"[{agree['low']:.3f}, {agree['high']:.3f}]; prefers shorter {agree['rm_prefers_shorter']:.2f}")
+
 
 
 def main() -> None:
@@ -371,8 +361,6 @@ def main() -> None:
     ap.add_argument("--variant", action="append", default=[],
                     help='ablate-rm: NAME:{"k": 8, "tie_scale": 1.0, "lr": 5e-5, "epochs": 1, "noise": null, '
                          '"labels": "one|all|consensus", "micro_batch_size": null}')
-    ap.add_argument("--ensemble", action="append", default=[],
-                    help="ablate-rm: NAME:VARIANT,VARIANT,... scores with the mean of trained variants' RMs")
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--seed", type=int, default=0)
     args = ap.parse_args()
