@@ -168,7 +168,8 @@ def main() -> None:
     from labkit.labelers import GoldLabeler
     from labkit.models import load_model
     from labkit.ppo import PPOConfig
-    from labkit.reward import RewardEnsemble, load_reward_model
+    from labkit.pipeline import reward_model_dirs
+    from labkit.reward import load_reward_models
 
     torch.set_num_threads(args.threads)
     t0 = time.time()
@@ -179,14 +180,11 @@ def main() -> None:
     records = {r["id"]: r for r in load_prompts()}
     gold = GoldLabeler()
     # the round's RM and, with rm_ensemble, its other members: PPO's reward was their mean
-    members = [run / f"rm_r{args.round}"] + sorted(run.glob(f"rm_r{args.round}_m*"))
-    loaded = [load_reward_model(m / "model") for m in members]
-    first, rm_tok = loaded[0]
-    rm = first if len(loaded) == 1 else RewardEnsemble([m for m, _ in loaded])
+    rm, rm_tok, members = load_reward_models(reward_model_dirs(run, args.round))
     entry = {"run": str(run), "round": args.round, "ppo_settings": cfg.get("ppo"), "seed": args.seed,
-             "reward_models": len(loaded)}
+             "reward_models": len(members)}
     entry["best_of_k"] = best_of_k(rm, rm_tok, held, records, gold)
-    entry["values"] = values(first, rm_tok, held, args.value_pairs)  # the value model starts as the first
+    entry["values"] = values(members[0], rm_tok, held, args.value_pairs)  # the value model starts as the first
     sft, tok = load_model(str(run / "sft" / "model"))
     policy, _ = load_model(str(run / f"ppo_r{args.round}" / "model"))
     entry["sampled"] = {split: sampled(sft, policy, tok, rm, load_prompts(split), args.samples, temperature,

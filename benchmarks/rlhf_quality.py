@@ -57,7 +57,8 @@ def heldout_rm_agreement(run_dir: Path, seed: int, n_prompts: int, k: int = 4, m
     from labkit.data import load_prompts
     from labkit.generation import sample_k
     from labkit.models import load_model
-    from labkit.reward import RewardEnsemble, load_reward_model
+    from labkit.pipeline import reward_model_dirs
+    from labkit.reward import load_reward_models
 
     records = random.Random(seed).sample(load_prompts("ppo"), n_prompts)
     cache = run_dir / "heldout_samples.json"
@@ -69,16 +70,14 @@ def heldout_rm_agreement(run_dir: Path, seed: int, n_prompts: int, k: int = 4, m
                            batch_size=32, seed=seed + 7)
         cache.write_text(json.dumps({"samples": samples}))
         del model
-    last = max(int(p.name[4:]) for p in run_dir.glob("rm_r*") if p.name[4:].isdigit())  # the last round's RM
-    members = [run_dir / f"rm_r{last}"] + sorted(run_dir.glob(f"rm_r{last}_m*"))  # and its ensemble's others
-    rms = [load_reward_model(m / "model") for m in members]
-    tok = rms[0][1]
+    last = max(int(p.name[4:]) for p in run_dir.glob("rm_r*") if p.name[4:].isdigit())  # the last round
+    reward, tok, members = load_reward_models(reward_model_dirs(run_dir, last))
     with torch.no_grad():
-        out = evaluate.rm_gold_agreement(rms[0][0], tok, records, samples, seed=seed)
-        if len(rms) > 1:  # what PPO optimised: the members' mean; the first member's figure beside it
+        out = evaluate.rm_gold_agreement(members[0], tok, records, samples, seed=seed)
+        if len(members) > 1:  # what PPO optimised: the members' mean; the first member's figure beside it
             first = out
-            out = evaluate.rm_gold_agreement(RewardEnsemble([rm for rm, _ in rms]), tok, records, samples, seed=seed)
-            out["first_member"], out["ensemble_size"] = first, len(rms)
+            out = evaluate.rm_gold_agreement(reward, tok, records, samples, seed=seed)
+            out["first_member"], out["ensemble_size"] = first, len(members)
     return out
 
 
@@ -334,7 +333,6 @@ def main_ablate(args) -> None:
         print(f"{v['name']}: RM agreement with gold {agree['value']:.3f} [{agree['low']:.3f}, {agree['high']:.3f}] "
               f"on {agree['n_prompts']} held-out prompts; prefers shorter {agree['rm_prefers_shorter']:.2f} "
               f"(gold {agree['gold_prefers_shorter']:.2f}); {row['wall_s']:.0f} s")
-
 
 
 def main() -> None:

@@ -314,6 +314,15 @@ def samples_settings(cfg: RunConfig, round_: int, policy_path: str, prompts: lis
         "prompts": [r["id"] for r in prompts]}))
 
 
+def reward_model_dirs(run_dir: str | Path, round_: int) -> list[Path]:
+    """Round ``round_``'s reward model folders in a run folder (their ``model/`` inside):
+    ``rm_r<round>``, then, with ``rm_ensemble``, the other members ``rm_r<round>_m1``, ``_m2``, ..."""
+    run_dir = Path(run_dir)
+    others = sorted((p for p in run_dir.glob(f"rm_r{round_}_m*") if p.name.rpartition("_m")[2].isdigit()),
+                    key=lambda p: int(p.name.rpartition("_m")[2]))
+    return [run_dir / f"rm_r{round_}" / "model"] + [p / "model" for p in others]
+
+
 def round_prompts(cfg: RunConfig, round_: int) -> list[dict]:
     """The rm-split prompts that round ``round_`` ranks.
 

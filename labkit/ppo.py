@@ -408,7 +408,7 @@ class PolicyAndValue(nn.Module):
 
 def build_models(config: PPOConfig, device: torch.device):
     """(PolicyAndValue, reference or None, reward model or None, tokenizer, RM tokenizer)."""
-    from labkit.reward import RewardEnsemble, RewardModel, load_reward_model
+    from labkit.reward import RewardModel, load_reward_models
 
     policy, tokenizer = load_model(config.model, dtype="float32", device=device, seed=config.seed)
     policy.generation_config.pad_token_id = tokenizer.pad_token_id
@@ -430,14 +430,9 @@ def build_models(config: PPOConfig, device: torch.device):
         reference = copy.deepcopy(policy).requires_grad_(False).eval()
 
     reward_model = rm_tokenizer = first_rm = None
-    if config.reward_model is not None:
-        folders = [config.reward_model] if isinstance(config.reward_model, (str, Path)) else config.reward_model
-        members = []
-        for folder in folders:
-            rm, rm_tokenizer = load_reward_model(folder, dtype="float32", device=device)
-            members.append(rm.requires_grad_(False).eval())
+    if config.reward_model is not None:  # one RM, or several whose mean score is the reward
+        reward_model, rm_tokenizer, members = load_reward_models(config.reward_model, dtype="float32", device=device)
         first_rm = members[0]
-        reward_model = first_rm if len(members) == 1 else RewardEnsemble(members)
 
     value_model = value_head = None
     hidden_size = policy.config.hidden_size

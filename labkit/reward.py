@@ -221,6 +221,21 @@ def load_reward_model(path: str | Path, dtype: str | torch.dtype = "auto",
     return rm, setup_tokenizer(AutoTokenizer.from_pretrained(path))
 
 
+def load_reward_models(paths: str | Path | list, dtype: str | torch.dtype = "auto",
+                       device: str | torch.device = "auto"):
+    """``(reward, tokenizer, members)`` from one RM folder or several: ``reward`` is the one
+    :class:`RewardModel`, or a :class:`RewardEnsemble` of several; ``members`` lists them all
+    (frozen, in eval mode), the first being the one a value model or a report starts from."""
+    paths = [paths] if isinstance(paths, (str, Path)) else list(paths)
+    if not paths:
+        raise ValueError("no reward model folder given")
+    members = []
+    for path in paths:
+        rm, tokenizer = load_reward_model(path, dtype=dtype, device=device)
+        members.append(rm.requires_grad_(False).eval())
+    return (members[0] if len(members) == 1 else RewardEnsemble(members)), tokenizer, members
+
+
 # ----------------------------------------------------------------------------- tensors
 
 def encode(tokenizer, prompts: list[str], responses: list[str], max_length: int = 1024):

@@ -114,6 +114,9 @@ def test_an_ensemble_of_reward_models_feeds_ppo_their_mean(tmp_path):
     """rm_ensemble=2: a second RM on the same rankings with the next seed; PPO gets both."""
     import json
 
+    from pathlib import Path
+
+    from labkit import pipeline
     from labkit.pipeline import ensure
 
     built = ensure(tmp_path, upto="ppo", model="tiny", rm_prompts=6, sample_max_new_tokens=6, rm_ensemble=2,
@@ -123,6 +126,7 @@ def test_an_ensemble_of_reward_models_feeds_ppo_their_mean(tmp_path):
     configs = [json.loads((tmp_path / name / "config.json").read_text()) for name in ("rm_r1", "rm_r1_m1", "ppo_r1")]
     assert [c["seed"] for c in configs[:2]] == [0, 1]
     assert configs[2]["reward_model"] == [str(tmp_path / "rm_r1" / "model"), str(tmp_path / "rm_r1_m1" / "model")]
+    assert pipeline.reward_model_dirs(tmp_path, 1) == [Path(p) for p in configs[2]["reward_model"]]  # found again
     assert built["rm"] == str(tmp_path / "rm_r1" / "model")  # the first member: the report's RM, the value's start
     with pytest.raises(ValueError, match="rm_ensemble"):
         RunConfig(rm_ensemble=0)
