@@ -41,6 +41,9 @@ class RunConfig:
                                         # None = the whole rm split every round
     rm_ensemble: int = 1                # reward models per round, trained on the same rankings with seeds
                                         # seed, seed+1, ...; PPO's reward is their mean (the value model starts as the first)
+    ppo_reward: str = "rm"              # PPO's reward: "rm" (the round's reward model(s)) or "gold" (the gold
+                                        # scorer itself, labelers.gold_reward: the ceiling a perfect RM of the
+                                        # simulated labelers would give; a measurement, a room has no gold)
     n_labelers: int = 5                 # simulated labelers in the pool
     labelers_per_prompt: int = 1        # labelers of the pool who rank each prompt (with rm.consensus, the RM
                                         # trains on their merged ranking: less noise from any one labeler)
@@ -88,6 +91,8 @@ class RunConfig:
         if unknown:
             raise ValueError(f"unknown check families {sorted(unknown)}; "
                              f"choose from {sorted(set(labelers.CHECK_FAMILIES.values()))}")
+        if self.ppo_reward not in PPO_REWARDS:
+            raise ValueError(f"ppo_reward must be one of {PPO_REWARDS}, got {self.ppo_reward!r}")
         if self.ptx_source not in PTX_SOURCES:
             raise ValueError(f"ptx_source must be one of {PTX_SOURCES}, got {self.ptx_source!r}")
 
@@ -109,6 +114,7 @@ class RunConfig:
 
 
 PTX_SOURCES = ("demonstrations", "base_answers")
+PPO_REWARDS = ("rm", "gold")
 
 # Each preset: a model and stage sizes. `cpu` is the bundled model on a 2-core laptop
 # (target: the whole run in <= 30 minutes), `tiny` a smoke run in well under a minute.
@@ -434,7 +440,11 @@ def train_stages(run: Run, store, upto: str = "ppo") -> dict:
         reward = [folders["rm"]] + [stage(f"rm_r{k}_m{j}", train_reward_model, RewardConfig, model=folders["sft"],
                                           rankings=store, device=cfg.device, seed=cfg.seed + j)
                                     for j in range(1, cfg.rm_ensemble)]
-        reward = reward if len(reward) > 1 else reward[0]  # several: PPO's reward is their mean
+        reward = dict(reward_model=reward if len(reward) > 1 else reward[0])  # several: PPO's reward is their mean
+        if cfg.ppo_reward == "gold":  # the ceiling: the gold scorer pays PPO, the RM only judges afterwards
+            from labkit.data import load_prompts
+
+            reward = dict(reward_model=None, reward_fn=labelers.gold_reward(load_prompts("ppo")))
         if upto == "rm":
             break
         # later rounds start from the last policy; the KL penalty keeps pointing at SFT (§3.1)
@@ -445,10 +455,10 @@ def train_stages(run: Run, store, upto: str = "ppo") -> dict:
             if extra["ptx_texts"] is None:
                 print("labkit run: the starting model gave no non-empty answer for PPO-ptx; using the demonstrations")
         policy = folders["ppo"] = stage(f"ppo_r{k}", train_ppo, PPOConfig, model=start, reference=folders["sft"],
-                                        reward_model=reward, **extra)
+                                        **reward, **extra)
         if cfg.ppo_without_ptx and k == cfg.rounds:  # the same PPO without the LM term (the alignment tax)
             folders["ppo_noptx"] = stage(f"ppo_r{k}_noptx", train_ppo, PPOConfig, model=start, reference=folders["sft"],
-                                         reward_model=reward, ptx_coef=0.0)
+                                         ptx_coef=0.0, **reward)
     return folders
 
 

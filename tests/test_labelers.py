@@ -413,3 +413,17 @@ def test_check_families_restrict_the_gold_scorer():
     assert b["score"] == pytest.approx(quality(shared=0, stems=9))
     assert L.GoldLabeler(check_families=("change_case",)).score(HAIKU, OFF_TOPIC) == pytest.approx(
         L.GoldLabeler().score(HAIKU, OFF_TOPIC))
+
+
+def test_gold_reward_pays_the_gold_score_of_each_answer():
+    records = [{"prompt": "Name a primary colour. Answer in one word.", "checks": [{"type": "max_words", "n": 1}]},
+               {"prompt": "What is the capital of France?", "reference": "Paris"}]
+    reward = L.gold_reward(records)
+    gold = L.GoldLabeler()
+    prompts = [records[0]["prompt"], records[1]["prompt"], records[1]["prompt"], "A prompt PPO was not given."]
+    answers = ["Red.", "The capital of France is Paris.", "It is Lyon.", "Some answer about nothing."]
+    scores = reward(prompts, answers)
+    assert scores[:3] == [gold.score(records[0], "Red."), gold.score(records[1], answers[1]),
+                          gold.score(records[1], answers[2])]
+    assert scores[1] > scores[2]  # the reference answer is paid for
+    assert scores[3] == gold.score({"prompt": prompts[3]}, answers[3])  # an unknown prompt: a bare prompt

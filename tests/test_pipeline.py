@@ -132,6 +132,29 @@ def test_an_ensemble_of_reward_models_feeds_ppo_their_mean(tmp_path):
         RunConfig(rm_ensemble=0)
 
 
+def test_ppo_against_the_gold_scorer_measures_the_ceiling(tmp_path):
+    """ppo_reward="gold": PPO is paid the gold score of each answer, no RM; the RM still trains (it judges)."""
+    import json
+
+    from labkit.data import load_prompts
+    from labkit.labelers import GoldLabeler
+    from labkit.pipeline import ensure
+
+    built = ensure(tmp_path, upto="ppo", model="tiny", rm_prompts=6, sample_max_new_tokens=6, ppo_reward="gold",
+                   sft=dict(max_steps=1), rm=dict(max_steps=1, batch_size=4),
+                   ppo=dict(steps=2, batch_size=4, mini_batch_size=4, micro_batch_size=4, max_new_tokens=4,
+                            missing_eos_penalty=0.0, gold_every=0, sample_every=1, save_every=0))
+    assert json.loads((tmp_path / "ppo_r1" / "config.json").read_text())["reward_model"] is None
+    assert built["rm"] == str(tmp_path / "rm_r1" / "model")
+    logged = [json.loads(line) for line in (tmp_path / "ppo_r1" / "samples.jsonl").read_text().splitlines()]
+    records = {r["prompt"]: r for r in load_prompts("ppo")}
+    assert len(logged) == 4
+    for row in logged:  # the score PPO saw is the gold score of that answer to that prompt
+        assert row["score"] == pytest.approx(GoldLabeler().score(records[row["prompt"]], row["response"]), abs=1e-6)
+    with pytest.raises(ValueError, match="ppo_reward"):
+        RunConfig(ppo_reward="labelers")
+
+
 def test_a_stopped_stage_stops_labkit_run_with_its_message(tmp_path, monkeypatch, capsys):
     import labkit.sft
 
