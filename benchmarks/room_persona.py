@@ -19,7 +19,9 @@ split between seats), into one feedback store. Then:
    (and the gold score of that reply given to every prompt, for scale).
 
 ``--reuse-rm`` trains PPO against the room RM of an earlier run with the same room settings,
-so PPO settings can be compared without training the RM again.
+so PPO settings can be compared without training the RM again. ``--ppo-reward room`` pays PPO
+with the room's taste itself (gold plus the persona bonus, no labeler noise, no RM): the ceiling
+a perfect room RM would give, which tells the RM's share of a shortfall from PPO's.
 
     python benchmarks/room_persona.py                       # the bundled model, ~15-25 min on 2 cores
     python benchmarks/room_persona.py --model tiny --quick  # the plumbing in about a minute
@@ -99,6 +101,9 @@ def main() -> None:
     ap.add_argument("--whiten-scores", type=int, default=0, help="1: standardise the RM scores over each PPO batch")
     ap.add_argument("--value-warmup-steps", type=int, default=0,
                     help="PPO steps at the start that train only the value model (counted in --ppo-steps)")
+    ap.add_argument("--ppo-reward", choices=["rm", "room"], default="rm",
+                    help="rm: PPO against the room's RM; room: against the room's taste itself (a noiseless persona "
+                         "labeler, labelers.gold_reward), the ceiling a perfect RM would give; no RM is trained")
     ap.add_argument("--reuse-rm", default=None, help="a room RM folder from an earlier run with the same settings "
                     "(skips RM training; the PPO settings may differ)")
     ap.add_argument("--eval", type=int, default=48, help="eval prompts")
@@ -178,18 +183,25 @@ def main() -> None:
         times[f"{name}_s"] = time.perf_counter() - t0
         return result
 
-    rm_room = ({**json.loads((Path(args.reuse_rm).parent / "metrics.json").read_text()), "model_dir": args.reuse_rm}
+    oracle = args.ppo_reward == "room"
+    rm_room = ({} if oracle else
+               {**json.loads((Path(args.reuse_rm).parent / "metrics.json").read_text()), "model_dir": args.reuse_rm}
                if args.reuse_rm else train_rm("rm_room", rankings))
-    rm_base = train_rm("rm_without_room", baseline_rankings) if args.baseline else None
+    rm_base = train_rm("rm_without_room", baseline_rankings) if args.baseline and not oracle else None
     held = samples[n_items:]
     pairs = persona_pairs(held, persona.detect)
-    acc_room = rm_persona_accuracy(rm_room["model_dir"], held, pairs)
+    acc_room = None if oracle else rm_persona_accuracy(rm_room["model_dir"], held, pairs)
     acc_base = rm_persona_accuracy(rm_base["model_dir"], held, pairs) if rm_base else None
+    # the ceiling: PPO paid by the room's taste itself, gold + the persona bonus without labeler noise
+    taste = labelers.SimulatedLabeler(persona=persona.name, persona_bonus=args.persona_bonus, noise=0.0,
+                                      persona_on_topic=bool(args.persona_on_topic))
+    reward = (dict(reward_fn=labelers.gold_reward(data.load_prompts("ppo"), taste.utility)) if oracle
+              else dict(reward_model=rm_room["model_dir"]))
 
-    # 4. PPO against the room's RM (KL to the starting policy).
+    # 4. PPO against the room's RM, or its taste itself (KL to the starting policy).
     t0 = time.perf_counter()
     ppo = train_ppo(PPOConfig(
-        model=args.model, reward_model=rm_room["model_dir"], out_dir=str(work / "ppo"), steps=args.ppo_steps,
+        model=args.model, **reward, out_dir=str(work / "ppo"), steps=args.ppo_steps,
         batch_size=args.ppo_batch, mini_batch_size=min(8, args.ppo_batch), micro_batch_size=min(8, args.ppo_batch),
         learning_rate=args.ppo_lr, kl_coef=args.kl_coef, max_new_tokens=args.ppo_tokens, seed=args.seed,
         missing_eos_penalty=args.missing_eos_penalty, whiten_scores=bool(args.whiten_scores),

@@ -524,24 +524,26 @@ class GoldLabeler:
         return self.breakdown(record, response, truncated)["score"]
 
 
-def gold_reward(records: list[dict], gold: GoldLabeler | None = None) -> Callable[[list[str], list[str]], list[float]]:
+def gold_reward(records: list[dict], score: Callable[[dict, str], float] | None = None
+                ) -> Callable[[list[str], list[str]], list[float]]:
     """A PPO reward (``PPOConfig.reward_fn``) that is the gold scorer itself.
 
     What a reward model that had learnt the simulated labelers' taste perfectly would pay:
     the ceiling of the recipe with these labelers, for measuring how much of PPO's shortfall is
     the RM's. ``records`` are the prompts PPO samples (their checks and references); a prompt
-    not among them is scored as a bare prompt. An answer cut at the length limit is scored as it
-    reads (PPO's ``missing_eos_penalty`` prices the cut). A room has no gold scorer, so this is a
-    measurement, not a way to train.
+    not among them is scored as a bare prompt. ``score(record, response)`` replaces the gold
+    score, e.g. a noiseless persona labeler's ``utility`` (a room's taste without its noise).
+    An answer cut at the length limit is scored as it reads (PPO's ``missing_eos_penalty``
+    prices the cut). A room has no gold scorer, so this is a measurement, not a way to train.
 
     >>> reward = gold_reward(load_prompts("ppo"))
     >>> train_ppo(PPOConfig(model=sft_dir, reward_fn=reward))
     """
-    gold = gold or GoldLabeler()
+    score = score or GoldLabeler().score
     by_prompt = {r["prompt"]: r for r in records}
 
     def reward(prompts: list[str], responses: list[str]) -> list[float]:
-        return [gold.score(by_prompt.get(p, {"prompt": p}), y) for p, y in zip(prompts, responses)]
+        return [score(by_prompt.get(p, {"prompt": p}), y) for p, y in zip(prompts, responses)]
 
     return reward
 
