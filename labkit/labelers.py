@@ -524,7 +524,7 @@ class GoldLabeler:
         return self.breakdown(record, response, truncated)["score"]
 
 
-def gold_reward(records: list[dict], score: Callable[[dict, str], float] | None = None
+def gold_reward(records: list[dict], score: Callable[[dict, str], float] | None = None, scale: float = 1.0
                 ) -> Callable[[list[str], list[str]], list[float]]:
     """A PPO reward (``PPOConfig.reward_fn``) that is the gold scorer itself.
 
@@ -533,6 +533,9 @@ def gold_reward(records: list[dict], score: Callable[[dict, str], float] | None 
     the RM's. ``records`` are the prompts PPO samples (their checks and references); a prompt
     not among them is scored as a bare prompt. ``score(record, response)`` replaces the gold
     score, e.g. a noiseless persona labeler's ``utility`` (a room's taste without its noise).
+    ``scale`` multiplies every score: :func:`bradley_terry_scale` puts gold on the scale of a
+    reward model trained on the labelers' comparisons, which is what PPO's other settings (the
+    missing-EOS penalty, the KL coefficient) are sized for.
     An answer cut at the length limit is scored as it reads (PPO's ``missing_eos_penalty``
     prices the cut). A room has no gold scorer, so this is a measurement, not a way to train.
 
@@ -543,9 +546,23 @@ def gold_reward(records: list[dict], score: Callable[[dict, str], float] | None 
     by_prompt = {r["prompt"]: r for r in records}
 
     def reward(prompts: list[str], responses: list[str]) -> list[float]:
-        return [score(by_prompt.get(p, {"prompt": p}), y) for p, y in zip(prompts, responses)]
+        return [scale * score(by_prompt.get(p, {"prompt": p}), y) for p, y in zip(prompts, responses)]
 
     return reward
+
+
+def bradley_terry_scale(noise: float | None = None) -> float:
+    """Reward-model logits per unit of labeler utility, for labelers with Gaussian ``noise``.
+
+    A labeler prefers a over b when u_a + e_a > u_b + e_b, e ~ N(0, noise²): with probability
+    Φ(Δu / (noise·√2)) ≈ σ(1.702·Δu / (noise·√2)). A Bradley-Terry reward model that fits those
+    comparisons exactly scores r = scale·u + const with scale = 1.702 / (noise·√2): about 10.9
+    at the default noise of 0.11, so a gold difference of 0.1 is a logit difference of 1.1.
+    """
+    noise = DEFAULT_NOISE if noise is None else noise
+    if noise <= 0:
+        raise ValueError("noise must be > 0 (noiseless comparisons give an unbounded scale)")
+    return 1.702 / (noise * math.sqrt(2))
 
 
 # ----------------------------------------------------------------------------- simulated labelers

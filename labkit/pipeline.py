@@ -444,7 +444,8 @@ def train_stages(run: Run, store, upto: str = "ppo") -> dict:
         if cfg.ppo_reward == "gold":  # the ceiling: the gold scorer pays PPO, the RM only judges afterwards
             from labkit.data import load_prompts
 
-            reward = dict(reward_model=None, reward_fn=labelers.gold_reward(load_prompts("ppo")))
+            reward = dict(reward_model=None, reward_fn=labelers.gold_reward(  # on a reward model's scale
+                load_prompts("ppo"), scale=labelers.bradley_terry_scale()))
         if upto == "rm":
             break
         # later rounds start from the last policy; the KL penalty keeps pointing at SFT (§3.1)

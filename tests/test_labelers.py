@@ -431,3 +431,16 @@ def test_gold_reward_pays_the_gold_score_of_each_answer():
     paid = L.gold_reward(records, room.utility)([records[1]["prompt"]] * 2, ["The capital is Paris, as you know.", "Paris."])
     assert paid == [room.utility(records[1], "The capital is Paris, as you know."), room.utility(records[1], "Paris.")]
     assert paid[0] - gold.score(records[1], "The capital is Paris, as you know.") == pytest.approx(0.4)  # the persona bonus
+    assert L.gold_reward(records, scale=2.0)(prompts, answers) == [2.0 * x for x in scores]
+
+
+def test_bradley_terry_scale_turns_utility_into_the_labelers_preference_odds():
+    """sigmoid(scale * du) is the chance that a labeler with that noise prefers the better answer."""
+    for noise in (0.05, 0.11, 0.3):
+        scale = L.bradley_terry_scale(noise)
+        for du in (0.02, 0.1, 0.3):
+            prefer = 0.5 * (1 + math.erf(du / (noise * math.sqrt(2)) / math.sqrt(2)))  # Phi(du / (noise sqrt 2))
+            assert 1 / (1 + math.exp(-scale * du)) == pytest.approx(prefer, abs=0.01)
+    assert L.bradley_terry_scale() == pytest.approx(10.94, abs=0.01)  # the default labelers' noise, 0.11
+    with pytest.raises(ValueError, match="noise"):
+        L.bradley_terry_scale(0.0)

@@ -137,7 +137,7 @@ def test_ppo_against_the_gold_scorer_measures_the_ceiling(tmp_path):
     import json
 
     from labkit.data import load_prompts
-    from labkit.labelers import GoldLabeler
+    from labkit.labelers import GoldLabeler, bradley_terry_scale
     from labkit.pipeline import ensure
 
     built = ensure(tmp_path, upto="ppo", model="tiny", rm_prompts=6, sample_max_new_tokens=6, ppo_reward="gold",
@@ -150,7 +150,8 @@ def test_ppo_against_the_gold_scorer_measures_the_ceiling(tmp_path):
     records = {r["prompt"]: r for r in load_prompts("ppo")}
     assert len(logged) == 4
     for row in logged:  # the score PPO saw is the gold score of that answer to that prompt
-        assert row["score"] == pytest.approx(GoldLabeler().score(records[row["prompt"]], row["response"]), abs=1e-6)
+        gold = GoldLabeler().score(records[row["prompt"]], row["response"])
+        assert row["score"] == pytest.approx(bradley_terry_scale() * gold, abs=1e-5)  # on a reward model's scale
     with pytest.raises(ValueError, match="ppo_reward"):
         RunConfig(ppo_reward="labelers")
 
