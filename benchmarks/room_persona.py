@@ -185,20 +185,20 @@ def main() -> None:
         times[f"{name}_s"] = time.perf_counter() - t0
         return result
 
-    oracle = args.ppo_reward == "room"
-    rm_room = ({} if oracle else
-               {**json.loads((Path(args.reuse_rm).parent / "metrics.json").read_text()), "model_dir": args.reuse_rm}
-               if args.reuse_rm else train_rm("rm_room", rankings))
-    rm_base = train_rm("rm_without_room", baseline_rankings) if args.baseline and not oracle else None
     held = samples[n_items:]
     pairs = persona_pairs(held, persona.detect)
-    acc_room = None if oracle else rm_persona_accuracy(rm_room["model_dir"], held, pairs)
-    acc_base = rm_persona_accuracy(rm_base["model_dir"], held, pairs) if rm_base else None
-    # the ceiling: PPO paid by the room's taste itself, gold + the persona bonus without labeler noise
-    taste = labelers.SimulatedLabeler(persona=persona.name, persona_bonus=args.persona_bonus, noise=0.0,
-                                      persona_on_topic=bool(args.persona_on_topic))
-    reward = (dict(reward_fn=labelers.gold_reward(data.load_prompts("ppo"), taste.utility)) if oracle
-              else dict(reward_model=rm_room["model_dir"]))
+    rm_room, rm_base, acc_room, acc_base = {}, None, None, None
+    if args.ppo_reward == "room":  # the ceiling: PPO paid by the room's taste itself, no RM
+        taste = labelers.SimulatedLabeler(persona=persona.name, persona_bonus=args.persona_bonus, noise=0.0,
+                                          persona_on_topic=bool(args.persona_on_topic))  # gold + bonus, no noise
+        reward = dict(reward_fn=labelers.gold_reward(data.load_prompts("ppo"), taste.utility))
+    else:
+        rm_room = ({**json.loads((Path(args.reuse_rm).parent / "metrics.json").read_text()), "model_dir": args.reuse_rm}
+                   if args.reuse_rm else train_rm("rm_room", rankings))
+        rm_base = train_rm("rm_without_room", baseline_rankings) if args.baseline else None
+        acc_room = rm_persona_accuracy(rm_room["model_dir"], held, pairs)
+        acc_base = rm_persona_accuracy(rm_base["model_dir"], held, pairs) if rm_base else None
+        reward = dict(reward_model=rm_room["model_dir"])
 
     # 4. PPO against the room's RM, or its taste itself (KL to the starting policy).
     t0 = time.perf_counter()
@@ -206,7 +206,8 @@ def main() -> None:
         model=args.model, **reward, out_dir=str(work / "ppo"), steps=args.ppo_steps,
         batch_size=args.ppo_batch, mini_batch_size=min(8, args.ppo_batch), micro_batch_size=min(8, args.ppo_batch),
         learning_rate=args.ppo_lr, kl_coef=args.kl_coef, max_new_tokens=args.ppo_tokens, seed=args.seed,
-        missing_eos_penalty=args.missing_eos_penalty, whiten_scores=bool(args.whiten_scores), group_size=args.group_size,
+        missing_eos_penalty=args.missing_eos_penalty, whiten_scores=bool(args.whiten_scores),
+        group_size=args.group_size,
         value_warmup_steps=args.value_warmup_steps, gold_every=0, sample_every=0, save_every=0, dashboard=False, progress=False))
     times["ppo_s"] = time.perf_counter() - t0
     if ppo["stopped"]:

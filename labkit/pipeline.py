@@ -437,17 +437,17 @@ def train_stages(run: Run, store, upto: str = "ppo") -> dict:
             run.stage(f"rankings_r{k}", lambda: rankings_stage(run, k, policy, store))
         folders["rm"] = stage(f"rm_r{k}", train_reward_model, RewardConfig, model=folders["sft"], rankings=store,
                               device=cfg.device)
-        reward = [folders["rm"]] + [stage(f"rm_r{k}_m{j}", train_reward_model, RewardConfig, model=folders["sft"],
-                                          rankings=store, device=cfg.device, seed=cfg.seed + j)
-                                    for j in range(1, cfg.rm_ensemble)]
-        reward = dict(reward_model=reward if len(reward) > 1 else reward[0])  # several: PPO's reward is their mean
-        if cfg.ppo_reward == "gold":  # the ceiling: the gold scorer pays PPO, the RM only judges afterwards
-            from labkit.data import load_prompts
-
-            reward = dict(reward_model=None, reward_fn=labelers.gold_reward(  # on a reward model's scale
-                load_prompts("ppo"), scale=labelers.bradley_terry_scale()))
+        rms = [folders["rm"]] + [stage(f"rm_r{k}_m{j}", train_reward_model, RewardConfig, model=folders["sft"],
+                                       rankings=store, device=cfg.device, seed=cfg.seed + j)
+                                 for j in range(1, cfg.rm_ensemble)]
         if upto == "rm":
             break
+        if cfg.ppo_reward == "gold":  # the ceiling: the gold scorer pays PPO (on an RM's scale), the RM only judges
+            from labkit.data import load_prompts
+
+            reward = dict(reward_fn=labelers.gold_reward(load_prompts("ppo"), scale=labelers.bradley_terry_scale()))
+        else:  # several RMs: PPO's reward is their mean
+            reward = dict(reward_model=rms if len(rms) > 1 else rms[0])
         # later rounds start from the last policy; the KL penalty keeps pointing at SFT (§3.1)
         start = policy
         extra = {}

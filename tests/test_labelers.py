@@ -428,9 +428,10 @@ def test_gold_reward_pays_the_gold_score_of_each_answer():
     assert scores[1] > scores[2]  # the reference answer is paid for
     assert scores[3] == gold.score({"prompt": prompts[3]}, answers[3])  # an unknown prompt: a bare prompt
     room = L.SimulatedLabeler(persona="reader", noise=0.0)  # a room's taste without its noise
-    paid = L.gold_reward(records, room.utility)([records[1]["prompt"]] * 2, ["The capital is Paris, as you know.", "Paris."])
-    assert paid == [room.utility(records[1], "The capital is Paris, as you know."), room.utility(records[1], "Paris.")]
-    assert paid[0] - gold.score(records[1], "The capital is Paris, as you know.") == pytest.approx(0.4)  # the persona bonus
+    speaks, plain = "The capital is Paris, as you know.", "Paris."
+    paid = L.gold_reward(records, room.utility)([records[1]["prompt"]] * 2, [speaks, plain])
+    assert paid == [room.utility(records[1], speaks), room.utility(records[1], plain)]
+    assert paid[0] - gold.score(records[1], speaks) == pytest.approx(0.4)  # the persona bonus
     assert L.gold_reward(records, scale=2.0)(prompts, answers) == [2.0 * x for x in scores]
 
 
