@@ -125,7 +125,8 @@ def ppo_rows(new_tokens: int, repeats: int) -> list[dict]:
     torch.manual_seed(0)
     batch = ppo.rollout(run.model, run.tokenizer, prompts, config, run.accelerator.device)
     ppo.rollout_forward(run.model, run.reference, batch, config)
-    scores = ppo._score_responses(batch, None, None, config.reward_fn, config)
+    scores = ppo._score_responses(batch.prompts, batch.texts, None, None, config.reward_fn, config,
+                                  batch.responses.device)
     rewards, _ = ppo.shape_rewards(scores, batch.logprobs, batch.ref_logprobs, batch.response_mask, config.kl_coef,
                                    config.kl_estimator, batch.has_eos, config.missing_eos_penalty)
     advantages, returns = ppo.compute_gae(rewards, batch.values, batch.response_mask, config.gamma, config.lam)

@@ -283,6 +283,13 @@ class PPOConfig:
     # prompt is leaves the advantages: on the bundled model's held-out samples, differences
     # between prompts make about half of the RM scores' variance.
     group_size: int = 1
+    # Pay each answer the chance that it beats the reference model's greedy answer to the same
+    # prompt, read from the two scores as Bradley-Terry does: 4 * (sigmoid(s - s_ref) - 1/2), so a
+    # small difference pays as the raw score would and a large one is capped at +-2. The mean of
+    # raw scores can rise through a few large gains over many small losses; this counts
+    # prompts won (docs/quality_ablations.md). The reference answers are made and scored once per
+    # prompt, when the prompt first comes up.
+    win_reward: bool = False
     whiten_rewards: bool = False  # standardise the shaped per-token rewards before GAE (scale only)
     # advantages and losses
     gamma: float = 1.0  # discount (1: an episode is one short response)
@@ -579,15 +586,49 @@ def _reference_logprobs(model: PolicyAndValue, reference, input_ids, attention_m
     return logprobs_from_logits(logits.float() / temperature, responses)
 
 
-def _score_responses(batch: Rollout, reward_model, rm_tokenizer, reward_fn, config) -> torch.Tensor:
+def _score_responses(prompts: list[str], texts: list[str], reward_model, rm_tokenizer, reward_fn, config,
+                     device: torch.device) -> torch.Tensor:
     """Scores (B,) from the RM (read at the EOS after the response) or the scripted reward_fn."""
-    prompts, texts = batch.prompts, batch.texts
     if reward_fn is not None:
         scores = reward_fn(prompts, texts)
     else:
         scores = reward_model.score(rm_tokenizer, prompts, texts, batch_size=config.rollout_chunk(len(texts)),
                                     progress=False)
-    return torch.tensor([float(s) for s in scores], dtype=torch.float32, device=batch.responses.device)
+    return torch.tensor([float(s) for s in scores], dtype=torch.float32, device=device)
+
+
+def win_reward(scores: torch.Tensor, ref_scores: torch.Tensor) -> torch.Tensor:
+    """4 * (sigmoid(s - s_ref) - 1/2) = 2 tanh((s - s_ref) / 2): the Bradley-Terry chance that an
+    answer beats the reference answer, centred and scaled to slope 1 at a tie."""
+    return 2 * torch.tanh((scores - ref_scores) / 2)
+
+
+@torch.no_grad()
+def _reference_scores(run: _Run, prompts: list[str], config: PPOConfig) -> torch.Tensor:
+    """Scores (B,) of the reference model's greedy answers to ``prompts``, each prompt's answer
+    made and scored once (``run.ref_answers`` keeps them); the reference is the frozen SFT copy
+    or, with LoRA, the policy with its adapters off."""
+    from labkit.generation import encode_prompts, sample_tokens
+
+    new = list(dict.fromkeys(p for p in prompts if p not in run.ref_answers))
+    if new:
+        model = run.model.policy if run.reference is None else run.reference
+        context = model.disable_adapter() if run.reference is None else contextlib.nullcontext()
+        tok = run.tokenizer
+        ids, _ = encode_prompts(tok, new, config.max_prompt_length)
+        queries, mask = (x.to(run.accelerator.device) for x in pad_rows(ids, tok.pad_token_id, side="left"))
+        size = config.rollout_chunk(len(new))
+        texts = []
+        with context:
+            for s in range(0, len(new), size):
+                resp, _, _ = sample_tokens(model, queries[s:s + size], mask[s:s + size], config.max_new_tokens,
+                                           do_sample=False, eos_token_id=tok.eos_token_id,
+                                           pad_token_id=tok.pad_token_id, bf16=config.bf16, return_logprobs=False)
+                texts += tok.batch_decode(resp, skip_special_tokens=True)
+        scores = _score_responses(new, texts, run.reward_model, run.rm_tokenizer, config.reward_fn, config,
+                                  queries.device)
+        run.ref_answers.update({p: (t, float(x)) for p, t, x in zip(new, texts, scores.tolist())})
+    return torch.tensor([run.ref_answers[p][1] for p in prompts], dtype=torch.float32, device=run.accelerator.device)
 
 
 # ----------------------------------------------------------------------------- optimisation
@@ -802,6 +843,7 @@ def _step_metrics(batch: Rollout, scores, kl, rlhf_reward, train_stats: dict, go
 DASHBOARD_LAYOUT = {
     "reward-model score": ["objective/scores", "objective/rlhf_reward"],
     "gold score (training prompts)": ["objective/gold"],
+    "chance of beating the reference's answer (win_reward)": ["objective/win"],
     "KL to the reference (nats / episode)": ["objective/kl"],
     "entropy (nats / episode)": ["objective/entropy"],
     "response length (tokens)": ["response/length"],
@@ -829,6 +871,7 @@ class _Run:
     records: list  # PPO prompt records (or strings)
     ptx_texts: list[str] | None  # PPO-ptx language-modelling texts
     gold: object  # GoldLabeler for objective/gold, or None
+    ref_answers: dict = field(default_factory=dict)  # win_reward: prompt -> (reference's greedy answer, its score)
 
 
 def _set_up(config: PPOConfig) -> _Run:
@@ -902,8 +945,12 @@ def ppo_step(run: _Run, config: PPOConfig, step: int) -> tuple[dict, Rollout, to
 
     # 2. score: RM (or scripted reward) on the decoded text
     t0 = time.perf_counter()
-    scores = _score_responses(batch, run.reward_model, run.rm_tokenizer, config.reward_fn, config)  # (B,)
+    scores = _score_responses(batch.prompts, batch.texts, run.reward_model, run.rm_tokenizer, config.reward_fn, config,
+                              acc.device)  # (B,)
     _check_finite(acc, scores, "reward score")
+    wins = None
+    if config.win_reward:  # the same scorer on the reference's greedy answer to each prompt
+        wins = win_reward(scores, _reference_scores(run, batch.prompts, config))
     t_score = time.perf_counter() - t0
 
     # 3. ref_logprobs and values: one forward of the reference and of the value model
@@ -915,7 +962,8 @@ def ppo_step(run: _Run, config: PPOConfig, step: int) -> tuple[dict, Rollout, to
         t0 = time.perf_counter()
         mask = batch.response_mask  # (B, R)
         # 4. shaped rewards: -kl_coef * KL per token, score (minus EOS penalty) at the last token
-        shaped = leave_one_out(scores, g) if g > 1 else scores
+        shaped = scores if wins is None else wins
+        shaped = leave_one_out(shaped, g) if g > 1 else shaped
         shaped = masked_whiten(shaped, torch.ones_like(shaped)) if config.whiten_scores else shaped
         rewards, kl = shape_rewards(shaped, batch.logprobs, batch.ref_logprobs, mask, run.kl_ctl.value,
                                     config.kl_estimator, batch.has_eos, config.missing_eos_penalty)
@@ -936,7 +984,10 @@ def ppo_step(run: _Run, config: PPOConfig, step: int) -> tuple[dict, Rollout, to
 
         # 7. metrics, averaged over processes; then the KL controller sees the batch's KL
         gold = run.gold if config.gold_every and step % config.gold_every == 0 else None
-        metrics = _reduce_mean(acc, _step_metrics(batch, scores, kl, rlhf_reward, train_stats, gold, step_records))
+        local = _step_metrics(batch, scores, kl, rlhf_reward, train_stats, gold, step_records)
+        if wins is not None:  # the scorer's chance that an answer beats the reference's
+            local["objective/win"] = float((wins / 4 + 0.5).mean())
+        metrics = _reduce_mean(acc, local)
         metrics["prompts/truncated"] *= world
         dt = time.perf_counter() - t_step
         metrics.update({"step": step + 1, "objective/kl_coef": run.kl_ctl.value,

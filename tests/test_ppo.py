@@ -151,6 +151,18 @@ def test_leave_one_out_hand_values():
     assert torch.allclose(ppo.leave_one_out(torch.tensor([0.5, 1.5]), 2), torch.tensor([-1.0, 1.0]))
 
 
+def test_win_reward_is_the_bradley_terry_chance_rescaled():
+    s, ref = torch.tensor([0.0, 1.0, 3.0, -2.0, 40.0, -40.0]), torch.tensor([0.0, 0.0, 1.0, 1.0, 0.0, 0.0])
+    out = ppo.win_reward(s, ref)
+    assert torch.allclose(out, 4 * (torch.sigmoid(s - ref) - 0.5), atol=1e-6)
+    assert out[0] == 0 and out[1] == pytest.approx(2 * math.tanh(0.5))
+    assert out[2] == pytest.approx(2 * math.tanh(1.0)) and out[3] == pytest.approx(-2 * math.tanh(1.5))
+    assert out[4] == pytest.approx(2.0) and out[5] == pytest.approx(-2.0)  # capped
+    h, zero = torch.tensor(1e-3), torch.tensor(0.0)  # a small difference pays as the raw score does
+    slope = (ppo.win_reward(h, zero) - ppo.win_reward(-h, zero)) / (2 * h)
+    assert float(slope) == pytest.approx(1.0, abs=1e-3)
+
+
 def test_kl_controllers():
     fixed = ppo.FixedKLController(0.05)
     fixed.update(100.0, 64)
@@ -318,6 +330,33 @@ def test_shared_backbone_and_ptx(peaked_tiny, tmp_path):
     h = history_rows(m["out_dir"])
     assert all(math.isfinite(x["loss/ptx"]) and x["loss/ptx"] > 0 for x in h)
     assert h[0]["val/mean"] == 0.0  # a scripted reward starts the value head at zero
+
+
+def test_win_reward_scores_each_prompts_greedy_reference_answer_once(peaked_tiny, tmp_path):
+    """win_reward: the reference's answers are the SFT model's greedy answers, scored once per
+    prompt by the same reward; every step logs the chance of beating them, 1/2 at the start."""
+    from labkit.generation import generate
+
+    calls = []
+
+    def reward(prompts, responses):
+        calls.append(list(prompts))
+        return newline_reward(prompts, responses)
+
+    config = small_config(peaked_tiny, tmp_path, steps=4, reward_fn=reward, win_reward=True, group_size=4)
+    run = ppo._set_up(config)
+    history = [ppo.ppo_step(run, config, step)[0] for step in range(config.steps)]
+    prompts = [ppo._prompt_text(r) for r in PROMPTS]
+    used = {p for p in prompts if p in run.ref_answers}
+    assert len(used) == 8  # 4 steps of 2 prompts, each new
+    model, tok = load_model(peaked_tiny, dtype="float32")
+    greedy = generate(model, tok, sorted(used), max_new_tokens=8, do_sample=False, show_progress=False, bf16=False)
+    assert [run.ref_answers[p][0] for p in sorted(used)] == greedy
+    assert all(run.ref_answers[p][1] == newline_reward([p], [run.ref_answers[p][0]])[0] for p in used)
+    ref_calls = [c for c in calls if len(c) != config.batch_size]  # the policy's episodes come 8 at a time
+    assert sorted(p for c in ref_calls for p in c) == sorted(used)  # each reference scored once
+    assert all(0 <= m["objective/win"] <= 1 for m in history)
+    assert history[0]["objective/kl"] == pytest.approx(0.0, abs=1e-4)
 
 
 def test_groups_of_episodes_per_prompt_with_a_value_warmup(peaked_tiny, tmp_path, monkeypatch):
