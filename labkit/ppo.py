@@ -502,6 +502,30 @@ def _step_indices(step: int, batch_size: int, n: int, seed: int) -> list[int]:
     return out
 
 
+def _encode_queries(tokenizer, prompts: list[str], config: PPOConfig, device: torch.device):
+    """Chat-formatted ``prompts``, left-padded -> (queries (B, Tq), mask (B, Tq), prompts cut)."""
+    from labkit.generation import encode_prompts
+
+    ids, n_cut = encode_prompts(tokenizer, prompts, config.max_prompt_length)
+    queries, mask = (x.to(device) for x in pad_rows(ids, tokenizer.pad_token_id, side="left"))
+    return queries, mask, n_cut
+
+
+def _sample_in_chunks(model: nn.Module, tokenizer, queries: torch.Tensor, mask: torch.Tensor, config: PPOConfig,
+                      do_sample: bool = True) -> list[tuple]:
+    """labkit's sampler over ``rollout_chunk`` rows at a time: (responses (g, r), log-probs, entropy)
+    per chunk, pad and 0 after a row's EOS; greedy (``do_sample=False``) skips the log-probs.
+    Few, large calls: on a CPU a decoding step costs about as much for 8 rows as for 4."""
+    from labkit.generation import sample_tokens
+
+    size = config.rollout_chunk(len(queries))
+    return [sample_tokens(model, queries[s:s + size], mask[s:s + size], config.max_new_tokens,
+                          temperature=config.temperature, top_p=1.0, do_sample=do_sample,
+                          eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id,
+                          bf16=config.bf16, return_logprobs=do_sample)
+            for s in range(0, len(queries), size)]
+
+
 @torch.no_grad()
 def rollout(model: PolicyAndValue, tokenizer, prompts: list[str], config: PPOConfig, device: torch.device) -> Rollout:
     """Sample one response per prompt with labkit's KV-cached sampler (left-padded, no grad).
@@ -510,19 +534,8 @@ def rollout(model: PolicyAndValue, tokenizer, prompts: list[str], config: PPOCon
     returns, of the distribution each token was drawn from, are the behaviour policy's "old"
     log-probs of the PPO ratio, without a second forward pass over the episode.
     """
-    from labkit.generation import encode_prompts, sample_tokens
-
-    ids, n_cut = encode_prompts(tokenizer, prompts, config.max_prompt_length)
-    queries, query_mask = (x.to(device) for x in pad_rows(ids, tokenizer.pad_token_id, side="left"))  # (B, Tq)
-    # Few, large sampler calls: on a CPU a decoding step costs about as much for 8 rows as for 4.
-    size = config.rollout_chunk(len(prompts))
-    chunks, logprobs, entropy = [], [], []
-    for s in range(0, len(prompts), size):
-        resp, lp, ent = sample_tokens(model.policy, queries[s:s + size], query_mask[s:s + size], config.max_new_tokens,
-                                      temperature=config.temperature, top_p=1.0, do_sample=True,
-                                      eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id,
-                                      bf16=config.bf16)  # (g, r) each; pad and 0 after a row's EOS
-        chunks.append(resp), logprobs.append(lp), entropy.append(ent)
+    queries, query_mask, n_cut = _encode_queries(tokenizer, prompts, config, device)  # (B, Tq)
+    chunks, logprobs, entropy = zip(*_sample_in_chunks(model.policy, tokenizer, queries, query_mask, config))
     R = max(c.shape[1] for c in chunks)
 
     def pad(xs, value):  # chunks (g, r) -> (B, R)
@@ -608,23 +621,14 @@ def _reference_scores(run: _Run, prompts: list[str], config: PPOConfig) -> torch
     """Scores (B,) of the reference model's greedy answers to ``prompts``, each prompt's answer
     made and scored once (``run.ref_answers`` keeps them); the reference is the frozen SFT copy
     or, with LoRA, the policy with its adapters off."""
-    from labkit.generation import encode_prompts, sample_tokens
-
     new = list(dict.fromkeys(p for p in prompts if p not in run.ref_answers))
     if new:
         model = run.model.policy if run.reference is None else run.reference
         context = model.disable_adapter() if run.reference is None else contextlib.nullcontext()
-        tok = run.tokenizer
-        ids, _ = encode_prompts(tok, new, config.max_prompt_length)
-        queries, mask = (x.to(run.accelerator.device) for x in pad_rows(ids, tok.pad_token_id, side="left"))
-        size = config.rollout_chunk(len(new))
-        texts = []
+        queries, mask, _ = _encode_queries(run.tokenizer, new, config, run.accelerator.device)
         with context:
-            for s in range(0, len(new), size):
-                resp, _, _ = sample_tokens(model, queries[s:s + size], mask[s:s + size], config.max_new_tokens,
-                                           do_sample=False, eos_token_id=tok.eos_token_id,
-                                           pad_token_id=tok.pad_token_id, bf16=config.bf16, return_logprobs=False)
-                texts += tok.batch_decode(resp, skip_special_tokens=True)
+            chunks = _sample_in_chunks(model, run.tokenizer, queries, mask, config, do_sample=False)
+        texts = [t for resp, _, _ in chunks for t in run.tokenizer.batch_decode(resp, skip_special_tokens=True)]
         scores = _score_responses(new, texts, run.reward_model, run.rm_tokenizer, config.reward_fn, config,
                                   queries.device)
         run.ref_answers.update({p: (t, float(x)) for p, t, x in zip(new, texts, scores.tolist())})
