@@ -591,11 +591,20 @@ def _unpadded(batch: Rollout, idx: torch.Tensor):
     return batch.input_ids[idx, first:Tq + r], am[:, first:Tq + r], r
 
 
+@contextlib.contextmanager
+def _reference_net(model: PolicyAndValue, reference: nn.Module | None):
+    """The reference (SFT) network: the frozen copy, or (LoRA) the policy with its adapters off."""
+    if reference is not None:
+        yield reference
+    else:
+        with model.policy.disable_adapter():
+            yield model.policy
+
+
 def _reference_logprobs(model: PolicyAndValue, reference, input_ids, attention_mask, responses, R, temperature):
-    """log pi_SFT of the response tokens (B, R): the frozen copy, or the policy with LoRA off."""
-    context = model.policy.disable_adapter() if reference is None else contextlib.nullcontext()
-    with context:
-        logits = response_logits(model.policy if reference is None else reference, input_ids, attention_mask, R)
+    """log pi_SFT of the response tokens (B, R)."""
+    with _reference_net(model, reference) as net:
+        logits = response_logits(net, input_ids, attention_mask, R)
     return logprobs_from_logits(logits.float() / temperature, responses)
 
 
@@ -618,21 +627,18 @@ def win_reward(scores: torch.Tensor, ref_scores: torch.Tensor) -> torch.Tensor:
 
 @torch.no_grad()
 def _reference_scores(run: _Run, prompts: list[str], config: PPOConfig) -> torch.Tensor:
-    """Scores (B,) of the reference model's greedy answers to ``prompts``, each prompt's answer
-    made and scored once (``run.ref_answers`` keeps them); the reference is the frozen SFT copy
-    or, with LoRA, the policy with its adapters off."""
+    """Scores (B,) of the reference (SFT) model's greedy answers to ``prompts``, each prompt's
+    answer made and scored once (``run.ref_answers`` keeps them)."""
+    device = run.accelerator.device
     new = list(dict.fromkeys(p for p in prompts if p not in run.ref_answers))
     if new:
-        model = run.model.policy if run.reference is None else run.reference
-        context = model.disable_adapter() if run.reference is None else contextlib.nullcontext()
-        queries, mask, _ = _encode_queries(run.tokenizer, new, config, run.accelerator.device)
-        with context:
-            chunks = _sample_in_chunks(model, run.tokenizer, queries, mask, config, do_sample=False)
+        queries, mask, _ = _encode_queries(run.tokenizer, new, config, device)
+        with _reference_net(run.model, run.reference) as net:
+            chunks = _sample_in_chunks(net, run.tokenizer, queries, mask, config, do_sample=False)
         texts = [t for resp, _, _ in chunks for t in run.tokenizer.batch_decode(resp, skip_special_tokens=True)]
-        scores = _score_responses(new, texts, run.reward_model, run.rm_tokenizer, config.reward_fn, config,
-                                  queries.device)
+        scores = _score_responses(new, texts, run.reward_model, run.rm_tokenizer, config.reward_fn, config, device)
         run.ref_answers.update({p: (t, float(x)) for p, t, x in zip(new, texts, scores.tolist())})
-    return torch.tensor([run.ref_answers[p][1] for p in prompts], dtype=torch.float32, device=run.accelerator.device)
+    return torch.tensor([run.ref_answers[p][1] for p in prompts], dtype=torch.float32, device=device)
 
 
 # ----------------------------------------------------------------------------- optimisation

@@ -334,7 +334,7 @@ def test_shared_backbone_and_ptx(peaked_tiny, tmp_path):
 
 def test_win_reward_scores_each_prompts_greedy_reference_answer_once(peaked_tiny, tmp_path):
     """win_reward: the reference's answers are the SFT model's greedy answers, scored once per
-    prompt by the same reward; every step logs the chance of beating them, 1/2 at the start."""
+    prompt by the same reward; every step logs the chance of beating them."""
     from labkit.generation import generate
 
     calls = []
