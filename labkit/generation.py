@@ -302,6 +302,40 @@ def _compute_dtype(model, device: torch.device) -> torch.dtype:
     return next(model.parameters()).dtype
 
 
+PREFILL_GROUP_COST = 48  # a group's fixed cost in the prompt pass, in padded tokens (one pass through 30 layers)
+
+
+def prefill_groups(lengths: Sequence[int], group_cost: int | None = None) -> list[tuple[list[int], int]]:
+    """Rows of a left-padded prompt pass, grouped by length: ``[(rows, width)]``, each group
+    computed over its longest prompt's ``width`` columns instead of the whole batch's.
+
+    Rows are sorted by length and cut into runs that minimise the tokens computed, padding
+    included, plus ``group_cost`` per group (a pass through every layer has a fixed cost, and
+    fewer rows make smaller products; default :data:`PREFILL_GROUP_COST`): an exact split by
+    dynamic programming over the sorted lengths. A batch of equal lengths stays one group.
+
+    >>> prefill_groups([100, 10, 12, 95], group_cost=10)
+    [([1, 2], 12), ([3, 0], 100)]
+    """
+    group_cost = PREFILL_GROUP_COST if group_cost is None else group_cost
+    order = sorted(range(len(lengths)), key=lambda i: lengths[i])
+    n = len(order)
+    best = [0.0] + [float("inf")] * n  # best[j]: cost of the first j sorted rows
+    cut = [0] * (n + 1)
+    for j in range(1, n + 1):
+        width = lengths[order[j - 1]]  # the longest of rows i..j-1
+        for i in range(j):
+            cost = best[i] + (j - i) * width + group_cost
+            if cost < best[j]:
+                best[j], cut[j] = cost, i
+    groups, j = [], n
+    while j > 0:
+        i = cut[j]
+        groups.append(([order[r] for r in range(i, j)], lengths[order[j - 1]]))
+        j = i
+    return groups[::-1]
+
+
 class _Projection:
     """One or more ``nn.Linear`` applied to the same input, their outputs side by side: q, k and v
     become one product, gate and up another (fewer, larger products; a decoding step of a few rows
@@ -384,37 +418,69 @@ class _LeanDecoder:
     def __call__(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
         """Feed ``input_ids`` (b, t) at ``positions`` (b, t) after the cached columns;
         ``attention_mask`` (b, cached + t) marks the real tokens among all columns (0 = left padding).
-        Returns the last position's logits (b, V), fp32."""
+        Returns the last position's logits (b, V), fp32.
+
+        The prompt pass (the first call) runs rows of similar length together, each group only over
+        its own longest prompt's columns (:func:`prefill_groups`), so a short prompt in a batch
+        with a long one is not computed through the long one's padding."""
         b, t = input_ids.shape
-        H, KV, D = self.heads, self.kv_heads, self.head_dim
         start, end = self.length, attention_mask.shape[1]
         if end != start + t:
             raise ValueError(f"attention_mask covers {end} columns; the cache holds {start} and {t} are new")
         if end > self.capacity:
             raise RuntimeError(f"KV cache full: {end} positions > capacity {self.capacity}")
         with torch.autocast(input_ids.device.type, enabled=False):
-            x = self.embed(input_ids)  # (b, t, E), the weights' dtype
-            if self.keys is None:
-                self.keys = [x.new_empty(b, KV, self.capacity, D, dtype=torch.float32) for _ in self.layers]
-                self.values = [x.new_empty(b, KV, self.capacity, D, dtype=torch.float32) for _ in self.layers]
-            cos, sin = self.rotary(x, positions)  # (b, t, D)
-            cos, sin = cos[:, :, None].float(), sin[:, :, None].float()  # over heads: (b, t, 1, D)
-            mask = self._mask(attention_mask, t)
-            half = D // 2
-            for i, layer in enumerate(self.layers):
-                qkv = layer["qkv"](self._rms_norm(x, layer["norm1"])).view(b, t, H + 2 * KV, D)
-                qk = qkv[:, :, :H + KV].float()  # rotary positions in fp32, as the model's own forward
-                qk = qk * cos + torch.cat((-qk[..., half:], qk[..., :half]), -1) * sin
-                self.keys[i][:, :, start:end] = qk[:, :, H:].transpose(1, 2)
-                self.values[i][:, :, start:end] = qkv[:, :, H + KV:].transpose(1, 2)
-                a = self._attend(qk[:, :, :H].transpose(1, 2), self.keys[i][:, :, :end], self.values[i][:, :, :end],
-                                 mask, layer["scale"])  # (b, H, t, D)
-                x = x + layer["o"](a.transpose(1, 2).reshape(b, t, H * D))
-                gate_up = layer["gate_up"](self._rms_norm(x, layer["norm2"]))
-                gate, up = gate_up.split(layer["intermediate"], -1)
-                x = x + layer["down"](F.silu(gate) * up)
+            if self.keys is None:  # zeros: the padding columns a grouped prompt pass skips stay finite
+                shape = (b, self.kv_heads, self.capacity, self.head_dim)
+                self.keys = [torch.zeros(shape, device=input_ids.device) for _ in self.layers]
+                self.values = [torch.zeros(shape, device=input_ids.device) for _ in self.layers]
+            groups = prefill_groups(attention_mask.sum(1).tolist()) if start == 0 and t > 1 else []
+            if len(groups) > 1:
+                logits = None
+                for rows, width in groups:
+                    idx = torch.tensor(rows, device=input_ids.device)
+                    cols = slice(t - width, t)
+                    out = self._layers(input_ids[idx, cols], attention_mask[idx, cols], positions[idx, cols],
+                                       idx, t - width)  # (g, V)
+                    logits = out.new_empty(b, out.shape[1]) if logits is None else logits
+                    logits[idx] = out
+            else:
+                logits = self._layers(input_ids, attention_mask, positions, None, start)
             self.length = end
-            return self.unembed(self._rms_norm(x[:, -1], self.norm)).float()  # (b, V)
+            return logits
+
+    def _layers(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, positions: torch.Tensor,
+                rows: torch.Tensor | None, start: int) -> torch.Tensor:
+        """The layers over ``input_ids`` (b, t) written to the cache's columns ``start:start + t``.
+        ``rows`` None: every row of the cache, attending over all its columns up to the new ones;
+        else the cache rows ``rows`` in a grouped prompt pass, attending over the new columns only
+        (``attention_mask`` covers just those). Returns the last position's logits (b, V), fp32."""
+        b, t = input_ids.shape
+        H, KV, D = self.heads, self.kv_heads, self.head_dim
+        end = start + t
+        x = self.embed(input_ids)  # (b, t, E), the weights' dtype
+        cos, sin = self.rotary(x, positions)  # (b, t, D)
+        cos, sin = cos[:, :, None].float(), sin[:, :, None].float()  # over heads: (b, t, 1, D)
+        mask = self._mask(attention_mask, t)
+        half = D // 2
+        for i, layer in enumerate(self.layers):
+            qkv = layer["qkv"](self._rms_norm(x, layer["norm1"])).view(b, t, H + 2 * KV, D)
+            qk = qkv[:, :, :H + KV].float()  # rotary positions in fp32, as the model's own forward
+            qk = qk * cos + torch.cat((-qk[..., half:], qk[..., :half]), -1) * sin
+            k, v = qk[:, :, H:].transpose(1, 2), qkv[:, :, H + KV:].transpose(1, 2).float()  # (b, KV, t, D)
+            if rows is None:
+                self.keys[i][:, :, start:end] = k
+                self.values[i][:, :, start:end] = v
+                k, v = self.keys[i][:, :, :end], self.values[i][:, :, :end]
+            else:
+                self.keys[i][rows, :, start:end] = k
+                self.values[i][rows, :, start:end] = v
+            a = self._attend(qk[:, :, :H].transpose(1, 2), k, v, mask, layer["scale"])  # (b, H, t, D)
+            x = x + layer["o"](a.transpose(1, 2).reshape(b, t, H * D))
+            gate_up = layer["gate_up"](self._rms_norm(x, layer["norm2"]))
+            gate, up = gate_up.split(layer["intermediate"], -1)
+            x = x + layer["down"](F.silu(gate) * up)
+        return self.unembed(self._rms_norm(x[:, -1], self.norm)).float()  # (b, V)
 
     def _mask(self, attention_mask: torch.Tensor, t: int) -> torch.Tensor | None:
         """Additive fp32 mask (b, 1, t, end) of the columns each new position attends to; None when

@@ -379,6 +379,55 @@ def test_lean_forward_equals_the_models_own_forward_in_fp32(peaked, monkeypatch,
         assert (r1[:2, eos_at] == eos).all() and (r1[:2, eos_at + 1:] == tok.pad_token_id).all()
 
 
+def test_prefill_groups_is_the_cheapest_split_by_length():
+    """Every row in exactly one group, each group as wide as its longest prompt, and the split's
+    cost (tokens computed + a fixed cost per group) the least over all splits of the sorted rows."""
+    import itertools
+    import random
+    rng = random.Random(0)
+    for _ in range(30):
+        lengths = [rng.randint(1, 60) for _ in range(rng.randint(1, 7))]
+        cost_per_group = rng.choice([0, 5, 40])
+        groups = generation.prefill_groups(lengths, cost_per_group)
+        assert sorted(r for rows, _ in groups for r in rows) == list(range(len(lengths)))
+        assert all(width == max(lengths[r] for r in rows) for rows, width in groups)
+        cost = sum(len(rows) * width + cost_per_group for rows, width in groups)
+        s = sorted(lengths)
+        best = min(sum((b - a) * s[b - 1] + cost_per_group for a, b in zip((0, *cuts), (*cuts, len(s))))
+                   for k in range(len(s)) for cuts in itertools.combinations(range(1, len(s)), k))
+        assert cost == best
+    assert generation.prefill_groups([7, 7, 7]) == [([0, 1, 2], 7)]  # equal lengths: one group
+
+
+@pytest.mark.parametrize("do_sample", [False, True])
+def test_prompt_pass_by_length_groups_changes_nothing_in_fp32(peaked, monkeypatch, do_sample):
+    """Rows of a left-padded batch prefilled in groups, each over its own width, give the same
+    tokens and log-probs as one pass over the whole padded batch (fp32), copies of a prompt and
+    rows that leave the batch included; and the groups really run over fewer columns."""
+    model, tok = peaked
+    ids, _ = encode_prompts(tok, [PROMPTS[0], PROMPTS[1], PROMPTS[1], PROMPTS[2]])
+    input_ids, mask = _left_pad(ids, tok.pad_token_id)
+    out, widths = {}, {}
+    for cost in (0, 10 ** 9):  # 0: a group per distinct length; 10**9: one group
+        monkeypatch.setattr(generation, "PREFILL_GROUP_COST", cost)
+        seen = []
+        hook = model.get_input_embeddings().register_forward_pre_hook(lambda m, args: seen.append(tuple(args[0].shape)))
+        try:
+            out[cost] = sample_tokens(model, input_ids, mask, 10, temperature=1.5, do_sample=do_sample,
+                                      pad_token_id=tok.pad_token_id, bf16=False,
+                                      generator=torch.Generator().manual_seed(0))
+        finally:
+            hook.remove()
+        widths[cost] = sorted(shape for shape in seen if shape[1] > 1)
+    lengths = sorted({len(i) for i in ids})
+    assert widths[0] == sorted((1, n) for n in lengths)  # 3 distinct prompts, each over its own length
+    assert widths[10 ** 9] == [(3, input_ids.shape[1])]
+    (r1, lp1, e1), (r2, lp2, e2) = out[0], out[10 ** 9]
+    assert torch.equal(r1, r2)
+    torch.testing.assert_close(lp1, lp2, atol=1e-4, rtol=0)
+    torch.testing.assert_close(e1, e2, atol=1e-4, rtol=0)
+
+
 def test_lean_forward_is_only_for_plain_llama_layers(tiny):
     """Adapters wrapped around a linear layer (LoRA) or another architecture: the loop falls back
     to ``model.forward``, which knows them."""
