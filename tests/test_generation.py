@@ -340,7 +340,9 @@ def test_identical_prompts_share_one_prompt_pass(peaked):
                                      pad_token_id=tok.pad_token_id, bf16=False, return_logprobs=False)
     finally:
         hook.remove()
-    assert rows_seen[0] == (3, input_ids.shape[1]) and rows_seen[1] == (6, 1)  # 3 distinct prompts, then 6 rows
+    first_step = rows_seen.index((6, 1))  # the first decoding step runs all 6 rows
+    prompt_pass = rows_seen[:first_step]  # the system turn the 3 prompts share once, then the 3 prompts in groups
+    assert prompt_pass[0][0] == 1 and sum(rows for rows, _ in prompt_pass[1:]) == 3
     for i in range(6):  # each row alone (no copies to share with): the same greedy answer
         alone, _, _ = sample_tokens(model, input_ids[i:i + 1], mask[i:i + 1], max_new_tokens=6, do_sample=False,
                                     pad_token_id=tok.pad_token_id, bf16=False, return_logprobs=False)
@@ -400,32 +402,40 @@ def test_prefill_groups_is_the_cheapest_split_by_length():
 
 
 @pytest.mark.parametrize("do_sample", [False, True])
-def test_prompt_pass_by_length_groups_changes_nothing_in_fp32(peaked, monkeypatch, do_sample):
-    """Rows of a left-padded batch prefilled in groups, each over its own width, give the same
-    tokens and log-probs as one pass over the whole padded batch (fp32), copies of a prompt and
-    rows that leave the batch included; and the groups really run over fewer columns."""
+def test_prompt_pass_by_groups_and_shared_prefix_changes_nothing_in_fp32(peaked, monkeypatch, do_sample):
+    """The prompt pass with the prefix all prompts share computed once and the rest in groups by
+    length, each over its own width, gives the same tokens and log-probs as one pass over the
+    whole padded batch (fp32), copies of a prompt included; and the passes really run over fewer
+    columns."""
     model, tok = peaked
     ids, _ = encode_prompts(tok, [PROMPTS[0], PROMPTS[1], PROMPTS[1], PROMPTS[2]])
     input_ids, mask = _left_pad(ids, tok.pad_token_id)
+    distinct = [ids[0], ids[1], ids[3]]
+    shared = len(__import__("os").path.commonprefix(distinct))
+    assert shared >= 8  # the chat template's system turn
     out, widths = {}, {}
-    for cost in (0, 10 ** 9):  # 0: a group per distinct length; 10**9: one group
+    settings = {"one pass": (10 ** 9, 10 ** 9), "groups": (0, 10 ** 9), "groups + prefix": (0, 8)}
+    for name, (cost, shared_min) in settings.items():  # group cost 0: a group per distinct length
         monkeypatch.setattr(generation, "PREFILL_GROUP_COST", cost)
+        monkeypatch.setattr(generation, "PREFILL_SHARED_MIN", shared_min)
         seen = []
         hook = model.get_input_embeddings().register_forward_pre_hook(lambda m, args: seen.append(tuple(args[0].shape)))
         try:
-            out[cost] = sample_tokens(model, input_ids, mask, 10, temperature=1.5, do_sample=do_sample,
+            out[name] = sample_tokens(model, input_ids, mask, 10, temperature=1.5, do_sample=do_sample,
                                       pad_token_id=tok.pad_token_id, bf16=False,
                                       generator=torch.Generator().manual_seed(0))
         finally:
             hook.remove()
-        widths[cost] = sorted(shape for shape in seen if shape[1] > 1)
-    lengths = sorted({len(i) for i in ids})
-    assert widths[0] == sorted((1, n) for n in lengths)  # 3 distinct prompts, each over its own length
-    assert widths[10 ** 9] == [(3, input_ids.shape[1])]
-    (r1, lp1, e1), (r2, lp2, e2) = out[0], out[10 ** 9]
-    assert torch.equal(r1, r2)
-    torch.testing.assert_close(lp1, lp2, atol=1e-4, rtol=0)
-    torch.testing.assert_close(e1, e2, atol=1e-4, rtol=0)
+        widths[name] = sorted(shape for shape in seen if shape[1] > 1)
+    assert widths["one pass"] == [(3, input_ids.shape[1])]
+    assert widths["groups"] == sorted((1, len(i)) for i in distinct)
+    assert widths["groups + prefix"] == sorted([(1, shared)] + [(1, len(i) - shared) for i in distinct])
+    r0, lp0, e0 = out["one pass"]
+    for name in ("groups", "groups + prefix"):
+        r, lp, e = out[name]
+        assert torch.equal(r, r0), name
+        torch.testing.assert_close(lp, lp0, atol=1e-4, rtol=0)
+        torch.testing.assert_close(e, e0, atol=1e-4, rtol=0)
 
 
 def test_lean_forward_is_only_for_plain_llama_layers(tiny):
