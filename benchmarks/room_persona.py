@@ -101,6 +101,8 @@ def main() -> None:
     ap.add_argument("--whiten-scores", type=int, default=0, help="1: standardise the RM scores over each PPO batch")
     ap.add_argument("--group-size", type=int, default=1,
                     help="PPO episodes per prompt, each score compared to its prompt's other answers (1: off)")
+    ap.add_argument("--win-reward", type=int, default=0,
+                    help="1: pay PPO the chance of beating the starting model's greedy answer (ppo.win_reward)")
     ap.add_argument("--value-warmup-steps", type=int, default=0,
                     help="PPO steps at the start that train only the value model (counted in --ppo-steps)")
     ap.add_argument("--ppo-reward", choices=["rm", "room"], default="rm",
@@ -207,7 +209,7 @@ def main() -> None:
         batch_size=args.ppo_batch, mini_batch_size=min(8, args.ppo_batch), micro_batch_size=min(8, args.ppo_batch),
         learning_rate=args.ppo_lr, kl_coef=args.kl_coef, max_new_tokens=args.ppo_tokens, seed=args.seed,
         missing_eos_penalty=args.missing_eos_penalty, whiten_scores=bool(args.whiten_scores),
-        group_size=args.group_size,
+        group_size=args.group_size, win_reward=bool(args.win_reward),
         value_warmup_steps=args.value_warmup_steps, gold_every=0, sample_every=0, save_every=0, dashboard=False, progress=False))
     times["ppo_s"] = time.perf_counter() - t0
     if ppo["stopped"]:
