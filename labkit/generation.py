@@ -470,9 +470,9 @@ class _LeanDecoder:
             def keep(i, k, v):
                 prefix[i] = (k[0].transpose(0, 1), v[0].transpose(0, 1))  # (P, KV, D)
                 return k, v
-            self._layers(input_ids[:1, T - lengths[0]:T - lengths[0] + shared], attention_mask.new_ones(1, shared),
-                         positions[:1, T - lengths[0]:T - lengths[0] + shared], keep)
-            first = torch.tensor([T - n for n in lengths], device=device)  # (b,)
+            first = torch.tensor([T - n for n in lengths], device=device)  # (b,): each row's first real column
+            row0 = slice(T - lengths[0], T - lengths[0] + shared)  # the prefix's columns in row 0
+            self._layers(input_ids[:1, row0], attention_mask.new_ones(1, shared), positions[:1, row0], keep)
             rows = torch.arange(b, device=device)[:, None]  # (b, 1)
             cols = first[:, None] + torch.arange(shared, device=device)  # (b, P)
             for i, (k, v) in prefix.items():

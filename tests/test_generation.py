@@ -1,5 +1,9 @@
 """Batched, left-padded, KV-cached sampling on the tiny model."""
 
+import itertools
+import os
+import random
+
 import pytest
 import torch
 
@@ -384,8 +388,6 @@ def test_lean_forward_equals_the_models_own_forward_in_fp32(peaked, monkeypatch,
 def test_prefill_groups_is_the_cheapest_split_by_length():
     """Every row in exactly one group, each group as wide as its longest prompt, and the split's
     cost (tokens computed + a fixed cost per group) the least over all splits of the sorted rows."""
-    import itertools
-    import random
     rng = random.Random(0)
     for _ in range(30):
         lengths = [rng.randint(1, 60) for _ in range(rng.randint(1, 7))]
@@ -411,7 +413,7 @@ def test_prompt_pass_by_groups_and_shared_prefix_changes_nothing_in_fp32(peaked,
     ids, _ = encode_prompts(tok, [PROMPTS[0], PROMPTS[1], PROMPTS[1], PROMPTS[2]])
     input_ids, mask = _left_pad(ids, tok.pad_token_id)
     distinct = [ids[0], ids[1], ids[3]]
-    shared = len(__import__("os").path.commonprefix(distinct))
+    shared = len(os.path.commonprefix(distinct))
     assert shared >= 8  # the chat template's system turn
     out, widths = {}, {}
     settings = {"one pass": (10 ** 9, 10 ** 9), "groups": (0, 10 ** 9), "groups + prefix": (0, 8)}
