@@ -344,9 +344,9 @@ def sequence_logprobs(model, tokenizer, prompts: list[str], responses: list[str]
     A response ends with EOS, as the model produced it, except where ``truncated`` says it was
     cut at the length limit: the model never emitted that EOS, so it is not scored.
 
-    Pairs go through the model in batches of similar length, laid out as PPO's rollouts are
-    (prompts left-padded, responses right-padded after them), so the unembedding runs on the
-    response columns only, not on the prompts, which are most of the tokens."""
+    Pairs go through the model in batches of similar length, each pair as one left-padded row
+    (no padding between prompt and response), so every response ends at the last column and the
+    unembedding runs on the last columns only, not on the prompts, which are most of the tokens."""
     if len(prompts) != len(responses):
         raise ValueError(f"{len(prompts)} prompts but {len(responses)} responses")
     device = next(model.parameters()).device
@@ -360,13 +360,14 @@ def sequence_logprobs(model, tokenizer, prompts: list[str], responses: list[str]
         idx = order[s:s + batch_size]
         if not any(r[i] for i in idx):
             continue  # only empty responses: each scores 0
-        queries, query_mask = models.pad_rows([q[i] for i in idx], tokenizer.pad_token_id, side="left")  # (B, Tq)
-        resp, resp_mask = models.pad_rows([r[i] for i in idx], tokenizer.pad_token_id)  # (B, R)
-        ids, attn = torch.cat([queries, resp], 1).to(device), torch.cat([query_mask, resp_mask], 1).to(device)
-        resp, resp_mask = resp.to(device), resp_mask.to(device)
+        ids, attn = models.pad_rows([q[i] + r[i] for i in idx], tokenizer.pad_token_id, side="left")  # (B, T)
+        ids, attn = ids.to(device), attn.to(device)
+        R = max(len(r[i]) for i in idx)
+        # every response ends at the last column: response i fills the last len(r[i]) of the last R
+        resp_mask = torch.tensor([[0] * (R - len(r[i])) + [1] * len(r[i]) for i in idx], device=device)  # (B, R)
         with models.autocast(device):
-            logits = response_logits(model, ids, attn, resp.shape[1])  # (B, R, V)
-        logp = logprobs_from_logits(logits, resp)  # (B, R), in fp32
+            logits = response_logits(model, ids, attn, R)  # (B, R, V)
+        logp = logprobs_from_logits(logits, ids[:, -R:])  # (B, R), in fp32
         out[idx] = (logp * resp_mask).sum(-1).cpu()
     return out
 

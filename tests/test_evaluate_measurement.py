@@ -79,7 +79,7 @@ def test_rankings_through_rm_lists_one_annotators_order_beside_the_rm():
 
 
 def test_sequence_logprobs_equal_a_plain_forward_per_pair(monkeypatch):
-    """Length-sorted, left-padded batches with the unembedding on the responses only give each
+    """Length-sorted, left-padded rows with the unembedding on the last columns only give each
     pair's log-probability as an unpadded forward of that pair alone (fp32, so exactly)."""
     monkeypatch.setattr(models, "fast_dtype", lambda device="auto": torch.float32)  # autocast off
     model, tok = models.load_model("tiny", dtype="float32")

@@ -445,20 +445,51 @@ def test_generation_logprobs_equal_a_full_forward(peaked_tiny, share_backbone):
     assert torch.allclose(batch.ref_logprobs[mask], batch.logprobs[mask], atol=1e-4)
 
 
-def test_unpadded_drops_only_the_padding_all_rows_share():
+def test_packed_rows_drop_the_padding_inside_and_left_align_undoes_the_shift():
     pad = 0
     batch = ppo.Rollout(
         prompts=["a", "b", "c"], texts=["", "", ""], logprobs=torch.zeros(3, 3), entropy=torch.zeros(3, 3),
         has_eos=torch.ones(3, dtype=torch.bool), n_truncated_prompts=0,
-        input_ids=torch.tensor([[pad, pad, 5, 6, 7, 8, pad], [pad, 4, 5, 6, 7, pad, pad], [pad, pad, 3, 9, 9, pad, pad]]),
-        attention_mask=torch.tensor([[0, 0, 1, 1, 1, 1, 0], [0, 1, 1, 1, 1, 0, 0], [0, 0, 1, 1, 1, 0, 0]]),
-        responses=torch.tensor([[7, 8, pad], [7, pad, pad], [9, pad, pad]]),
-        response_mask=torch.tensor([[1, 1, 0], [1, 0, 0], [1, 0, 0]]))
-    ids, am, r = ppo._unpadded(batch, torch.tensor([0, 1]))
-    assert r == 2 and ids.tolist() == [[pad, 5, 6, 7, 8], [4, 5, 6, 7, pad]]  # one shared pad column each side
-    assert am.tolist() == [[0, 1, 1, 1, 1], [1, 1, 1, 1, 0]]
-    ids, am, r = ppo._unpadded(batch, torch.tensor([2]))
-    assert r == 1 and ids.tolist() == [[3, 9, 9]] and am.tolist() == [[1, 1, 1]]
+        input_ids=torch.tensor([[pad, pad, 5, 6, 7, 8, pad], [pad, 4, 5, 6, 7, pad, pad], [3, 3, 3, 9, 9, pad, pad]]),
+        attention_mask=torch.tensor([[0, 0, 1, 1, 1, 1, 0], [0, 1, 1, 1, 1, 0, 0], [1, 1, 1, 1, 1, 0, 0]]),
+        responses=torch.tensor([[7, 8, pad], [7, pad, pad], [9, 9, pad]]),
+        response_mask=torch.tensor([[1, 1, 0], [1, 0, 0], [1, 1, 0]]))
+    ids, am, r, shift = ppo._packed_rows(batch, torch.tensor([0, 1]))
+    assert r == 2 and shift.tolist() == [0, 1]
+    assert ids.tolist() == [[5, 6, 7, 8], [4, 5, 6, 7]] and am.tolist() == [[1, 1, 1, 1], [1, 1, 1, 1]]
+    ids, am, r, shift = ppo._packed_rows(batch, torch.tensor([1, 2]))
+    assert ids.tolist() == [[pad, 4, 5, 6, 7], [3, 3, 3, 9, 9]] and am.tolist() == [[0, 1, 1, 1, 1], [1] * 5]
+    # each row's response tokens, right-aligned in the last r columns, come back at columns 0..
+    responses = ppo._left_align(ids[:, -r:], shift)
+    assert responses[0, :1].tolist() == [7] and responses[1].tolist() == [9, 9]
+
+
+@pytest.mark.parametrize("share_backbone", [False, True])
+def test_packed_rows_give_each_episode_the_numbers_it_has_alone(peaked_tiny, share_backbone):
+    """Log-probs and values of a packed group of episodes with mixed prompt and response
+    lengths equal each episode's own, computed alone without padding (fp32)."""
+    config = small_config(peaked_tiny, "unused", temperature=0.7, bf16=False, batch_size=4, mini_batch_size=4,
+                          micro_batch_size=4, max_new_tokens=6, share_backbone=share_backbone)
+    model, _, _, tok, _ = ppo.build_models(config, torch.device("cpu"))
+    torch.manual_seed(0)
+    prompts = ["Hi", "A much longer prompt than the others, with more words", PROMPTS[0]["prompt"], "Two words"]
+    batch = ppo.rollout(model, tok, prompts, config, torch.device("cpu"))
+    end_responses_early(batch, [6, 1, 3, 2], tok.pad_token_id)  # as if EOS had come there
+    ids, am, r, shift = ppo._packed_rows(batch, torch.arange(4))
+    assert ids.shape[1] == int(batch.attention_mask.sum(1).max())  # the longest episode, no padding inside
+    with torch.no_grad():
+        logits, values = model(ids, am, r)
+    logprobs = ppo._left_align(ppo.logprobs_from_logits(logits / config.temperature, ids[:, -r:]), shift)
+    values = ppo._left_align(values, shift)
+    for i in range(4):
+        row = batch.input_ids[i][batch.attention_mask[i].bool()][None]  # (1, n): the episode alone
+        n = int(batch.response_mask[i].sum())
+        assert row[0, -n:].tolist() == batch.responses[i, :n].tolist()
+        with torch.no_grad():
+            own_logits, own_values = model(row, torch.ones_like(row), n)
+        own = ppo.logprobs_from_logits(own_logits / config.temperature, row[:, -n:])
+        assert torch.allclose(logprobs[i, :n], own[0], atol=1e-5)
+        assert torch.allclose(values[i, :n], own_values[0], atol=1e-5)
 
 
 def end_responses_early(batch, lengths, pad_id):
