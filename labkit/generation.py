@@ -19,7 +19,10 @@ evaluation, and the chat playground.
   stream for all its tokens (:func:`bf16_linear_weights`; labkit's own forward makes its fused
   copies the same way); the result is the same numbers autocast computes, since autocast
   rounds the same weights the same way. Embeddings, norms and the residual stream stay in the
-  weights' own dtype.
+  weights' own dtype. On a CPU without fast bf16 (AVX2 only) the loop runs in fp32, and labkit's
+  forward fuses and packs the fp32 weights the same way (:data:`FP32_PACKED`): oneDNN's packed fp32
+  product beat ``F.linear``'s on a decoding step's few rows, at the cost of a second copy of the
+  linear weights while a ``generate`` call runs (about 0.5 GB for the bundled model).
 - **Its own forward for Llama-architecture models** (the bundled SmolLM2, Llama 2/3 and
   kin; :class:`_LeanDecoder`). ``model.forward`` is general, and a decoding step of a few rows
   through 30 small layers spends most of its time outside the products: in masks built per
@@ -184,31 +187,39 @@ def fast_path_supported(model, total_length: int) -> bool:
 
 # ----------------------------------------------------------------------------- bf16 weights
 
-_PACKED_OK: bool | None = None
+_PACKED_OK: dict[torch.dtype, bool] = {}
+
+# fp32 products in labkit's forward through oneDNN's pre-packed linear (CPU, where it works): on a CPU without
+# fast bf16 (AVX2 only) the sampler runs in fp32, and a packed fp32 product of a decoding step's few rows ran
+# 1.1-1.4x faster than F.linear's (MKL) on an AMD EPYC with AVX2; the fused, packed copies cost the model's
+# linear weights once more in memory for the duration of a ``generate`` call. False: the modules' own weights.
+FP32_PACKED = os.environ.get("LABKIT_FP32_PACKED", "1") != "0"
 
 
-def _packed_linear_works() -> bool:
-    """Whether oneDNN's pre-packed bf16 linear runs here and gives F.linear's numbers (probed once).
+def _packed_linear_works(dtype: torch.dtype = torch.bfloat16) -> bool:
+    """Whether oneDNN's pre-packed linear runs here in ``dtype`` and gives F.linear's numbers
+    (probed once per dtype: bf16 bit for bit; fp32 to fp32 rounding, the kernels sum in other orders).
 
     A bf16 matmul through ``F.linear`` re-orders (packs) the weight into the kernel's blocked
     layout on every call; at decoding sizes (a few rows per step) that costs as much as the
     product itself. Packing once per call of the sampler removes it."""
-    global _PACKED_OK
-    if _PACKED_OK is None:
+    if dtype not in _PACKED_OK:
         try:
-            w = torch.randn(64, 32).to(torch.bfloat16)
-            x = torch.randn(3, 5, 32).to(torch.bfloat16)
+            w = torch.randn(64, 32).to(dtype)
+            x = torch.randn(3, 5, 32).to(dtype)
             packed = torch.ops.mkldnn._reorder_linear_weight(w, None)
             out = torch.ops.mkldnn._linear_pointwise(x, packed, None, "none", [], "")
-            _PACKED_OK = bool(torch.equal(out, torch.nn.functional.linear(x, w)))
+            ref = torch.nn.functional.linear(x, w)
+            _PACKED_OK[dtype] = bool(torch.equal(out, ref) if dtype == torch.bfloat16
+                                     else torch.allclose(out, ref, rtol=1e-5, atol=1e-5))
         except (AttributeError, RuntimeError, NotImplementedError):
-            _PACKED_OK = False
-    return _PACKED_OK
+            _PACKED_OK[dtype] = False
+    return _PACKED_OK[dtype]
 
 
 def _packed_forward(packed: torch.Tensor, bias: torch.Tensor | None):
     def forward(x: torch.Tensor) -> torch.Tensor:
-        return torch.ops.mkldnn._linear_pointwise(x.to(torch.bfloat16), packed, bias, "none", [], "")
+        return torch.ops.mkldnn._linear_pointwise(x.to(packed.dtype), packed, bias, "none", [], "")
     return forward
 
 
@@ -348,19 +359,22 @@ class _Projection:
     """One or more ``nn.Linear`` applied to the same input, their outputs side by side: q, k and v
     become one product, gate and up another (fewer, larger products; a decoding step of a few rows
     pays a fixed cost per product). In bf16 the weights are cast (and on a CPU packed, see
-    :func:`_packed_linear_works`) once; in fp32 the modules' own weights are used, not copied."""
+    :func:`_packed_linear_works`) once; in fp32 they are fused and packed once on a CPU where
+    oneDNN's packed fp32 linear works (:data:`FP32_PACKED`), else the modules' own weights are
+    used, not copied."""
 
     def __init__(self, linears: list, dtype: torch.dtype):
         self.dtype, self.linears = dtype, linears
         self.forward = None  # the fused product; None: the modules' own, outputs concatenated
-        if dtype == torch.float32 and all(lin.weight.dtype == torch.float32 for lin in linears):
+        fp32 = dtype == torch.float32 and all(lin.weight.dtype == torch.float32 for lin in linears)
+        if fp32 and not (FP32_PACKED and linears[0].weight.device.type == "cpu" and _packed_linear_works(torch.float32)):
             return
         w = torch.cat([lin.weight.detach() for lin in linears]).to(dtype)  # (sum of outs, in)
         bias = None
         if any(lin.bias is not None for lin in linears):
             bias = torch.cat([lin.bias.detach() if lin.bias is not None else w.new_zeros(lin.out_features)
                               for lin in linears]).to(dtype)
-        if w.device.type == "cpu" and dtype == torch.bfloat16 and _packed_linear_works():
+        if w.device.type == "cpu" and dtype in (torch.bfloat16, torch.float32) and _packed_linear_works(dtype):
             self.forward = _packed_forward(torch.ops.mkldnn._reorder_linear_weight(w, None), bias)
         else:
             self.forward = lambda x: F.linear(x, w, bias)
@@ -397,7 +411,7 @@ class _LeanDecoder:
         # Casting, fusing and packing the products' weights takes about half a second for the bundled
         # model (mostly fresh memory); a caller with several batches on unchanged weights keeps `cache`.
         cache = {} if cache is None else cache
-        key = ("lean", dtype)
+        key = ("lean", dtype, FP32_PACKED)
         if key not in cache:
             cache[key] = self._weights(model, dtype)
         self.layers, self.unembed = cache[key]

@@ -283,7 +283,7 @@ def test_bf16_weight_copies_follow_weight_updates(packed, monkeypatch):
 
     if packed and not generation._packed_linear_works():
         pytest.skip("oneDNN's packed bf16 linear does not run here")
-    monkeypatch.setattr(generation, "_PACKED_OK", packed)
+    monkeypatch.setitem(generation._PACKED_OK, torch.bfloat16, packed)
     model, _ = build_tiny()
     linear = model.model.layers[0].mlp.up_proj
     original = linear.weight
@@ -358,13 +358,21 @@ def test_identical_prompts_share_one_prompt_pass(peaked):
     assert len({tuple(r) for r in drawn[:3].tolist()}) > 1
 
 
+@pytest.mark.parametrize("fp32_packed", [True, False], ids=["packed", "own-weights"])
 @pytest.mark.parametrize("do_sample,eos_at", [(True, None), (False, 3)])
-def test_lean_forward_equals_the_models_own_forward_in_fp32(peaked, monkeypatch, do_sample, eos_at):
+def test_lean_forward_equals_the_models_own_forward_in_fp32(peaked, monkeypatch, do_sample, eos_at, fp32_packed):
     """labkit's forward for Llama-architecture models (fused products, fp32 attention as two products,
     its own cache) against the loop through ``model.forward``: in fp32 the same tokens and log-probs,
-    with left padding, copies of one prompt sharing its pass, and (greedy, eos_at=3) rows leaving the batch."""
+    with left padding, copies of one prompt sharing its pass, and (greedy, eos_at=3) rows leaving the batch;
+    with its fp32 products fused and packed for oneDNN (the default where that kernel works) or through
+    the modules' own weights."""
     model, tok = peaked
     assert generation.lean_supported(model)
+    if fp32_packed and not generation._packed_linear_works(torch.float32):
+        pytest.skip("oneDNN's packed fp32 linear does not run here")
+    monkeypatch.setattr(generation, "FP32_PACKED", fp32_packed)
+    layers, unembed = generation._LeanDecoder._weights(model, torch.float32)
+    assert (layers[0]["qkv"].forward is not None) == (unembed.forward is not None) == fp32_packed
     ids, _ = encode_prompts(tok, [PROMPTS[1], PROMPTS[1], PROMPTS[0], PROMPTS[2]])
     input_ids, mask = _left_pad(ids, tok.pad_token_id)
     eos = None
