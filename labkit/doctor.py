@@ -391,7 +391,10 @@ def print_report(d: dict) -> None:
     print("labkit doctor")
     print(f"  python {i['python']}, torch {v['torch']}, transformers {v['transformers']}, trl {v['trl']}, "
           f"labkit {v['labkit']}  ({i['platform']})")
-    fast = "yes" if i["cpu_fast_bf16"] else "no: training runs in fp32, about 2x slower"
+    # Without AVX-512-BF16 or AMX everything runs in fp32: training at about half the speed of bf16 on the same
+    # cores, and such CPUs (AVX2 only) often have a lower fp32 peak too (an AMD EPYC with AVX2: training steps
+    # 6x the reference machine's); the timing below says how much on this one.
+    fast = "yes" if i["cpu_fast_bf16"] else "no: training and sampling run in fp32 (see the timing below)"
     print(f"  device: {i['device']}" + (f" ({i['cuda']})" if i["cuda"] else "")
           + f", dtype {i['dtype']}; CPU {d['cpu']}, fast bf16: {fast}")
     if d["mps"]:
