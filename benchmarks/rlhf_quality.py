@@ -312,12 +312,14 @@ def main_ablate(args) -> None:
             print(f"{v['name']}: done earlier, kept")
             continue
         t0 = time.time()
-        ranked = _rank_all(records, train, v.get("k", 8), v.get("tie_scale", 1.0), v.get("noise"), args.seed,
+        subset = random.Random(args.seed).sample(train, v["prompts"]) if v.get("prompts") else train
+        ranked = _rank_all(records, subset, v.get("k", 8), v.get("tie_scale", 1.0), v.get("noise"), args.seed,
                            v.get("labels", "one"))
         out = Path(args.out) / v["name"]
         res = train_reward_model(RewardConfig(model=args.backbone, rankings=ranked, out_dir=str(out),
                                               seed=v.get("seed", args.seed),
                                               epochs=v.get("epochs", 1), learning_rate=v.get("lr", 5e-5),
+                                              batch_size=v.get("batch_size", 8),
                                               micro_batch_size=v.get("micro_batch_size"),
                                               dashboard=False, progress=False, gold=False))
         rm, tok = load_reward_model(out / "model")
@@ -358,7 +360,8 @@ def main() -> None:
     ap.add_argument("--backbone", default="smollm2-135m", help="ablate-rm: RM backbone (an SFT folder or a name)")
     ap.add_argument("--variant", action="append", default=[],
                     help='ablate-rm: NAME:{"k": 8, "tie_scale": 1.0, "lr": 5e-5, "epochs": 1, "noise": null, '
-                         '"labels": "one|all|consensus", "micro_batch_size": null}')
+                         '"labels": "one|all|consensus", "micro_batch_size": null, '
+                         '"batch_size": 8, "prompts": null (a random subset of the training prompts)}')
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--seed", type=int, default=0)
     args = ap.parse_args()
