@@ -292,6 +292,24 @@ def time_steps(model, tokenizer, seconds: float = 20.0) -> dict:
             "train_step_s": _median_time(train_step, seconds / 2)}
 
 
+# Where the notebooks' time goes, by the knobs of their `parameters` cells (what a slow laptop lowers first).
+SLOW_KNOBS = "03_ppo: ppo_steps, beta_steps, hack_steps; 05_beyond_ppo: steps, dpo_steps; 06_room: ppo_steps"
+SLOW_FACTOR = 2.0  # estimates this many times the development machine's call for the advice below
+
+
+def slow_machine_advice(estimates: dict[str, float]) -> str | None:
+    """What to do when the notebooks would take ``SLOW_FACTOR`` times the development machine's
+    time or more here (a CPU without fast bf16, a busy or thermally limited laptop); None otherwise."""
+    factor = max(estimates[name] / REFERENCE_MINUTES[name] for name in estimates)
+    if factor < SLOW_FACTOR:
+        return None
+    total = sum(estimates.values())
+    return (f"this machine runs the notebooks about {factor:.1f}x slower than the development machine "
+            f"({_fmt_minutes(total)} minutes for all of them): lower the steps in their parameters cells "
+            f"({SLOW_KNOBS}), or set out_dir to a run folder made with `labkit run` on a faster machine "
+            "(the notebooks then read its SFT model and RM, and 04 its PPO policy, instead of building them)")
+
+
 def estimate_minutes(generate_s: float, train_step_s: float) -> dict[str, float]:
     """Each notebook's reference wall time scaled by this machine's step times."""
     g_ratio, t_ratio = generate_s / REFERENCE_GENERATE_S, train_step_s / REFERENCE_TRAIN_STEP_S
@@ -442,3 +460,6 @@ def print_report(d: dict) -> None:
     for name, minutes in d["estimates"].items():
         print(f"  on this machine notebook {name} takes about {_fmt_minutes(minutes)} minutes{note} "
               f"({REFERENCE_MINUTES[name]} on the development machine)")
+    advice = slow_machine_advice(d["estimates"])
+    if advice:
+        print(f"    {advice}")

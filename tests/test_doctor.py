@@ -40,6 +40,16 @@ def test_estimates_scale_the_reference_times_by_the_step_times():
     assert gen["05_beyond_ppo"] == pytest.approx(1.6 * ref["05_beyond_ppo"])
 
 
+def test_slow_machine_advice_names_the_knobs_only_when_much_slower():
+    ref = doctor.REFERENCE_GENERATE_S, doctor.REFERENCE_TRAIN_STEP_S
+    assert doctor.slow_machine_advice(doctor.estimate_minutes(*ref)) is None
+    assert doctor.slow_machine_advice(doctor.estimate_minutes(1.5 * ref[0], 1.5 * ref[1])) is None
+    advice = doctor.slow_machine_advice(doctor.estimate_minutes(6 * ref[0], 6 * ref[1]))
+    assert "about 6.0x slower" in advice and "ppo_steps" in advice and "out_dir" in advice
+    # generation alone 4x slower: notebook 04 (90% sampling) is what crosses the line
+    assert "3.7x" in doctor.slow_machine_advice(doctor.estimate_minutes(4 * ref[0], ref[1]))
+
+
 def test_ram_verdicts():
     need = doctor.NOTEBOOK_RAM_GIB["03_ppo"]
     rows = {r["notebook"]: r["verdict"] for r in doctor.ram_table(need - 0.5)}
