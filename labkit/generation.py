@@ -366,15 +366,16 @@ class _Projection:
     def __init__(self, linears: list, dtype: torch.dtype):
         self.dtype, self.linears = dtype, linears
         self.forward = None  # the fused product; None: the modules' own, outputs concatenated
-        fp32 = dtype == torch.float32 and all(lin.weight.dtype == torch.float32 for lin in linears)
-        if fp32 and not (FP32_PACKED and linears[0].weight.device.type == "cpu" and _packed_linear_works(torch.float32)):
+        pack = (linears[0].weight.device.type == "cpu"
+                and (dtype == torch.bfloat16 or (dtype == torch.float32 and FP32_PACKED)) and _packed_linear_works(dtype))
+        if not pack and dtype == torch.float32 and all(lin.weight.dtype == torch.float32 for lin in linears):
             return
         w = torch.cat([lin.weight.detach() for lin in linears]).to(dtype)  # (sum of outs, in)
         bias = None
         if any(lin.bias is not None for lin in linears):
             bias = torch.cat([lin.bias.detach() if lin.bias is not None else w.new_zeros(lin.out_features)
                               for lin in linears]).to(dtype)
-        if w.device.type == "cpu" and dtype in (torch.bfloat16, torch.float32) and _packed_linear_works(dtype):
+        if pack:
             self.forward = _packed_forward(torch.ops.mkldnn._reorder_linear_weight(w, None), bias)
         else:
             self.forward = lambda x: F.linear(x, w, bias)
