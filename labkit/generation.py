@@ -85,6 +85,7 @@ import torch
 import torch.nn.functional as F
 from transformers.cache_utils import Cache, DynamicLayer
 
+from labkit.doctor import steady_memory
 from labkit.live import progress
 from labkit.models import autocast, fast_dtype, format_prompt, position_ids
 
@@ -723,13 +724,14 @@ def sample_tokens(model, input_ids: torch.Tensor, attention_mask: torch.Tensor, 
 @contextmanager
 def _sampling_context(model, device: torch.device, bf16: bool, cache: dict | None = None):
     """eval mode, bf16 autocast (if asked for and fast here) with bf16 linear weights cast once
-    (the lean decoder makes its own bf16 weights and needs no swap)."""
+    (the lean decoder makes its own bf16 weights and needs no swap), and an allocator that keeps
+    the blocks every step frees for the next (:func:`labkit.doctor.steady_memory`)."""
     use_bf16 = bf16 and fast_dtype(device) == torch.bfloat16
     was_training = model.training
     model.eval()
     try:
-        with autocast(device, enabled=use_bf16), bf16_linear_weights(model, enabled=use_bf16 and not _use_lean(model),
-                                                                    cache=cache):
+        with steady_memory(), autocast(device, enabled=use_bf16), \
+                bf16_linear_weights(model, enabled=use_bf16 and not _use_lean(model), cache=cache):
             yield
     finally:
         model.train(was_training)
@@ -797,7 +799,7 @@ def generate(model, tokenizer, prompts: Sequence[str], max_new_tokens: int = 64,
     batches = [order[i:i + batch_size] for i in range(0, len(order), batch_size)]
     copies: dict = {}  # the weights' bf16 copies, made once for all batches of this call
     devices = [device] if device.type == "cuda" else []
-    with torch.random.fork_rng(devices=devices, enabled=seed is not None):
+    with torch.random.fork_rng(devices=devices, enabled=seed is not None), steady_memory():
         if seed is not None:
             torch.manual_seed(seed)
         for batch in progress(batches, desc=desc, disable=not show_progress, leave=False):

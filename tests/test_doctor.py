@@ -1,6 +1,7 @@
 """labkit doctor: the report on the tiny model, and the arithmetic behind its estimates."""
 
 import re
+import sys
 
 import pytest
 import torch
@@ -94,3 +95,33 @@ def test_lean_memory_fixes_the_mmap_threshold_where_glibc_has_one():
     code = "from labkit.doctor import lean_memory; print(lean_memory(), lean_memory(threshold_bytes=2**21))"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.split()
     assert out == (["True", "True"] if sys.platform.startswith("linux") else ["False", "False"])
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc's allocator settings")
+def test_steady_memory_reuses_large_blocks_and_lean_memory_returns_after():
+    """Under lean_memory every 12 MB tensor is a fresh mapping (thousands of page faults each);
+    within steady_memory the freed block is reused; after it, lean_memory's setting is back."""
+    import subprocess
+
+    code = """
+import resource, torch
+from labkit.doctor import lean_memory, steady_memory
+assert lean_memory()
+def faults(n=10):
+    f0 = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+    for _ in range(n):
+        torch.ones(3_000_000).sum()  # 12 MB, freed at once
+    return resource.getrusage(resource.RUSAGE_SELF).ru_minflt - f0
+lean = faults()
+with steady_memory():
+    faults(1)
+    with steady_memory():  # nested: acts once
+        pass
+    steady = faults()
+print(lean, steady, faults())
+"""
+    lean, steady, after = map(int, subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                                                  check=True).stdout.split())
+    assert lean > 10 * 2000  # ~2,900 pages a tensor
+    assert steady < lean / 10
+    assert after > 10 * 2000
