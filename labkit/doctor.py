@@ -15,6 +15,7 @@ times (``notebooks/README.md``) into estimates for this one.
 from __future__ import annotations
 
 import ctypes
+import functools
 import json
 import os
 import statistics
@@ -102,11 +103,19 @@ _steady_depth = 0
 STEADY_MEMORY = os.environ.get("LABKIT_STEADY_MEMORY", "1") != "0"  # steady_memory acts (glibc only)
 
 
-def _mallopt(param: int, value: int) -> bool:
+@functools.cache
+def _glibc():
+    """glibc, loaded once (steady_memory runs at every chat token); None where there is none."""
     try:
-        return bool(ctypes.CDLL("libc.so.6").mallopt(param, int(value)))
-    except (OSError, AttributeError):
-        return False
+        libc = ctypes.CDLL("libc.so.6")
+        return libc if hasattr(libc, "mallopt") and hasattr(libc, "malloc_trim") else None
+    except OSError:
+        return None
+
+
+def _mallopt(param: int, value: int) -> bool:
+    libc = _glibc()
+    return libc is not None and bool(libc.mallopt(param, int(value)))
 
 
 def lean_memory(threshold_bytes: int = 1 << 20) -> bool:
@@ -141,10 +150,9 @@ def steady_memory():
     eval prompts after lean_memory took 210,000-700,000 page faults a call, 118,000-128,000
     within steady_memory, which made 1.25x the tokens/s, greedy and sampled (1.14-1.15x in an
     earlier run); at batch 8, 1.03-1.07x (0.99x earlier) (``benchmarks/sampler_allocator.py``,
-    AMD EPYC, 2 threads). Within,
-    the mmap threshold is glibc's largest (32 MB) and nothing is trimmed; on leaving, free memory
-    goes back to the system (``malloc_trim``) and lean_memory's threshold returns. Nested uses
-    act once, at the outermost.
+    AMD EPYC, 2 threads). Within, the mmap threshold is glibc's largest (32 MB) and nothing is
+    trimmed; on leaving, free memory goes back to the system (``malloc_trim``) and lean_memory's
+    threshold returns. Nested uses act once, at the outermost.
     """
     global _steady_depth
     active = STEADY_MEMORY and _lean_threshold is not None and _steady_depth == 0
@@ -159,7 +167,7 @@ def steady_memory():
         if active:
             _mallopt(M_TRIM_THRESHOLD, GLIBC_TRIM_DEFAULT)
             _mallopt(M_MMAP_THRESHOLD, _lean_threshold)
-            ctypes.CDLL("libc.so.6").malloc_trim(0)
+            _glibc().malloc_trim(0)
 
 
 def set_threads(threads: int | None = None) -> int:
