@@ -96,8 +96,10 @@ def physical_cores() -> int:
         return usable
 
 
-M_TRIM_THRESHOLD, M_MMAP_THRESHOLD = -1, -3  # glibc's mallopt parameters
+M_TRIM_THRESHOLD, M_MMAP_THRESHOLD, M_MMAP_MAX = -1, -3, -4  # glibc's mallopt parameters
 GLIBC_TRIM_DEFAULT = 128 * 1024  # glibc's trim threshold while its mmap threshold is fixed
+GLIBC_MMAP_MAX = 65536  # glibc's default count of blocks it may serve as their own mappings
+GLIBC_MMAP_TOP = 32 << 20  # where glibc's moving mmap threshold stops (64-bit): blocks above it are always mapped
 _lean_threshold: int | None = None  # what lean_memory fixed, if it did
 _steady_depth = 0
 STEADY_MEMORY = os.environ.get("LABKIT_STEADY_MEMORY", "1") != "0"  # steady_memory acts (glibc only)
@@ -127,9 +129,10 @@ def lean_memory(threshold_bytes: int = 1 << 20) -> bool:
     ``threshold_bytes`` or more in its own mapping, returned to the system when freed. Over
     notebook 03's six PPO runs (2 steps each, one process) the process held 2.1 GiB instead of
     4.0 GiB between runs and peaked at 5.0 GiB instead of 5.7 GiB; the whole notebook 03 peaked
-    at 6.0 GiB instead of 8.4 GiB and took 15.9 instead of 13.5 minutes. Sampling lifts the
-    threshold while it runs (:func:`steady_memory`). Returns whether it applied (False off Linux
-    or without glibc).
+    at 6.0 GiB instead of 8.4 GiB and took 15.9 instead of 13.5 minutes. Sampling and the SFT
+    and reward-model training loops suspend it while they run (:func:`steady_memory`), each
+    handing its free memory back when it ends. Returns whether it
+    applied (False off Linux or without glibc).
     """
     global _lean_threshold
     if not sys.platform.startswith("linux") or not _mallopt(M_MMAP_THRESHOLD, threshold_bytes):
@@ -140,34 +143,57 @@ def lean_memory(threshold_bytes: int = 1 << 20) -> bool:
 
 @contextmanager
 def steady_memory():
-    """Within: :func:`lean_memory` suspended, freed memory kept for reuse; after: handed back and
-    lean_memory's threshold restored. Does nothing where lean_memory has not applied (glibc's
-    own moving threshold keeps such blocks already), nor with ``LABKIT_STEADY_MEMORY=0``.
+    """Within: every block comes from glibc's heap and freed memory is kept for reuse; after: free
+    memory handed back to the system. Wraps labkit's sampling and its SFT and reward-model
+    training loops. Does nothing without glibc, nor with ``LABKIT_STEADY_MEMORY=0``.
 
-    A decoding loop allocates and frees the same large blocks at every step (a batch's logits:
-    64 rows x 49k columns are 12.6 MB in fp32). Under lean_memory's fixed threshold each is a
-    fresh mapping, faulted in and zeroed page by page, at every step. Sampling 32 tokens for 64
-    eval prompts after lean_memory took 210,000-700,000 page faults a call, 118,000-128,000
-    within steady_memory, which made 1.25x the tokens/s, greedy and sampled (1.14-1.15x in an
-    earlier run); at batch 8, 1.03-1.07x (0.99x earlier) (``benchmarks/sampler_allocator.py``,
-    AMD EPYC, 2 threads). Within, the mmap threshold is glibc's largest (32 MB) and nothing is
-    trimmed; on leaving, free memory goes back to the system (``malloc_trim``) and lean_memory's
-    threshold returns. Nested uses act once, at the outermost.
+    A training or decoding step allocates and frees the same large blocks at every step: the
+    logits of an SFT batch (8 x 256 tokens x 49k columns) are 400 MB in fp32, a decoding step's
+    at batch 64 12.6 MB. glibc serves a block above its mmap threshold as a fresh mapping, which
+    the kernel faults in and zeroes page by page and unmaps when it is freed; its threshold moves
+    up to 32 MB at most, so the largest blocks pay this at every step in any process, and under
+    :func:`lean_memory` every block of 1 MB or more does. Within, glibc maps nothing (its heap
+    serves every block and keeps what is freed); on leaving, its settings return (lean_memory's
+    fixed threshold where it applied, else the threshold at glibc's own top, 32 MB) and
+    ``malloc_trim`` hands free memory back. After lean_memory, SFT ran in 0.66-0.71x its time
+    and the reward model in 0.56-0.59x; with glibc's defaults SFT in 0.85-0.91x, the reward model
+    unchanged (``benchmarks/training_allocator.py``, AMD EPYC, 2 threads). Their peaks rise by
+    0.5-0.9 GiB after lean_memory (to glibc's default level), and each run leaves 1.1 GiB
+    resident instead of 1.7 (lean) or 3.4-5.7 (defaults). Sampling at batch 64 after lean_memory:
+    1.07-1.26x the tokens/s (``benchmarks/sampler_allocator.py``). PPO's update steps are left
+    outside: wrapping them gained nothing and raised its peak by 0.9 GiB after lean_memory.
+    Nested uses act once, at the outermost.
     """
     global _steady_depth
-    active = STEADY_MEMORY and _lean_threshold is not None and _steady_depth == 0
+    active = STEADY_MEMORY and _steady_depth == 0 and _glibc() is not None
     _steady_depth += 1
     try:
         if active:
-            _mallopt(M_MMAP_THRESHOLD, 32 << 20)
+            _mallopt(M_MMAP_MAX, 0)
             _mallopt(M_TRIM_THRESHOLD, 1 << 30)
         yield
     finally:
         _steady_depth -= 1
         if active:
-            _mallopt(M_TRIM_THRESHOLD, GLIBC_TRIM_DEFAULT)
-            _mallopt(M_MMAP_THRESHOLD, _lean_threshold)
-            _glibc().malloc_trim(0)
+            _mallopt(M_MMAP_MAX, GLIBC_MMAP_MAX)
+            lean = _lean_threshold is not None
+            _mallopt(M_TRIM_THRESHOLD, GLIBC_TRIM_DEFAULT if lean else 2 * GLIBC_MMAP_TOP)
+            _mallopt(M_MMAP_THRESHOLD, _lean_threshold if lean else GLIBC_MMAP_TOP)
+            hand_back_memory()
+
+
+def hand_back_memory() -> bool:
+    """Give the memory glibc holds free back to the system now (``malloc_trim``); False without glibc.
+
+    For the end of a run that sampled within :func:`steady_memory` but trained outside it (PPO):
+    what its sampling left in glibc's heap is freed with the run, and would otherwise stay with
+    the process.
+    """
+    libc = _glibc()
+    if libc is None:
+        return False
+    libc.malloc_trim(0)
+    return True
 
 
 def set_threads(threads: int | None = None) -> int:

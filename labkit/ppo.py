@@ -39,6 +39,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from labkit.doctor import hand_back_memory
 from labkit.models import autocast, format_prompt, last_index, load_model, pad_rows, position_ids, resolve_device
 from labkit.stage import NonFiniteError, defer_interrupt, finish, rng_state, set_rng_state
 
@@ -1101,6 +1102,7 @@ def train_ppo(config: PPOConfig) -> dict:
         acc.wait_for_everyone()
     final = dict(history[-1]) if history else {}
     final["time/total_s"] = sum(h["time/step_s"] for h in history)  # all steps, resumed ones included
+    hand_back_memory()  # what the run's sampling left in glibc's heap and the run freed since
     if not acc.is_main_process:  # the stage files are the main process's
         return {"out_dir": str(out_dir), "model_dir": None, "stopped": stopped, "message": message, **final}
     return finish(config, final, dash, model_dir, stopped, message)

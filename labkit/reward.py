@@ -27,6 +27,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from labkit.doctor import steady_memory
 from labkit.live import LiveDashboard, progress
 from labkit.models import (TRAINING_ATTENTION, autocast, format_prompt, last_index, pad_rows, position_ids,
                            resolve_device, resolve_dtype, use_training_attention)
@@ -534,6 +535,7 @@ def train_step(rm: RewardModel, items: list[dict], pad_id: int, micro: int, devi
     return total, correct, pairs
 
 
+@steady_memory()  # one training step's large blocks reused at the next, handed back after
 def train_reward_model(config: RewardConfig) -> dict:
     """Train an RM on K-way rankings; returns the stage result (``labkit.stage``), whose
     ``model_dir`` :func:`load_reward_model` reads.

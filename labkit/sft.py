@@ -58,6 +58,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from labkit import models
+from labkit.doctor import steady_memory
 from labkit.live import LiveDashboard
 from labkit.stage import defer_interrupt, finish, trainer_guards
 
@@ -304,6 +305,7 @@ def make_trainer(config: SFTConfig, model=None, tokenizer=None):
     return trainer, info
 
 
+@steady_memory()  # one training step's large blocks reused at the next, handed back after
 def train_sft(config: SFTConfig) -> dict:
     """Fine-tune ``config.model`` on demonstrations; returns the stage result (``labkit.stage``),
     whose ``model_dir`` (``out_dir/model``) ``load_model`` reads.
