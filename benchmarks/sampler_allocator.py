@@ -69,6 +69,24 @@ print(json.dumps(rows))
 """
 
 
+def machine(loads: list, threads: int) -> dict:
+    """The machine a run measured: CPU, torch, glibc, load averages before and after."""
+    import torch
+
+    from labkit.models import cpu_has_fast_bf16, cpu_name
+
+    return {"cpu": cpu_name(), "cores": os.cpu_count(), "torch": torch.__version__,
+            "python": platform.python_version(), "glibc": platform.libc_ver()[1], "fast_bf16": cpu_has_fast_bf16(),
+            "loadavg": loads, "threads": threads}
+
+
+def write(result: dict, out: str) -> dict:
+    Path(out).parent.mkdir(parents=True, exist_ok=True)
+    Path(out).write_text(json.dumps(result, indent=1))
+    print(f"wrote {out}")
+    return result
+
+
 def main(argv=None) -> dict:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--batch-sizes", default="8,64")
@@ -98,21 +116,11 @@ def main(argv=None) -> dict:
         print(f"| {r['setting']} | {r['batch_size']} | {r['mode']} | {r['method']} | {r['tokens_per_s']:.1f} | "
               f"{r['vs_steady_off']:.2f}x | {r['page_faults']:,.0f} | "
               f"{' / '.join(f'{x:.0f}' for x in r['runs_tokens_per_s'])} |")
-    import torch
-
-    from labkit.models import cpu_has_fast_bf16, cpu_name
-
-    result = {"benchmark": "sampler_allocator",
-              "machine": {"cpu": cpu_name(), "cores": os.cpu_count(), "torch": torch.__version__,
-                          "python": platform.python_version(), "fast_bf16": cpu_has_fast_bf16(),
-                          "loadavg": loads, "threads": args.threads},
+    result = {"benchmark": "sampler_allocator", "machine": machine(loads, args.threads),
               "settings": {**spec, "model": "smollm2-135m", "bf16": "autocast where fast",
                            "eos": "ignored (every row makes new_tokens)"},
               "rows": rows}
-    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.out).write_text(json.dumps(result, indent=1))
-    print(f"wrote {args.out}")
-    return result
+    return write(result, args.out)
 
 
 if __name__ == "__main__":
