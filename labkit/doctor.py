@@ -71,7 +71,7 @@ REFERENCE_TRAIN_STEP_S = 1.78
 # well above its largest single step (PPO with share_backbone=True: 4.8 GiB in the PPO benchmark).
 NOTEBOOK_RAM_GIB = {
     "00_tour": 1.5,
-    "01_demonstrations_sft": 7.5,  # 7.0 GiB since SFT runs in steady_memory (6.3 with it off, same machine)
+    "01_demonstrations_sft": 8.0,  # 7.0-7.5 GiB since SFT runs in steady_memory (6.3 with it off, same machine)
     "02_rankings_reward_model": 6.0,
     "03_ppo": 6.5,
     "04_evaluation": 4.5,
