@@ -5,9 +5,9 @@ A decoding step allocates and frees the same large blocks (a batch's logits, 49k
 every step. Where glibc hands a freed block back to the system, the next step's block is a fresh
 mapping, faulted in and zeroed page by page. ``labkit.doctor.lean_memory()`` (called by the
 notebooks that train several models) fixes glibc's mmap threshold at 1 MB, so every such block
-is a fresh mapping; labkit's sampling runs inside ``steady_memory()``, which lifts the threshold
-while it samples and puts lean_memory's back afterwards (elsewhere it does nothing: glibc's own
-moving threshold keeps such blocks). One process, after ``lean_memory()`` as in the notebooks,
+is a fresh mapping; labkit's sampling runs inside ``steady_memory()``, where glibc's heap serves
+every block and keeps what is freed, and which puts lean_memory's threshold back afterwards.
+One process, after ``lean_memory()`` as in the notebooks,
 in which three methods take turns for ``--repeats`` rounds on the same batch:
 ``labkit.generation.sample_tokens`` on the bundled model with steady_memory off
 (``doctor.STEADY_MEMORY = False``, the sampler before it) and on, and transformers' ``generate``

@@ -5,9 +5,10 @@ A training step allocates and frees the same large blocks at every step: an SFT 
 (8 rows x up to 256 tokens x 49k columns) are 400 MB in fp32. glibc serves any block above its
 mmap threshold (at most 32 MB; 1 MB under ``labkit.doctor.lean_memory()``, which the notebooks
 call) as a fresh mapping that the kernel faults in and zeroes page by page, at every step.
-labkit's training loops (``train_sft``, ``train_reward_model``, ``train_ppo``, TRL's trainers in
-``labkit.beyond``) and its sampling run inside ``steady_memory()``, where glibc's heap serves
-every block and keeps what is freed; on leaving, free memory is handed back.
+labkit's SFT and reward-model training loops (``train_sft``, ``train_reward_model``) and its
+sampling (PPO's rollouts included) run inside ``steady_memory()``, where glibc's heap serves
+every block and keeps what is freed; on leaving, free memory is handed back. PPO's update steps
+run outside it; ``train_ppo`` hands free memory back when it ends.
 
 Four settings, each a fresh process, taking turns for ``--rounds`` rounds: glibc's defaults or
 lean_memory, with steady_memory off (``LABKIT_STEADY_MEMORY=0``) or on. Each process runs, on the

@@ -131,8 +131,8 @@ def lean_memory(threshold_bytes: int = 1 << 20) -> bool:
     4.0 GiB between runs and peaked at 5.0 GiB instead of 5.7 GiB; the whole notebook 03 peaked
     at 6.0 GiB instead of 8.4 GiB and took 15.9 instead of 13.5 minutes. Sampling and the SFT
     and reward-model training loops suspend it while they run (:func:`steady_memory`), each
-    handing its free memory back when it ends. Returns whether it
-    applied (False off Linux or without glibc).
+    handing its free memory back when it ends. Returns whether it applied (False off Linux or
+    without glibc).
     """
     global _lean_threshold
     if not sys.platform.startswith("linux") or not _mallopt(M_MMAP_THRESHOLD, threshold_bytes):

@@ -1,6 +1,7 @@
 """labkit doctor: the report on the tiny model, and the arithmetic behind its estimates."""
 
 import re
+import subprocess
 import sys
 
 import pytest
@@ -88,40 +89,44 @@ def test_estimate_reads_the_cached_timing_else_the_reference(tmp_path, monkeypat
         doctor.estimate("nothing")
 
 
-def test_lean_memory_fixes_the_mmap_threshold_where_glibc_has_one():
-    import subprocess
-    import sys
+def _printed(code: str) -> list[str]:
+    """What ``code`` prints in a fresh interpreter (glibc's settings last for a process)."""
+    return subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.split()
 
+
+# Page faults of n tensors of numel fp32 values, each freed at once.
+FAULTS = """
+import resource, torch
+def faults(n, numel):
+    f0 = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+    for _ in range(n):
+        torch.ones(numel).sum()
+    return resource.getrusage(resource.RUSAGE_SELF).ru_minflt - f0
+"""
+
+
+def test_lean_memory_fixes_the_mmap_threshold_where_glibc_has_one():
     code = "from labkit.doctor import lean_memory; print(lean_memory(), lean_memory(threshold_bytes=2**21))"
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.split()
-    assert out == (["True", "True"] if sys.platform.startswith("linux") else ["False", "False"])
+    assert _printed(code) == (["True", "True"] if sys.platform.startswith("linux") else ["False", "False"])
 
 
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc's allocator settings")
 def test_steady_memory_reuses_large_blocks_and_lean_memory_returns_after():
     """Under lean_memory every 12 MB tensor is a fresh mapping (thousands of page faults each);
     within steady_memory the freed block is reused; after it, lean_memory's setting is back."""
-    import subprocess
-
-    code = """
-import resource, torch
+    code = FAULTS + """
 from labkit.doctor import lean_memory, steady_memory
 assert lean_memory()
-def faults(n=80):  # the kernel may still reclaim a few idle heap pages within: 0-3 tensors refault
-    f0 = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
-    for _ in range(n):
-        torch.ones(3_000_000).sum()  # 12 MB, freed at once
-    return resource.getrusage(resource.RUSAGE_SELF).ru_minflt - f0
-lean = faults()
+N, NUMEL = 80, 3_000_000  # 12 MB; the kernel may still reclaim a few idle heap pages within: 0-3 tensors refault
+lean = faults(N, NUMEL)
 with steady_memory():
-    faults(1)
+    faults(1, NUMEL)
     with steady_memory():  # nested: acts once
         pass
-    steady = faults()
-print(lean, steady, faults())
+    steady = faults(N, NUMEL)
+print(lean, steady, faults(N, NUMEL))
 """
-    lean, steady, after = map(int, subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
-                                                  check=True).stdout.split())
+    lean, steady, after = map(int, _printed(code))
     assert lean > 10 * 2000  # ~2,900 pages a tensor
     assert steady < lean / 10
     assert after > 10 * 2000
@@ -131,27 +136,19 @@ print(lean, steady, faults())
 def test_steady_memory_keeps_blocks_above_glibcs_top_threshold_and_hands_them_back_after():
     """Without lean_memory glibc still maps every block above 32 MB afresh (a training step's logits);
     within steady_memory the freed 100 MB block is reused; on leaving, it goes back to the system."""
-    import subprocess
-
-    code = """
-import resource, torch
+    code = FAULTS + """
 from labkit.doctor import steady_memory
-def faults(n=24):  # within, the heap may grow for the first few (an aligned request outgrows the freed hole)
-    f0 = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
-    for _ in range(n):
-        torch.ones(25_000_000).sum()  # 100 MB, freed at once
-    return resource.getrusage(resource.RUSAGE_SELF).ru_minflt - f0
+N, NUMEL = 24, 25_000_000  # 100 MB; within, the heap may grow for the first few (an aligned request outgrows the freed hole)
 def resident():  # MB
     return next(int(line.split()[1]) for line in open("/proc/self/status") if line.startswith("VmRSS")) // 1024
-plain = faults()
+plain = faults(N, NUMEL)
 with steady_memory():
-    faults(1)
-    steady = faults()
+    faults(1, NUMEL)
+    steady = faults(N, NUMEL)
     kept = resident()
-print(plain, steady, kept - resident(), faults())
+print(plain, steady, kept - resident(), faults(N, NUMEL))
 """
-    plain, steady, handed_back, after = map(int, subprocess.run([sys.executable, "-c", code], capture_output=True,
-                                                                text=True, check=True).stdout.split())
+    plain, steady, handed_back, after = map(int, _printed(code))
     assert plain > 24 * 20_000  # ~24,400 pages a tensor
     assert steady < plain / 3  # 1-4 of 24 tensors grew the heap in trials
     assert handed_back >= 90  # the freed 100 MB block left the process when steady_memory ended
