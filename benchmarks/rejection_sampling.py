@@ -148,9 +148,10 @@ def judge(run_dir: Path, cfg: dict, model_dir: str, name: str, out: Path) -> dic
         del policy, sft
     row["kl_to_sft"] = json.loads(path_kl.read_text())
     sft_out = [a["response"] for a in load_jsonl(run_dir / "eval" / "sft_outside.jsonl")]
-    followed = [evaluate.outside_judge(outside, ys_out)["followed"], evaluate.outside_judge(outside, sft_out)["followed"]]
-    row["outside"] = evaluate.outside_judge(outside, ys_out)["prompt_strict"]
-    row["outside_minus_sft"] = evaluate.paired_outside_judge(*followed, seed=cfg["seed"])["prompt_strict"]
+    judged = evaluate.outside_judge(outside, ys_out)
+    row["outside"] = judged["prompt_strict"]
+    row["outside_minus_sft"] = evaluate.paired_outside_judge(
+        judged["followed"], evaluate.outside_judge(outside, sft_out)["followed"], seed=cfg["seed"])["prompt_strict"]
     return row
 
 
