@@ -102,56 +102,57 @@ def sample_and_pick(run_dir: Path, cfg: dict, out: Path, k: int, seed: int, keep
 
 def judge(run_dir: Path, cfg: dict, model_dir: str, name: str, out: Path) -> dict:
     """Greedy eval answers of ``model_dir`` (cached in ``out``), gold figures and win rates
-    against the run's SFT and PPO answers, and the outside judge against SFT's."""
+    against the run's SFT and PPO answers, KL to the run's SFT model, and the outside judge
+    against SFT's (when the run has it)."""
     from labkit import evaluate
-    from labkit.data import load_prompts
-    from labkit.ifeval import load_ifeval_prompts
     from labkit.labelers import GoldLabeler
     from labkit.models import load_model
+    from labkit.pipeline import RunConfig, eval_sets
     from labkit.report import load_jsonl
     from rlhf_quality import _paired
 
-    records, outside, n = load_prompts("eval"), load_ifeval_prompts(None), cfg["eval_limit"]
-    if n:  # as labkit run limits them
-        records, outside = records[:n], [outside[i * len(outside) // n] for i in range(min(n, len(outside)))]
-    path, path_out = out / f"eval_{name}.json", out / f"eval_{name}_outside.json"
-    if path.exists() and path_out.exists():
-        ys, ts = json.loads(path.read_text())
-        ys_out = json.loads(path_out.read_text())
-    else:
-        model, tok = load_model(model_dir)
-        ys, ts = evaluate.answer(model, tok, records, max_new_tokens=cfg["eval_max_new_tokens"],
-                                 batch_size=cfg["batch_size"], seed=cfg["seed"], bf16=cfg["eval_bf16"])
-        ys_out, _ = evaluate.answer(model, tok, outside, max_new_tokens=cfg["eval_max_new_tokens"],
-                                    batch_size=cfg["batch_size"], seed=cfg["seed"], bf16=cfg["eval_bf16"])
-        path.write_text(json.dumps([ys, ts]))
-        path_out.write_text(json.dumps(ys_out))
+    records, outside = eval_sets(RunConfig(**cfg))
+    loaded: dict = {}
+
+    def model():  # loaded once, only if an answer or the KL is not cached yet
+        if not loaded:
+            loaded["model"], loaded["tok"] = load_model(model_dir)
+        return loaded["model"], loaded["tok"]
+
+    def answers(prompts: list[dict], path: Path) -> tuple[list[str], list[bool]]:
+        if not path.exists():
+            path.write_text(json.dumps(evaluate.answer(*model(), prompts, max_new_tokens=cfg["eval_max_new_tokens"],
+                                                       batch_size=cfg["batch_size"], seed=cfg["seed"],
+                                                       bf16=cfg["eval_bf16"])))
+        return json.loads(path.read_text())
+
+    ys, ts = answers(records, out / f"eval_{name}.json")
     figures = evaluate.gold_figures(records, ys, ts)
     row = {key: figures[key] for key in ("gold/mean", "helpful/instruction_following", "harmless/refusal_rate_harmful",
                                          "response/stop_rate")}
-    row.update(gold=figures["gold/mean"], words=statistics.mean(len(y.split()) for y in ys))
+    row["words"] = statistics.mean(len(y.split()) for y in ys)
     gold = GoldLabeler()
-    mine = [gold.score(r, y, t) for r, y, t in zip(records, ys, ts)]
     for other in ("sft", "ppo_r1"):
         theirs = load_jsonl(run_dir / "eval" / f"{other}.jsonl")
         w = evaluate.win_rate(ys, [a["response"] for a in theirs], records, "gold", truncated_a=ts,
                               truncated_b=[a["truncated"] for a in theirs])
         row[f"win_vs_{other}"] = {key: w[key] for key in ("win_rate", "ci95", "wins", "ties", "losses")}
-        paired = _paired([(gold.score(r, a["response"], a["truncated"]), m) for r, a, m in zip(records, theirs, mine)])
+        paired = _paired([(gold.score(r, a["response"], a["truncated"]), m)
+                          for r, a, m in zip(records, theirs, figures["scores"])])
         row[f"gold_minus_{other}"] = {key: paired[key] for key in ("diff", "low", "high")}
     path_kl = out / f"eval_{name}_kl.json"
-    if not path_kl.exists():  # KL to the run's SFT model on these answers, as the run's compare stage measures PPO's
-        policy, tok = load_model(model_dir)
+    if not path_kl.exists():  # on these answers, as the run's compare stage measures PPO's
         sft, _ = load_model(str(run_dir / "sft" / "model"))
+        policy, tok = model()
         path_kl.write_text(json.dumps(evaluate.kl_to_reference(policy, sft, tok, [r["prompt"] for r in records], ys,
                                                                truncated=ts)))
-        del policy, sft
     row["kl_to_sft"] = json.loads(path_kl.read_text())
-    sft_out = [a["response"] for a in load_jsonl(run_dir / "eval" / "sft_outside.jsonl")]
-    judged = evaluate.outside_judge(outside, ys_out)
-    row["outside"] = judged["prompt_strict"]
-    row["outside_minus_sft"] = evaluate.paired_outside_judge(
-        judged["followed"], evaluate.outside_judge(outside, sft_out)["followed"], seed=cfg["seed"])["prompt_strict"]
+    if outside:
+        judged = evaluate.outside_judge(outside, answers(outside, out / f"eval_{name}_outside.json")[0])
+        sft_out = [a["response"] for a in load_jsonl(run_dir / "eval" / "sft_outside.jsonl")]
+        row["outside"] = judged["prompt_strict"]
+        row["outside_minus_sft"] = evaluate.paired_outside_judge(
+            judged["followed"], evaluate.outside_judge(outside, sft_out)["followed"], seed=cfg["seed"])["prompt_strict"]
     return row
 
 
@@ -214,10 +215,10 @@ def main() -> None:
             r = entry[name]
             w, p = r["win_vs_sft"], r["win_vs_ppo_r1"]
             d = r["gold_minus_sft"]
-            print(f"| {name} | {r['gold']:.3f} ({d['diff']:+.3f} [{d['low']:+.2f}, {d['high']:+.2f}]) | "
+            print(f"| {name} | {r['gold/mean']:.3f} ({d['diff']:+.3f} [{d['low']:+.2f}, {d['high']:+.2f}]) | "
                   f"{r['words']:.1f} | {w['win_rate']:.3f} [{w['ci95'][0]:.2f}, {w['ci95'][1]:.2f}] "
                   f"({w['wins']}-{w['ties']}-{w['losses']}) | {p['win_rate']:.3f} | {r['kl_to_sft']:.2f} | "
-                  f"{r['outside']:.3f} ({r['outside_minus_sft']['diff']:+.3f}) |")
+                  + (f"{r['outside']:.3f} ({r['outside_minus_sft']['diff']:+.3f}) |" if "outside" in r else "off |"))
     f = entry["run_figures"]
     print(f"the run's own: SFT gold {f['gold_sft']:.3f}, PPO gold {f['gold_ppo']:.3f}")
 

@@ -86,6 +86,9 @@ def packed_weights(model) -> list[tuple]:
     return out
 
 
+WEIGHT_CACHE: dict = {}  # the lean decoder's packed bf16 weights, shared by every run() of the process
+
+
 def run(model, tok, prompts, batch: int, steps: int, method: str, layer_fn, weights) -> tuple[list[float], list]:
     """Prompt pass by labkit, then ``steps`` greedy steps by ``method``; per-step seconds and tokens."""
     from labkit import generation, models
@@ -119,9 +122,6 @@ def run(model, tok, prompts, batch: int, steps: int, method: str, layer_fn, weig
         out.append(tokens)
         position, n = position + 1, n + 1
     return times, torch.stack(out, 1).tolist()
-
-
-WEIGHT_CACHE: dict = {}
 
 
 def main(argv=None) -> dict:

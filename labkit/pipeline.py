@@ -483,9 +483,25 @@ def ensure(out_dir: str | Path, upto: str = "rm", store=None, **settings) -> dic
     return {**train_stages(run, store, upto), "store": store}
 
 
+def eval_sets(config: RunConfig) -> tuple[list[dict], list[dict] | None]:
+    """The prompts a run's models answer at evaluation: the eval split (its first
+    ``eval_limit``) and the outside judge's (None when it is off)."""
+    from labkit.data import load_prompts
+
+    records = load_prompts("eval")
+    records = records[:config.eval_limit] if config.eval_limit else records
+    if not config.outside_judge:
+        return records, None
+    from labkit.ifeval import load_ifeval_prompts
+
+    outside = load_ifeval_prompts(None if config.outside_judge == "labkit" else config.outside_judge)
+    if config.eval_limit:  # an even spread over the set, which is ordered by instruction family
+        outside = [outside[i * len(outside) // config.eval_limit] for i in range(min(config.eval_limit, len(outside)))]
+    return records, outside
+
+
 def run(config: RunConfig) -> dict:
     """Run (or resume) the whole pipeline; returns the figures also written to metrics.json."""
-    from labkit.data import load_prompts
     from labkit.feedback import FeedbackStore
 
     t0 = time.perf_counter()
@@ -493,15 +509,7 @@ def run(config: RunConfig) -> dict:
     r = Run(config)
     json_dump(dataclasses.asdict(config), r.dir / "config.json")
     store = FeedbackStore(r.dir / "feedback.sqlite")
-    records = load_prompts("eval")
-    records = records[:config.eval_limit] if config.eval_limit else records
-    outside = None
-    if config.outside_judge:
-        from labkit.ifeval import load_ifeval_prompts
-
-        outside = load_ifeval_prompts(None if config.outside_judge == "labkit" else config.outside_judge)
-        if config.eval_limit:  # an even spread over the set, which is ordered by instruction family
-            outside = [outside[i * len(outside) // config.eval_limit] for i in range(min(config.eval_limit, len(outside)))]
+    records, outside = eval_sets(config)
 
     r.stage("eval_base", lambda: eval_stage(r, "base", config.model, records, outside))
     folders = train_stages(r, store)
