@@ -55,6 +55,40 @@ def best_picks(samples: list[dict], scores: list[float], keep_cut: bool = False)
     return picks, {"n_prompts": len(samples), "kept": len(picks), "dropped_all_cut": dropped}
 
 
+def room_picks(run_dir: Path) -> tuple[list[dict], dict]:
+    """Per rm-split prompt, the answer the room's pooled ranking puts first (Borda count over
+    the labelers, :func:`labkit.rankings.consensus`), skipping answers cut off at the length
+    limit: the rankings themselves taught back to the model, with no sampling and no RM."""
+    from labkit.feedback import FeedbackStore
+    from labkit.labelers import GoldLabeler
+    from labkit.data import load_prompts
+    from labkit.rankings import consensus
+
+    cut = {(s["prompt_id"], y): t for s in json.loads((run_dir / "samples_r1.json").read_text())["samples"]
+           for y, t in zip(s["responses"], s["truncated"])}
+    store = FeedbackStore(run_dir / "feedback.sqlite")
+    pooled = consensus(store.to_kway())
+    store.close()
+    picks, dropped = [], 0
+    for r in pooled:
+        order = [i for tier in r["tiers"] for i in tier]
+        whole = [i for i in order if not cut.get((r["prompt_id"], r["responses"][i]), False) and r["responses"][i].strip()]
+        if not whole:
+            dropped += 1
+            continue
+        picks.append({"prompt_id": r["prompt_id"], "prompt": r["prompt"], "response": r["responses"][whole[0]],
+                      "truncated": False, "n_annotators": r.get("n_annotators", 1)})
+    gold = GoldLabeler()
+    by_id = {r["id"]: r for r in load_prompts("rm")}
+    info = {"n_prompts": len(pooled), "kept": len(picks), "dropped_all_cut": dropped,
+            "gold_of_a_sample": statistics.mean(gold.score(by_id[r["prompt_id"]], y, cut.get((r["prompt_id"], y), False))
+                                                for r in pooled for y in r["responses"]),
+            "gold_of_picks": statistics.mean(gold.score(by_id[p["prompt_id"]], p["response"]) for p in picks),
+            "words_of_a_sample": statistics.mean(len(y.split()) for r in pooled for y in r["responses"]),
+            "words_of_picks": statistics.mean(len(p["response"].split()) for p in picks)}
+    return picks, info
+
+
 def sample_and_pick(run_dir: Path, cfg: dict, out: Path, k: int, seed: int, keep_cut: bool) -> tuple[list[dict], dict]:
     """Steps 1-2, cached in ``out``/picks.json."""
     cache = out / "picks.json"
@@ -163,6 +197,9 @@ def main() -> None:
     ap.add_argument("--epochs", type=float, default=2.0)
     ap.add_argument("--lr", type=float, default=1e-4)
     ap.add_argument("--keep-cut", action="store_true", help="pick among answers cut off at the length limit too")
+    ap.add_argument("--picks", choices=("rm", "room", "both"), default="rm",
+                    help="rm: the RM's best of --k fresh samples on the ppo split; room: the room's pooled first "
+                         "choice among the answers it ranked (rm split, no sampling); both: the two together")
     ap.add_argument("--ppo", action="store_true", help="then train the run's PPO settings from the fine-tuned model")
     ap.add_argument("--result", default=str(RESULT))
     args = ap.parse_args()
@@ -173,18 +210,23 @@ def main() -> None:
     run_dir = Path(args.run)
     cfg = json.loads((run_dir / "config.json").read_text())
     metrics = json.loads((run_dir / "metrics.json").read_text())
-    out = run_dir / f"rs_k{args.k}"
+    out = run_dir / ("rs_room" if args.picks == "room" else f"rs_k{args.k}")
     t0 = time.perf_counter()
-    with steady_memory():
-        picks, info = sample_and_pick(run_dir, cfg, out, args.k, cfg["seed"], args.keep_cut)
-    tag = f"e{args.epochs:g}_lr{args.lr:g}"
+    picks, info = [], {}
+    if args.picks in ("rm", "both"):
+        with steady_memory():
+            picks, info["rm"] = sample_and_pick(run_dir, cfg, out, args.k, cfg["seed"], args.keep_cut)
+    if args.picks in ("room", "both"):
+        room, info["room"] = room_picks(run_dir)
+        picks = picks + room
+    tag = f"e{args.epochs:g}_lr{args.lr:g}" + ("_both" if args.picks == "both" else "")
     rs_dir = out / f"sft_{tag}"
     if not (rs_dir / "model").exists():
         train_sft(SFTConfig(**{**cfg["sft"], "model": str(run_dir / "sft" / "model"), "out_dir": str(rs_dir),
                                "demonstrations": picks, "epochs": args.epochs, "learning_rate": args.lr,
                                "seed": cfg["seed"], "dashboard": False}))
-    entry = {"run": str(run_dir), "seed": cfg["seed"], "k": args.k, "epochs": args.epochs, "lr": args.lr,
-             "picks": info, "run_figures": {"gold_sft": metrics["gold_mean"]["sft"], "gold_ppo": metrics["gold_mean"]["ppo_r1"]},
+    entry = {"run": str(run_dir), "seed": cfg["seed"], "k": None if args.picks == "room" else args.k, "epochs": args.epochs, "lr": args.lr,
+             "picks_from": args.picks, "picks": info, "run_figures": {"gold_sft": metrics["gold_mean"]["sft"], "gold_ppo": metrics["gold_mean"]["ppo_r1"]},
              "rs": judge(run_dir, cfg, str(rs_dir / "model"), f"rs_{tag}", out)}
     if args.ppo:
         from labkit.pipeline import reward_model_dirs
@@ -199,15 +241,16 @@ def main() -> None:
     # stage times from the stage files, so that a rerun on cached models keeps them
     stage = {name: json.loads((out / f"{name}_{tag}" / "metrics.json").read_text())
              for name in ("sft", "ppo") if (out / f"{name}_{tag}" / "metrics.json").exists()}
-    entry["stage_s"] = {"sample_and_score": info["sample_s"] + info["score_s"],
+    entry["stage_s"] = {"sample_and_score": info["rm"]["sample_s"] + info["rm"]["score_s"] if "rm" in info else 0.0,
                         **{name: m["time/total_s"] for name, m in stage.items()}}
     if "ppo" in stage:
         entry["ppo_kl_to_start"] = stage["ppo"]["objective/kl"]
     entry.update(this_invocation_s=time.perf_counter() - t0, load_avg_1min_at_end=os.getloadavg()[0])
 
-    print(f"\n{run_dir}: K = {args.k}, {info['kept']} picks of {info['n_prompts']} prompts; gold of a sample "
-          f"{info['gold_of_a_sample']:.3f}, of the RM's picks {info['gold_of_picks']:.3f}; words "
-          f"{info['words_of_a_sample']:.1f} -> {info['words_of_picks']:.1f}")
+    for source, i in info.items():
+        print(f"\n{run_dir}: {source} picks, {i['kept']} of {i['n_prompts']} prompts; gold of a sample "
+              f"{i['gold_of_a_sample']:.3f}, of the picks {i['gold_of_picks']:.3f}; words "
+              f"{i['words_of_a_sample']:.1f} -> {i['words_of_picks']:.1f}")
     print("| model | gold (minus SFT [95%]) | words | win rate vs SFT [95%] (W-T-L) | vs PPO | KL to SFT | outside judge (minus SFT) |")
     print("|---|---|---|---|---|---|---|")
     for name in ("rs", "rs_then_ppo"):
@@ -224,8 +267,9 @@ def main() -> None:
 
     path = Path(args.result)
     saved = json.loads(path.read_text()) if path.exists() else {"runs": []}
-    saved["runs"] = [r for r in saved["runs"] if (r["run"], r["k"], r["epochs"], r["lr"]) !=
-                     (entry["run"], entry["k"], entry["epochs"], entry["lr"])] + [entry]
+    key = ("run", "k", "epochs", "lr", "picks_from")
+    saved["runs"] = [r for r in saved["runs"] if tuple(r.get(k, "rm") for k in key) !=
+                     tuple(entry[k] for k in key)] + [entry]
     saved["machine"] = {"platform": platform.platform(), "cpus": os.cpu_count()}
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(saved, indent=1))
