@@ -51,42 +51,44 @@ def best_picks(samples: list[dict], scores: list[float], keep_cut: bool = False)
             continue
         best = max(whole, key=r.__getitem__)
         picks.append({"prompt_id": s["prompt_id"], "prompt": s["prompt"], "response": s["responses"][best],
-                      "truncated": s["truncated"][best], "rm": r[best], "rm_mean": statistics.mean(r)})
+                      "truncated": s["truncated"][best], "score": r[best], "score_mean": statistics.mean(r)})
+    if not picks:
+        raise SystemExit("every answer of every prompt was cut off at the length limit; nothing to fine-tune on "
+                         "(--keep-cut keeps cut answers, e.g. for the tiny preset)")
     return picks, {"n_prompts": len(samples), "kept": len(picks), "dropped_all_cut": dropped}
 
 
-def room_picks(run_dir: Path) -> tuple[list[dict], dict]:
+def pick_figures(samples: list[dict], picks: list[dict], split: str) -> dict:
+    """Gold and length of the picks against those of any one sample."""
+    from labkit.data import load_prompts
+    from labkit.labelers import GoldLabeler
+
+    gold, by_id = GoldLabeler(), {r["id"]: r for r in load_prompts(split)}
+    return {"gold_of_a_sample": statistics.mean(gold.score(by_id[s["prompt_id"]], y, t) for s in samples
+                                                for y, t in zip(s["responses"], s["truncated"])),
+            "gold_of_picks": statistics.mean(gold.score(by_id[p["prompt_id"]], p["response"], p["truncated"])
+                                             for p in picks),
+            "words_of_a_sample": statistics.mean(len(y.split()) for s in samples for y in s["responses"]),
+            "words_of_picks": statistics.mean(len(p["response"].split()) for p in picks)}
+
+
+def room_picks(run_dir: Path, keep_cut: bool = False) -> tuple[list[dict], dict]:
     """Per rm-split prompt, the answer the room's pooled ranking puts first (Borda count over
     the labelers, :func:`labkit.rankings.consensus`), skipping answers cut off at the length
-    limit: the rankings themselves taught back to the model, with no sampling and no RM."""
+    limit (unless ``keep_cut``): the rankings themselves taught back to the model, with no
+    sampling and no RM."""
     from labkit.feedback import FeedbackStore
-    from labkit.labelers import GoldLabeler
-    from labkit.data import load_prompts
-    from labkit.rankings import consensus
+    from labkit.rankings import consensus, tier_of
 
     cut = {(s["prompt_id"], y): t for s in json.loads((run_dir / "samples_r1.json").read_text())["samples"]
            for y, t in zip(s["responses"], s["truncated"])}
     store = FeedbackStore(run_dir / "feedback.sqlite")
     pooled = consensus(store.to_kway())
     store.close()
-    picks, dropped = [], 0
-    for r in pooled:
-        order = [i for tier in r["tiers"] for i in tier]
-        whole = [i for i in order if not cut.get((r["prompt_id"], r["responses"][i]), False) and r["responses"][i].strip()]
-        if not whole:
-            dropped += 1
-            continue
-        picks.append({"prompt_id": r["prompt_id"], "prompt": r["prompt"], "response": r["responses"][whole[0]],
-                      "truncated": False, "n_annotators": r.get("n_annotators", 1)})
-    gold = GoldLabeler()
-    by_id = {r["id"]: r for r in load_prompts("rm")}
-    info = {"n_prompts": len(pooled), "kept": len(picks), "dropped_all_cut": dropped,
-            "gold_of_a_sample": statistics.mean(gold.score(by_id[r["prompt_id"]], y, cut.get((r["prompt_id"], y), False))
-                                                for r in pooled for y in r["responses"]),
-            "gold_of_picks": statistics.mean(gold.score(by_id[p["prompt_id"]], p["response"]) for p in picks),
-            "words_of_a_sample": statistics.mean(len(y.split()) for r in pooled for y in r["responses"]),
-            "words_of_picks": statistics.mean(len(p["response"].split()) for p in picks)}
-    return picks, info
+    samples = [{**r, "truncated": [cut.get((r["prompt_id"], y), False) for y in r["responses"]]} for r in pooled]
+    ranks = [-tier_of(r["tiers"])[i] for r in pooled for i in range(len(r["responses"]))]
+    picks, info = best_picks(samples, ranks, keep_cut)
+    return picks, {**info, **pick_figures(samples, picks, "rm")}
 
 
 def sample_and_pick(run_dir: Path, cfg: dict, out: Path, k: int, seed: int, keep_cut: bool) -> tuple[list[dict], dict]:
@@ -99,7 +101,6 @@ def sample_and_pick(run_dir: Path, cfg: dict, out: Path, k: int, seed: int, keep
 
     from labkit.data import load_prompts
     from labkit.generation import sample_k
-    from labkit.labelers import GoldLabeler
     from labkit.models import load_model
     from labkit.pipeline import reward_model_dirs
     from labkit.reward import load_reward_models
@@ -116,18 +117,8 @@ def sample_and_pick(run_dir: Path, cfg: dict, out: Path, k: int, seed: int, keep
         scores = reward.score(rtok, [s["prompt"] for s in samples for _ in s["responses"]],
                               [y for s in samples for y in s["responses"]])
     picks, info = best_picks(samples, scores, keep_cut)
-    if not picks:
-        raise SystemExit(f"every answer of every prompt was cut off at {cfg['sample_max_new_tokens']} tokens; "
-                         "nothing to fine-tune on (--keep-cut keeps cut answers, e.g. for the tiny preset)")
-    gold = GoldLabeler()
-    by_id = {r["id"]: r for r in records}
-    random_gold = [gold.score(by_id[s["prompt_id"]], y, t) for s in samples
-                   for y, t in zip(s["responses"], s["truncated"])]
     info.update(k=k, sample_s=t_sample, score_s=time.perf_counter() - t0 - t_sample,
-                gold_of_a_sample=statistics.mean(random_gold),
-                gold_of_picks=statistics.mean(gold.score(by_id[p["prompt_id"]], p["response"], p["truncated"]) for p in picks),
-                words_of_a_sample=statistics.mean(len(y.split()) for s in samples for y in s["responses"]),
-                words_of_picks=statistics.mean(len(p["response"].split()) for p in picks),
+                **pick_figures(samples, picks, "ppo"),
                 cut_off_share=sum(t for s in samples for t in s["truncated"]) / (k * len(samples)))
     out.mkdir(parents=True, exist_ok=True)
     cache.write_text(json.dumps({"picks": picks, "info": info}))
@@ -217,7 +208,7 @@ def main() -> None:
         with steady_memory():
             picks, info["rm"] = sample_and_pick(run_dir, cfg, out, args.k, cfg["seed"], args.keep_cut)
     if args.picks in ("room", "both"):
-        room, info["room"] = room_picks(run_dir)
+        room, info["room"] = room_picks(run_dir, args.keep_cut)
         picks = picks + room
     tag = f"e{args.epochs:g}_lr{args.lr:g}" + ("_both" if args.picks == "both" else "")
     rs_dir = out / f"sft_{tag}"
@@ -268,8 +259,7 @@ def main() -> None:
     path = Path(args.result)
     saved = json.loads(path.read_text()) if path.exists() else {"runs": []}
     key = ("run", "k", "epochs", "lr", "picks_from")
-    saved["runs"] = [r for r in saved["runs"] if tuple(r.get(k, "rm") for k in key) !=
-                     tuple(entry[k] for k in key)] + [entry]
+    saved["runs"] = [r for r in saved["runs"] if tuple(r[k] for k in key) != tuple(entry[k] for k in key)] + [entry]
     saved["machine"] = {"platform": platform.platform(), "cpus": os.cpu_count()}
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(saved, indent=1))
