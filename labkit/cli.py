@@ -74,6 +74,8 @@ def main(argv: list[str] | None = None) -> int:
     p_run.add_argument("--ppo-reward", choices=["rm", "gold"], default="rm",
                        help="PPO's reward: the reward model (default) or the gold scorer itself (the ceiling a "
                             "perfect RM would give; a measurement)")
+    p_run.add_argument("--first-choices", action="store_true",
+                       help="before PPO, fine-tune on the answers the pooled rankings put first; PPO starts there")
     p_run.add_argument("--model", default=None, help="override the preset's model (name, folder or HF id)")
     p_run.add_argument("--fresh", action="store_true", help="start over instead of resuming the run folder")
     p_run.add_argument("--keep-checkpoints", action="store_true",
@@ -123,7 +125,8 @@ def main(argv: list[str] | None = None) -> int:
         ppo = None if args.ptx_coef is None else {"ptx_coef": args.ptx_coef}  # merged into the preset's
         cfg = RunConfig.from_preset(args.preset, out_dir=args.out, rounds=args.rounds, model=args.model, fresh=args.fresh,
                                     keep_checkpoints=args.keep_checkpoints, ptx_source=args.ptx_source, ppo=ppo,
-                                    rm_ensemble=args.rm_ensemble, ppo_reward=args.ppo_reward)
+                                    rm_ensemble=args.rm_ensemble, ppo_reward=args.ppo_reward,
+                                    first_choices=args.first_choices or None)
         try:
             metrics = run(cfg)
         except RuntimeError as e:  # a stage stopped (interrupted or non-finite): its own message

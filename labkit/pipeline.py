@@ -6,6 +6,10 @@ reward model -> PPO -> eval, repeated ``rounds`` times for steps 2-3 (InstructGP
 retrained on all comparisons so far, more PPO). Everything lands in ``runs/<name>/``:
 models, ``feedback.sqlite``, ``metrics.json`` and a self-contained ``report.html``.
 
+Opt-in (``first_choices``): before PPO, the policy is fine-tuned on the answers the pooled
+rankings put first, and PPO starts from that model (Llama 2 fine-tuned on its RM's best of K
+before PPO; here the labelers pick, which keeps the signal a small RM loses).
+
 A stage that finished is recorded in ``state.json`` and skipped when the same folder is
 run again, so an interrupted run resumes where it stopped.
 """
@@ -23,7 +27,7 @@ from pathlib import Path
 import torch
 
 from labkit import evaluate, labelers, models
-from labkit.rankings import pair_stats, pooled_agreement
+from labkit.rankings import first_choices, pair_stats, pooled_agreement
 from labkit.report import json_dump, load_jsonl, write_run_report
 
 
@@ -61,6 +65,12 @@ class RunConfig:
     ptx_source: str = "demonstrations"  # PPO-ptx texts when ppo.ptx_coef > 0: "demonstrations" (the SFT split's)
                                         # or "base_answers" (the starting model's answers to the diverse sft prompts)
     ppo_without_ptx: bool = False       # also train and evaluate PPO with ptx_coef = 0 (the alignment-tax ablation)
+    first_choices: bool = False         # after each round's rankings, fine-tune the policy on the answers the pooled
+                                        # ranking puts first (rankings.first_choices) and start PPO there; that model
+                                        # of round 1 is PPO's KL reference (seeds 0-2: 0.59-0.63 win rate vs SFT)
+    first_choices_keep_cut: bool = False  # also teach first choices cut off at the length limit (the tiny preset's)
+    first_choices_sft: dict = field(default_factory=dict)  # overrides for labkit.sft.SFTConfig of that fine-tune,
+                                        # on top of FIRST_CHOICES_SFT
     train_check_families: list[str] | None = None  # simulated labelers see only these check families
                                         # (labelers.CHECK_FAMILIES); the outside judge shows the unseen ones
     sft: dict = field(default_factory=dict)  # overrides for labkit.sft.SFTConfig
@@ -106,7 +116,7 @@ class RunConfig:
         values = json.loads(json.dumps(PRESETS[name]))  # a deep copy
         for key, value in kw.items():
             if value is not None:
-                values[key] = {**values.get(key, {}), **value} if key in ("sft", "rm", "ppo") else value
+                values[key] = {**values.get(key, {}), **value} if key in _stage_configs() else value
         if model:
             values["model"] = model
         values["out_dir"] = out_dir or f"runs/{name}"
@@ -114,6 +124,9 @@ class RunConfig:
 
 
 PTX_SOURCES = ("demonstrations", "base_answers")
+# The first-choices fine-tune: 2 epochs at lr 1e-4 over the ~190 picks of the cpu preset take
+# about 2.5 min on 2 cores (benchmarks/rejection_sampling.py --picks room).
+FIRST_CHOICES_SFT = dict(epochs=2.0, learning_rate=1e-4)
 PPO_REWARDS = ("rm", "gold")
 
 # Each preset: a model and stage sizes. `cpu` is the bundled model on a 2-core laptop
@@ -182,7 +195,7 @@ def _stage_configs() -> dict:
     from labkit.reward import RewardConfig
     from labkit.sft import SFTConfig
 
-    return {"sft": SFTConfig, "rm": RewardConfig, "ppo": PPOConfig}
+    return {"sft": SFTConfig, "rm": RewardConfig, "ppo": PPOConfig, "first_choices_sft": SFTConfig}
 
 
 def _save_jsonl(path: Path, rows: list[dict]) -> None:
@@ -320,6 +333,13 @@ def samples_settings(cfg: RunConfig, round_: int, policy_path: str, prompts: lis
         "prompts": [r["id"] for r in prompts]}))
 
 
+def cut_answers(run_dir: str | Path) -> set[tuple[str, str]]:
+    """``(prompt_id, response)`` of every sampled answer of a run folder that was cut off at the
+    sampling length limit (all rounds' ``samples_r<round>.json``)."""
+    return {(s["prompt_id"], y) for path in sorted(Path(run_dir).glob("samples_r*.json"))
+            for s in json.loads(path.read_text())["samples"] for y, t in zip(s["responses"], s["truncated"]) if t}
+
+
 def reward_model_dirs(run_dir: str | Path, round_: int) -> list[Path]:
     """Round ``round_``'s reward model folders in a run folder (their ``model/`` inside):
     ``rm_r<round>``, then, with ``rm_ensemble``, the other members ``rm_r<round>_m1``, ``_m2``, ..."""
@@ -408,6 +428,18 @@ def rankings_stage(run: Run, round_: int, policy_path: str, store) -> dict:
                                   "tie_rate": m["tie_rate"], "n_pairs": m["n_pairs"]}}
 
 
+def first_choice_demonstrations(run: Run, store) -> list[dict]:
+    """Every ranked prompt's first choice by the pooled rankings in ``store`` (simulated and human,
+    all rounds so far; :func:`labkit.rankings.first_choices`), without the answers the run's
+    sampling cut off unless ``first_choices_keep_cut``."""
+    cfg = run.config
+    picks = first_choices(store.to_kway(), set() if cfg.first_choices_keep_cut else cut_answers(run.dir))
+    if not picks:
+        raise RuntimeError(f"first_choices: every ranked answer was cut off at {cfg.sample_max_new_tokens} tokens; "
+                           "raise sample_max_new_tokens or set first_choices_keep_cut")
+    return picks
+
+
 def train_stages(run: Run, store, upto: str = "ppo") -> dict:
     """SFT, then rankings -> RM -> PPO for each round; a stage the run folder has is skipped
     (recorded in ``state.json``, or a finished stage folder, e.g. one a notebook trained).
@@ -421,15 +453,16 @@ def train_stages(run: Run, store, upto: str = "ppo") -> dict:
 
     cfg = run.config
 
-    def stage(name: str, train, config_cls, **fields) -> str:
-        """Train stage ``name`` with the run's settings for its kind (cfg.sft, cfg.rm, cfg.ppo), ``fields`` on top."""
+    def stage(name: str, train, config_cls, kind: str | None = None, **fields) -> str:
+        """Train stage ``name`` with the run's settings for its kind (cfg.sft, cfg.rm, cfg.ppo; by default
+        the name's first word), ``fields`` on top."""
         out = run.dir / name
-        settings = {**getattr(cfg, name.split("_")[0]), **fields}
+        settings = {**getattr(cfg, kind or name.split("_")[0]), **fields}
         return _model_dir(run.stage(name, lambda: _finished(out, cfg.fresh) or _trained(train(config_cls(
             **{"out_dir": str(out), "seed": cfg.seed, **settings})))), out)
 
     folders = {"sft": stage("sft", train_sft, SFTConfig, model=cfg.model)}
-    policy = folders["sft"]
+    policy = reference = folders["sft"]
     for k in range(1, cfg.rounds + 1):
         if upto == "sft":
             break
@@ -450,15 +483,22 @@ def train_stages(run: Run, store, upto: str = "ppo") -> dict:
             reward = dict(reward_model=rms if len(rms) > 1 else rms[0])
         # later rounds start from the last policy; the KL penalty keeps pointing at SFT (§3.1)
         start = policy
+        if cfg.first_choices:  # the room's first choices taught to the policy; PPO starts there
+            name = f"first_choices_r{k}"
+            start = folders[name] = stage(
+                name, train_sft, SFTConfig, kind="first_choices_sft", model=policy,
+                demonstrations=None if run.done(name) else first_choice_demonstrations(run, store),
+                **{**FIRST_CHOICES_SFT, **cfg.first_choices_sft})
+            reference = folders["first_choices_r1"]
         extra = {}
         if cfg.ppo.get("ptx_coef", 0) > 0 and cfg.ptx_source == "base_answers":
             extra["ptx_texts"] = ptx_texts_stage(run) or None  # None (no answer had text): the demonstrations
             if extra["ptx_texts"] is None:
                 print("labkit run: the starting model gave no non-empty answer for PPO-ptx; using the demonstrations")
-        policy = folders["ppo"] = stage(f"ppo_r{k}", train_ppo, PPOConfig, model=start, reference=folders["sft"],
+        policy = folders["ppo"] = stage(f"ppo_r{k}", train_ppo, PPOConfig, model=start, reference=reference,
                                         **reward, **extra)
         if cfg.ppo_without_ptx and k == cfg.rounds:  # the same PPO without the LM term (the alignment tax)
-            folders["ppo_noptx"] = stage(f"ppo_r{k}_noptx", train_ppo, PPOConfig, model=start, reference=folders["sft"],
+            folders["ppo_noptx"] = stage(f"ppo_r{k}_noptx", train_ppo, PPOConfig, model=start, reference=reference,
                                          ptx_coef=0.0, **reward)
     return folders
 
@@ -514,6 +554,9 @@ def run(config: RunConfig) -> dict:
     r.stage("eval_base", lambda: eval_stage(r, "base", config.model, records, outside))
     folders = train_stages(r, store)
     r.stage("eval_sft", lambda: eval_stage(r, "sft", folders["sft"], records, outside))
+    picked = [f"first_choices_r{k}" for k in range(1, config.rounds + 1) if config.first_choices]
+    for name in picked:
+        r.stage(f"eval_{name}", lambda: eval_stage(r, name, folders[name], records, outside))
     for k in range(1, config.rounds + 1):
         r.stage(f"eval_ppo_r{k}", lambda: eval_stage(r, f"ppo_r{k}", str(r.dir / f"ppo_r{k}" / "model"), records,
                                                      outside))
@@ -522,9 +565,10 @@ def run(config: RunConfig) -> dict:
         r.stage(f"eval_{name}", lambda: eval_stage(r, name, folders["ppo_noptx"], records, outside))
 
     final = f"ppo_r{config.rounds}"
-    r.stage("compare", lambda: compare_stage(r, records, folders["sft"], folders["ppo"], folders["rm"], final))
+    also = {name: folders[name] for name in picked[-1:]}  # the last fine-tune on first choices
+    r.stage("compare", lambda: compare_stage(r, records, folders["sft"], folders["ppo"], folders["rm"], final, also))
     if outside:
-        r.stage("compare_outside", lambda: compare_outside_stage(r, outside, final))
+        r.stage("compare_outside", lambda: compare_outside_stage(r, outside, final, list(also)))
     metrics = collect_metrics(r, t0)
     json_dump(metrics, r.dir / "metrics.json")
     write_run_report(r, metrics, records)
@@ -549,32 +593,41 @@ def drop_checkpoints(run_dir: Path) -> int:
     return freed
 
 
-def compare_stage(run: Run, records: list[dict], sft_dir: str, policy: str, rm_dir: str, final: str) -> dict:
-    """Win rates (gold and RM judges) and the final policy's KL to the SFT model."""
+def compare_stage(run: Run, records: list[dict], sft_dir: str, policy: str, rm_dir: str, final: str,
+                  also: dict[str, str] | None = None) -> dict:
+    """Win rates (gold and RM judges) and the final policy's KL to the SFT model; ``also``
+    (name -> model folder, e.g. the first-choices fine-tune) gets the same against SFT, and the
+    final policy a gold win rate against it; its KL is ``kl_to_sft/<name>``."""
     from transformers import AutoTokenizer
 
     from labkit.reward import RewardModel
 
-    answers = {name: load_jsonl(run.dir / "eval" / f"{name}.jsonl") for name in ("base", "sft", final)}
+    also = also or {}
+    answers = {name: load_jsonl(run.dir / "eval" / f"{name}.jsonl") for name in ("base", "sft", final, *also)}
     resp = {n: [a["response"] for a in rows] for n, rows in answers.items()}
     trunc = {n: [a["truncated"] for a in rows] for n, rows in answers.items()}
     out = {}
-    for a, b in ((final, "sft"), (final, "base"), ("sft", "base")):
+    for a, b in ((final, "sft"), (final, "base"), ("sft", "base"), *((n, "sft") for n in also),
+                 *((final, n) for n in also)):
         out[f"gold/{a}_vs_{b}"] = evaluate.win_rate(resp[a], resp[b], records, "gold",
                                                     truncated_a=trunc[a], truncated_b=trunc[b])
     rm = RewardModel.from_pretrained(rm_dir, device=run.config.device)
     tok = models.setup_tokenizer(AutoTokenizer.from_pretrained(sft_dir))
-    out[f"rm/{final}_vs_sft"] = evaluate.win_rate(resp[final], resp["sft"], records, rm, tokenizer=tok)
-    policy_model, _ = models.load_model(policy, device=run.config.device)
     ref_model, _ = models.load_model(sft_dir, device=run.config.device)
-    out["kl_to_sft"] = evaluate.kl_to_reference(policy_model, ref_model, tok, [r["prompt"] for r in records],
-                                                resp[final], truncated=trunc[final])
+    prompts = [r["prompt"] for r in records]
+    for name, folder in ((final, policy), *also.items()):
+        out[f"rm/{name}_vs_sft"] = evaluate.win_rate(resp[name], resp["sft"], records, rm, tokenizer=tok)
+        model, _ = models.load_model(folder, device=run.config.device)
+        out["kl_to_sft" if name == final else f"kl_to_sft/{name}"] = evaluate.kl_to_reference(
+            model, ref_model, tok, prompts, resp[name], truncated=trunc[name])
+        del model
     return out
 
 
-def compare_outside_stage(run: Run, outside: list[dict], final: str) -> dict:
-    """Paired differences on the outside judge (SFT - base, PPO - SFT, PPO without ptx - SFT)."""
-    names = ["base", "sft", final] + ([f"{final}_noptx"] if run.config.ppo_without_ptx else [])
+def compare_outside_stage(run: Run, outside: list[dict], final: str, also: list[str] | None = None) -> dict:
+    """Paired differences on the outside judge (SFT - base, PPO - SFT, PPO without ptx - SFT, and
+    ``also``'s models - SFT)."""
+    names = ["base", "sft", final] + ([f"{final}_noptx"] if run.config.ppo_without_ptx else []) + list(also or [])
     followed = {n: evaluate.outside_judge(outside, [a["response"] for a in load_jsonl(
         run.dir / "eval" / f"{n}_outside.jsonl")])["followed"] for n in names}
     pairs = [("sft", "base"), (final, "sft")] + [(name, "sft") for name in names[3:]]

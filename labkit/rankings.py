@@ -122,6 +122,35 @@ def consensus(rankings: list[dict]) -> list[dict]:
     return out
 
 
+def first_choices(rankings: list[dict], cut: set[tuple[str, str]] = frozenset()) -> list[dict]:
+    """The answer the pooled ranking puts first, per prompt and set of responses, as an SFT record.
+
+    The rankings are merged by :func:`consensus` (the Borda count); each prompt keeps its
+    best-ranked non-empty response that is not in ``cut`` (``(prompt_id or prompt, response)``
+    pairs: answers stopped at the length limit, which would teach the model to stop mid-sentence),
+    the lowest index among equals. A prompt left with nothing is dropped. Each record is
+    ``{"prompt_id", "prompt", "response", "n_annotators"}``: the room's rankings taught back to
+    the model as demonstrations, with no sampling and no reward model.
+
+    >>> a = {"prompt": "p", "responses": ["x", "y", "z"], "tiers": [[1], [0], [2]]}
+    >>> b = {"prompt": "p", "responses": ["x", "y", "z"], "tiers": [[1, 2], [0]]}
+    >>> [r["response"] for r in first_choices([a, b])]
+    ['y']
+    >>> [r["response"] for r in first_choices([a, b], cut={("p", "y")})]
+    ['z']
+    """
+    picks = []
+    for r in consensus(rankings):
+        key = r.get("prompt_id") or r["prompt"]
+        rank = tier_of(r["tiers"])
+        whole = [i for i, y in enumerate(r["responses"]) if y.strip() and (key, y) not in cut]
+        if whole:
+            best = min(whole, key=lambda i: (rank[i], i))
+            picks.append({"prompt_id": r.get("prompt_id"), "prompt": r["prompt"], "response": r["responses"][best],
+                          "n_annotators": r.get("n_annotators", 1)})
+    return picks
+
+
 def n_comparisons(tiers: list[list[int]]) -> int:
     """Ordered, non-tied pairs in one ranking: C(K,2) minus the tied pairs."""
     k = sum(len(t) for t in tiers)

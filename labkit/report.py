@@ -158,7 +158,9 @@ def write_run_report(run, metrics: dict, records: list[dict]) -> Path:
              "ties": v["ties"], "losses": v["losses"]} for k, v in comps.items() if isinstance(v, dict)]
     times = [{"stage": k, "seconds": v} for k, v in metrics["stage_wall_s"].items()]
     overview = [table(summary, summary_cols), "<h3>Win rates</h3>", table(wins),
-                f"<p>KL(final policy ‖ SFT) on eval responses: {fmt(comps.get('kl_to_sft', float('nan')))} nats</p>",
+                f"<p>KL(final policy ‖ SFT) on eval responses: {fmt(comps.get('kl_to_sft', float('nan')))} nats"
+                + "".join(f"; {esc(k.split('/', 1)[1])}: {fmt(v)} nats" for k, v in comps.items()
+                          if k.startswith("kl_to_sft/")) + "</p>",
                 "<h3>Wall time per stage</h3>", table(times)]
     sections = [("Overview", overview), ("Outside judge (IFEval-style)", outside_judge_html(metrics)),
                 ("Gold score per category", [category_figure({n: evals[n]["gold/per_category"] for n in names},
@@ -171,6 +173,8 @@ def write_run_report(run, metrics: dict, records: list[dict]) -> Path:
                           "objective/entropy", "loss/policy", "loss/value", "policy/clipfrac", "response/length"]}
     for folder, title, kind in [(run.dir / "sft", "SFT", "sft")] + [
             (run.dir / f"rm_r{k}", f"Reward model, round {k}", "rm") for k in rounds] + [
+            (run.dir / f"first_choices_r{k}", f"SFT on the room's first choices, round {k}", "sft")
+            for k in rounds if run.config.first_choices] + [
             (run.dir / f"ppo_r{k}", f"PPO, round {k}", "ppo") for k in rounds]:
         hist = read_history(folder)
         if hist:

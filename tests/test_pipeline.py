@@ -83,6 +83,44 @@ def test_tiny_run_end_to_end_and_resume(tmp_path):
     assert len(FeedbackStore(out / "feedback.sqlite").rankings()) == n_before
 
 
+def test_first_choices_fine_tune_before_ppo_and_are_judged_against_sft(tmp_path, monkeypatch):
+    """first_choices=True: SFT on the pooled rankings' first choices; PPO starts there with it as reference."""
+    import labkit.sft
+    from labkit.feedback import FeedbackStore
+    from labkit.rankings import first_choices
+
+    out = tmp_path / "run"
+    kw = dict(out_dir=str(out), first_choices=True, first_choices_sft=dict(max_steps=2), eval_limit=6,
+              ppo=dict(steps=1))
+    # the tiny model never stops within 16 tokens: without keep_cut nothing is left to teach
+    with pytest.raises(RuntimeError, match="every ranked answer was cut off at 16 tokens"):
+        run(RunConfig.from_preset("tiny", **kw))
+    taught, original = [], labkit.sft.train_sft
+
+    def spy(config):
+        taught.append(config)
+        return original(config)
+
+    monkeypatch.setattr(labkit.sft, "train_sft", spy)
+    metrics = run(RunConfig.from_preset("tiny", first_choices_keep_cut=True, **kw))  # resumes after the RM
+    assert [c.out_dir for c in taught] == [str(out / "first_choices_r1")]  # SFT and the RM were not redone
+    store = FeedbackStore(out / "feedback.sqlite")
+    assert taught[0].demonstrations == first_choices(store.to_kway())  # every prompt's pooled first choice
+    assert len(taught[0].demonstrations) == 16 and taught[0].learning_rate == 1e-4 and taught[0].max_steps == 2
+    assert taught[0].model == str(out / "sft" / "model")
+    ppo = json.loads((out / "ppo_r1" / "config.json").read_text())
+    assert ppo["model"] == ppo["reference"] == str(out / "first_choices_r1" / "model")
+    assert metrics["gold_mean"].keys() == {"base", "sft", "first_choices_r1", "ppo_r1"}
+    comps = metrics["comparisons"]
+    for key in ("gold/first_choices_r1_vs_sft", "gold/ppo_r1_vs_first_choices_r1", "rm/first_choices_r1_vs_sft"):
+        assert 0 <= comps[key]["win_rate"] <= 1, key
+    assert comps["kl_to_sft/first_choices_r1"] > 0 and comps["kl_to_sft"] > 0
+    assert "outside/first_choices_r1_minus_sft" in metrics["outside_judge"]["paired"]
+    assert "first_choices_r1: " in (out / "report.html").read_text()  # its KL, beside PPO's
+    with pytest.raises(ValueError, match="RunConfig.first_choices_sft has unknown key"):
+        RunConfig(first_choices_sft=dict(epoch=1))
+
+
 @pytest.mark.slow
 def test_ensure_builds_what_earlier_notebooks_leave_and_reuses_it(tmp_path):
     from labkit.pipeline import ensure

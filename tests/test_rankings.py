@@ -5,7 +5,7 @@ import math
 import pytest
 import torch
 
-from labkit.rankings import (consensus, n_comparisons, normalize_tiers, pair_stats, pairwise_accuracy, pooled_agreement,
+from labkit.rankings import (consensus, first_choices, n_comparisons, normalize_tiers, pair_stats, pairwise_accuracy, pooled_agreement,
                              rankings_to_pairs, scores_to_ranks, tier_of, tiers_from_scores, tiers_to_ranks)
 
 
@@ -111,3 +111,19 @@ def test_consensus_merges_by_mean_rank_and_leaves_the_rest():
     assert merged[0]["annotator"] == "ada"  # the first record's other fields
     # two annotators who disagree on a pair leave it tied; a pair both order stays ordered
     assert consensus(rankings[:1] + [{**one, "tiers": [[1], [0], [2], [3]]}])[0]["tiers"] == [[0, 1], [2], [3]]
+
+
+def test_first_choices_take_the_pooled_best_that_was_not_cut_off():
+    ys = ["a", "b", "c", "d"]
+    one = {"prompt": "p", "prompt_id": "x1", "responses": ys}
+    rankings = [{**one, "tiers": [[1], [0], [2], [3]]}, {**one, "tiers": [[0], [1], [2], [3]]},
+                {**one, "tiers": [[1], [2], [0], [3]]},  # pooled: b (rank sum 1), a (3), c (5), d (9)
+                {**one, "prompt_id": "x2", "tiers": [[2, 3], [0], [1]]},  # c and d tie first: the lower index
+                {**one, "prompt_id": "x3", "responses": ["", "e", "f", "g"], "tiers": [[0], [3], [1, 2]]}]
+    picks = first_choices(rankings)
+    assert [(r["prompt_id"], r["response"], r["n_annotators"]) for r in picks] == [
+        ("x1", "b", 3), ("x2", "c", 1), ("x3", "g", 1)]  # an empty answer is never taught
+    assert picks[0] == {"prompt_id": "x1", "prompt": "p", "response": "b", "n_annotators": 3}
+    # answers cut off at the length limit are skipped; a prompt with nothing left is dropped
+    cut = {("x1", "b"), ("x2", "c"), ("x2", "d"), ("x2", "a"), ("x2", "b")}
+    assert [(r["prompt_id"], r["response"]) for r in first_choices(rankings, cut)] == [("x1", "a"), ("x3", "g")]
