@@ -27,7 +27,7 @@ from pathlib import Path
 import torch
 
 from labkit import evaluate, labelers, models
-from labkit.rankings import first_choices, pair_stats, pooled_agreement
+from labkit.rankings import CUT_POLICIES, first_choices, pair_stats, pooled_agreement
 from labkit.report import json_dump, load_jsonl, write_run_report
 
 
@@ -68,7 +68,8 @@ class RunConfig:
     first_choices: bool = False         # after each round's rankings, fine-tune the policy on the answers the pooled
                                         # ranking puts first (rankings.first_choices) and start PPO there; that model
                                         # of round 1 is PPO's KL reference (seeds 0-2: 0.59-0.63 win rate vs SFT)
-    first_choices_keep_cut: bool = False  # also teach first choices cut off at the length limit (the tiny preset's)
+    first_choices_cut: str = "skip"     # a first choice cut off at the sampling length: "skip" it for the next best,
+                                        # "trim" it to its last whole sentence, or "keep" it (rankings.CUT_POLICIES)
     first_choices_sft: dict = field(default_factory=dict)  # overrides for labkit.sft.SFTConfig of that fine-tune,
                                         # on top of FIRST_CHOICES_SFT
     train_check_families: list[str] | None = None  # simulated labelers see only these check families
@@ -103,6 +104,8 @@ class RunConfig:
                              f"choose from {sorted(set(labelers.CHECK_FAMILIES.values()))}")
         if self.ppo_reward not in PPO_REWARDS:
             raise ValueError(f"ppo_reward must be one of {PPO_REWARDS}, got {self.ppo_reward!r}")
+        if self.first_choices_cut not in CUT_POLICIES:
+            raise ValueError(f"first_choices_cut must be one of {CUT_POLICIES}, got {self.first_choices_cut!r}")
         if self.ptx_source not in PTX_SOURCES:
             raise ValueError(f"ptx_source must be one of {PTX_SOURCES}, got {self.ptx_source!r}")
 
@@ -431,12 +434,12 @@ def rankings_stage(run: Run, round_: int, policy_path: str, store) -> dict:
 def first_choice_demonstrations(run: Run, store) -> list[dict]:
     """Every ranked prompt's first choice by the pooled rankings in ``store`` (simulated and human,
     all rounds so far; :func:`labkit.rankings.first_choices`), without the answers the run's
-    sampling cut off unless ``first_choices_keep_cut``."""
+    sampling cut off as ``first_choices_cut`` says."""
     cfg = run.config
-    picks = first_choices(store.to_kway(), set() if cfg.first_choices_keep_cut else cut_answers(run.dir))
+    picks = first_choices(store.to_kway(), cut_answers(run.dir), cfg.first_choices_cut)
     if not picks:
         raise RuntimeError(f"first_choices: every ranked answer was cut off at {cfg.sample_max_new_tokens} tokens; "
-                           "raise sample_max_new_tokens or set first_choices_keep_cut")
+                           "raise sample_max_new_tokens or set first_choices_cut='keep'")
     return picks
 
 

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import itertools
 import math
+import re
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:  # the tensor helpers only call tensor methods: importing this module stays light
@@ -122,32 +123,57 @@ def consensus(rankings: list[dict]) -> list[dict]:
     return out
 
 
-def first_choices(rankings: list[dict], cut: set[tuple[str, str]] = frozenset()) -> list[dict]:
+CUT_POLICIES = ("skip", "trim", "keep")
+
+
+def whole_sentences(text: str) -> str:
+    """``text`` up to its last sentence end (``.``, ``!`` or ``?`` before a space or the end, or a
+    line break); "" when it has none.
+
+    >>> whole_sentences("Paris is the capital. It has a river called the Se")
+    'Paris is the capital.'
+    """
+    ends = [m.end() for m in re.finditer(r"[.!?](?=\s|$)|\n", text)]
+    return text[:ends[-1]].rstrip() if ends else ""
+
+
+def first_choices(rankings: list[dict], cut: set[tuple[str, str]] = frozenset(), policy: str = "skip") -> list[dict]:
     """The answer the pooled ranking puts first, per prompt and set of responses, as an SFT record.
 
     The rankings are merged by :func:`consensus` (the Borda count); each prompt keeps its
-    best-ranked non-empty response that is not in ``cut`` (``(prompt_id or prompt, response)``
-    pairs: answers stopped at the length limit, which would teach the model to stop mid-sentence),
-    the lowest index among equals. A prompt left with nothing is dropped. Each record is
-    ``{"prompt_id", "prompt", "response", "n_annotators"}``: the room's rankings taught back to
-    the model as demonstrations, with no sampling and no reward model.
+    best-ranked non-empty response, the lowest index among equals. ``cut`` holds the
+    ``(prompt_id or prompt, response)`` pairs that stopped at the length limit; taught as they are
+    they would teach the model to stop mid-sentence, so ``policy`` says what becomes of them:
+    ``"skip"`` passes over them to the next best, ``"trim"`` teaches them up to their last whole
+    sentence (:func:`whole_sentences`; passed over when none), ``"keep"`` teaches them as they
+    are. A prompt left with nothing is dropped. Each record is ``{"prompt_id", "prompt",
+    "response", "n_annotators", "trimmed"}``: the room's rankings taught back to the model as
+    demonstrations, with no sampling and no reward model.
 
-    >>> a = {"prompt": "p", "responses": ["x", "y", "z"], "tiers": [[1], [0], [2]]}
-    >>> b = {"prompt": "p", "responses": ["x", "y", "z"], "tiers": [[1, 2], [0]]}
+    >>> a = {"prompt": "p", "responses": ["x", "y. z", "w"], "tiers": [[1], [0], [2]]}
+    >>> b = {"prompt": "p", "responses": ["x", "y. z", "w"], "tiers": [[1, 2], [0]]}
     >>> [r["response"] for r in first_choices([a, b])]
-    ['y']
-    >>> [r["response"] for r in first_choices([a, b], cut={("p", "y")})]
-    ['z']
+    ['y. z']
+    >>> [r["response"] for r in first_choices([a, b], cut={("p", "y. z")})]
+    ['w']
+    >>> [r["response"] for r in first_choices([a, b], cut={("p", "y. z")}, policy="trim")]
+    ['y.']
     """
+    if policy not in CUT_POLICIES:
+        raise ValueError(f"policy must be one of {CUT_POLICIES}, got {policy!r}")
     picks = []
     for r in consensus(rankings):
         key = r.get("prompt_id") or r["prompt"]
         rank = tier_of(r["tiers"])
-        whole = [i for i, y in enumerate(r["responses"]) if y.strip() and (key, y) not in cut]
-        if whole:
-            best = min(whole, key=lambda i: (rank[i], i))
-            picks.append({"prompt_id": r.get("prompt_id"), "prompt": r["prompt"], "response": r["responses"][best],
-                          "n_annotators": r.get("n_annotators", 1)})
+        for i in sorted(range(len(r["responses"])), key=lambda i: (rank[i], i)):
+            y, trimmed = r["responses"][i], (key, r["responses"][i]) in cut and policy == "trim"
+            if (key, y) in cut and policy == "skip":
+                continue
+            y = whole_sentences(y) if trimmed else y
+            if y.strip():
+                picks.append({"prompt_id": r.get("prompt_id"), "prompt": r["prompt"], "response": y,
+                              "n_annotators": r.get("n_annotators", 1), "trimmed": trimmed})
+                break
     return picks
 
 

@@ -102,10 +102,10 @@ def test_first_choices_fine_tune_before_ppo_and_are_judged_against_sft(tmp_path,
         return original(config)
 
     monkeypatch.setattr(labkit.sft, "train_sft", spy)
-    metrics = run(RunConfig.from_preset("tiny", first_choices_keep_cut=True, **kw))  # resumes after the RM
+    metrics = run(RunConfig.from_preset("tiny", first_choices_cut="keep", **kw))  # resumes after the RM
     assert [c.out_dir for c in taught] == [str(out / "first_choices_r1")]  # SFT and the RM were not redone
     store = FeedbackStore(out / "feedback.sqlite")
-    assert taught[0].demonstrations == first_choices(store.to_kway())  # every prompt's pooled first choice
+    assert taught[0].demonstrations == first_choices(store.to_kway(), policy="keep")  # every prompt's first choice
     assert len(taught[0].demonstrations) == 16 and taught[0].learning_rate == 1e-4 and taught[0].max_steps == 2
     assert taught[0].model == str(out / "sft" / "model")
     ppo = json.loads((out / "ppo_r1" / "config.json").read_text())
@@ -119,6 +119,8 @@ def test_first_choices_fine_tune_before_ppo_and_are_judged_against_sft(tmp_path,
     assert "first_choices_r1: " in (out / "report.html").read_text()  # its KL, beside PPO's
     with pytest.raises(ValueError, match="RunConfig.first_choices_sft has unknown key"):
         RunConfig(first_choices_sft=dict(epoch=1))
+    with pytest.raises(ValueError, match="first_choices_cut must be one of"):
+        RunConfig(first_choices_cut="drop")
 
 
 @pytest.mark.slow

@@ -5,8 +5,9 @@ import math
 import pytest
 import torch
 
-from labkit.rankings import (consensus, first_choices, n_comparisons, normalize_tiers, pair_stats, pairwise_accuracy, pooled_agreement,
-                             rankings_to_pairs, scores_to_ranks, tier_of, tiers_from_scores, tiers_to_ranks)
+from labkit.rankings import (consensus, first_choices, n_comparisons, normalize_tiers, pair_stats, pairwise_accuracy,
+                             pooled_agreement, rankings_to_pairs, scores_to_ranks, tier_of, tiers_from_scores,
+                             tiers_to_ranks, whole_sentences)
 
 
 def test_tier_of_and_normalize_tiers():
@@ -123,7 +124,23 @@ def test_first_choices_take_the_pooled_best_that_was_not_cut_off():
     picks = first_choices(rankings)
     assert [(r["prompt_id"], r["response"], r["n_annotators"]) for r in picks] == [
         ("x1", "b", 3), ("x2", "c", 1), ("x3", "g", 1)]  # an empty answer is never taught
-    assert picks[0] == {"prompt_id": "x1", "prompt": "p", "response": "b", "n_annotators": 3}
+    assert picks[0] == {"prompt_id": "x1", "prompt": "p", "response": "b", "n_annotators": 3, "trimmed": False}
     # answers cut off at the length limit are skipped; a prompt with nothing left is dropped
     cut = {("x1", "b"), ("x2", "c"), ("x2", "d"), ("x2", "a"), ("x2", "b")}
     assert [(r["prompt_id"], r["response"]) for r in first_choices(rankings, cut)] == [("x1", "a"), ("x3", "g")]
+    assert first_choices(rankings, cut, policy="keep") == picks
+
+
+def test_first_choices_cut_off_are_taught_up_to_their_last_whole_sentence():
+    one = {"prompt": "p", "prompt_id": "x1", "tiers": [[0], [1], [2]]}
+    rankings = [{**one, "responses": ["You can. Then you shou", "no end at all here", "short."]},
+                {**one, "prompt_id": "x2", "responses": ["- one\n- two\n- thr", "b", "c"]},
+                {**one, "prompt_id": "x3", "responses": ["Half a sente", "Done!", "c"]}]
+    cut = {("x1", "You can. Then you shou"), ("x1", "no end at all here"), ("x2", "- one\n- two\n- thr"),
+           ("x3", "Half a sente")}
+    picks = first_choices(rankings, cut, policy="trim")
+    assert [(r["response"], r["trimmed"]) for r in picks] == [("You can.", True), ("- one\n- two", True),
+                                                             ("Done!", False)]  # no whole sentence: the next best
+    assert whole_sentences("3.5 kg is the weight") == ""  # a decimal point ends no sentence
+    with pytest.raises(ValueError, match="policy must be one of"):
+        first_choices(rankings, cut, policy="drop")
