@@ -73,22 +73,27 @@ def pick_figures(samples: list[dict], picks: list[dict], split: str) -> dict:
 
 
 def room_picks(run_dir: Path, keep_cut: bool = False) -> tuple[list[dict], dict]:
-    """Per rm-split prompt, the answer the room's pooled ranking puts first (Borda count over
-    the labelers, :func:`labkit.rankings.consensus`), skipping answers cut off at the length
-    limit (unless ``keep_cut``): the rankings themselves taught back to the model, with no
-    sampling and no RM."""
+    """Per rm-split prompt, the answer the room's pooled ranking puts first, skipping answers cut
+    off at the length limit unless ``keep_cut`` (:func:`labkit.rankings.first_choices`, what
+    ``labkit run --first-choices`` teaches): the rankings themselves taught back to the model,
+    with no sampling and no RM."""
     from labkit.feedback import FeedbackStore
-    from labkit.rankings import consensus, tier_of
+    from labkit.pipeline import cut_answers
+    from labkit.rankings import consensus, first_choices
 
-    cut = {(s["prompt_id"], y): t for s in json.loads((run_dir / "samples_r1.json").read_text())["samples"]
-           for y, t in zip(s["responses"], s["truncated"])}
+    cut = cut_answers(run_dir)
     store = FeedbackStore(run_dir / "feedback.sqlite")
-    pooled = consensus(store.to_kway())
+    kway = store.to_kway()
     store.close()
-    samples = [{**r, "truncated": [cut.get((r["prompt_id"], y), False) for y in r["responses"]]} for r in pooled]
-    ranks = [-tier_of(r["tiers"])[i] for r in pooled for i in range(len(r["responses"]))]
-    picks, info = best_picks(samples, ranks, keep_cut)
-    return picks, {**info, **pick_figures(samples, picks, "rm")}
+    picks = [{**p, "truncated": (p["prompt_id"], p["response"]) in cut}
+             for p in first_choices(kway, cut, "keep" if keep_cut else "skip")]
+    pooled = consensus(kway)
+    if not picks:
+        raise SystemExit("every answer of every prompt was cut off at the length limit; nothing to fine-tune on "
+                         "(--keep-cut keeps cut answers, e.g. for the tiny preset)")
+    samples = [{**r, "truncated": [(r["prompt_id"], y) in cut for y in r["responses"]]} for r in pooled]
+    return picks, {"n_prompts": len(pooled), "kept": len(picks), "dropped_all_cut": len(pooled) - len(picks),
+                   **pick_figures(samples, picks, "rm")}
 
 
 def sample_and_pick(run_dir: Path, cfg: dict, out: Path, k: int, seed: int, keep_cut: bool) -> tuple[list[dict], dict]:

@@ -11,7 +11,9 @@ split between seats), into one feedback store. Then:
    items ranked by the default pool without the persona (the room's feedback left out);
 2. RM accuracy on *persona pairs*: responses to held-out prompts (the ppo split) where exactly
    one of the two shows the trait (does the RM prefer the one with the trait?);
-3. a short PPO run against the room's RM;
+3. with ``--first-choices 1``, the starting policy fine-tuned on the room's pooled first choices
+   (``labkit.rankings.first_choices``, as ``labkit run --first-choices``), where PPO then starts;
+   a short PPO run against the room's RM;
 4. the trait's share in the starting policy's and PPO's answers to eval prompts, greedy
    (what ``labkit run`` evaluates), sampled at PPO's temperature, and greedy counting only
    answers that take up their prompt (``GoldLabeler.on_topic``); beside it the gold score
@@ -110,6 +112,12 @@ def main() -> None:
                          "labeler, labelers.gold_reward), the ceiling a perfect RM would give; no RM is trained")
     ap.add_argument("--reuse-rm", default=None, help="a room RM folder from an earlier run with the same settings "
                     "(skips RM training; the PPO settings may differ)")
+    ap.add_argument("--first-choices", type=int, default=0,
+                    help="1: fine-tune the starting policy on the room's pooled first choices (2 epochs, lr 1e-4; "
+                         "what labkit run --first-choices does) and start PPO from that model")
+    ap.add_argument("--first-choices-cut", choices=["skip", "trim", "keep"], default="skip",
+                    help="a first choice cut off at --sample-tokens: skip it for the next best, trim it to its last "
+                         "whole sentence, or keep it (labkit.rankings.first_choices)")
     ap.add_argument("--eval", type=int, default=48, help="eval prompts")
     ap.add_argument("--eval-tokens", type=int, default=48)
     ap.add_argument("--seed", type=int, default=0)
@@ -202,10 +210,30 @@ def main() -> None:
         acc_base = rm_persona_accuracy(rm_base["model_dir"], held, pairs) if rm_base else None
         reward = dict(reward_model=rm_room["model_dir"])
 
-    # 4. PPO against the room's RM, or its taste itself (KL to the starting policy).
+    # 3b. The room's first choices as demonstrations: the starting policy fine-tuned on them.
+    start, picks = args.model, []
+    if args.first_choices:
+        from labkit.pipeline import FIRST_CHOICES_SFT
+        from labkit.rankings import first_choices
+        from labkit.sft import SFTConfig, train_sft
+
+        t0 = time.perf_counter()
+        # answers cut at --sample-tokens, as --first-choices-cut says (--quick keeps them: the tiny model never stops)
+        cut = {(it["prompt_id"], y) for it in items for y, t in zip(it["responses"], it["truncated"]) if t}
+        picks = first_choices(store.to_kway(), cut, "keep" if args.quick else args.first_choices_cut)
+        if not picks:
+            raise SystemExit(f"every ranked answer was cut off at {args.sample_tokens} tokens: raise --sample-tokens")
+        tuned = train_sft(SFTConfig(model=args.model, demonstrations=picks, out_dir=str(work / "first_choices"),
+                                    seed=args.seed, dashboard=False, progress=False, **FIRST_CHOICES_SFT))
+        if tuned["stopped"]:
+            raise SystemExit(f"the first-choices fine-tune stopped: {tuned['message']}")
+        start = tuned["model_dir"]
+        times["first_choices_s"] = time.perf_counter() - t0
+
+    # 4. PPO against the room's RM, or its taste itself (KL to the policy it starts from).
     t0 = time.perf_counter()
     ppo = train_ppo(PPOConfig(
-        model=args.model, **reward, out_dir=str(work / "ppo"), steps=args.ppo_steps,
+        model=start, **reward, out_dir=str(work / "ppo"), steps=args.ppo_steps,
         batch_size=args.ppo_batch, mini_batch_size=min(8, args.ppo_batch), micro_batch_size=min(8, args.ppo_batch),
         learning_rate=args.ppo_lr, kl_coef=args.kl_coef, max_new_tokens=args.ppo_tokens, seed=args.seed,
         missing_eos_penalty=args.missing_eos_penalty, whiten_scores=bool(args.whiten_scores),
@@ -220,7 +248,7 @@ def main() -> None:
     records = data.load_prompts("eval")[:args.eval]
     shares, gold, distinct, examples = {}, {}, {}, {}
     gold_labeler = labelers.GoldLabeler()
-    for name, path in (("sft", args.model), ("ppo", ppo["model_dir"])):
+    for name, path in (("sft", args.model), *((("first_choices", start),) if picks else ()), ("ppo", ppo["model_dir"])):
         lm, lm_tok = models.load_model(path)
         greedy, cut = evaluate.answer(lm, lm_tok, records, max_new_tokens=args.eval_tokens, batch_size=24)
         sampled, _ = evaluate.answer(lm, lm_tok, records, max_new_tokens=args.eval_tokens, temperature=0.7,
@@ -263,6 +291,13 @@ def main() -> None:
         "trait_share": shares,
         "trait_share_rise_points": {m: 100 * (shares["ppo"][m] - shares["sft"][m])
                                     for m in ("greedy", "sampled", "greedy_on_topic")},
+        "first_choices": None if not picks else {
+            "picks": len(picks), "trimmed": sum(p["trimmed"] for p in picks),
+            "trait_share_in_picks": labelers.trait_share(persona, [p["response"] for p in picks]),
+            "trait_share_in_picks_keeping_cut": labelers.trait_share(
+                persona, [p["response"] for p in first_choices(store.to_kway(), cut, "keep")]),
+            "trait_share_rise_points": {m: 100 * (shares["first_choices"][m] - shares["sft"][m])
+                                        for m in ("greedy", "sampled", "greedy_on_topic")}},
         "gold_greedy": gold,
         "distinct_greedy_answers": distinct,
         "examples": examples,
@@ -274,14 +309,20 @@ def main() -> None:
     print(f"persona {persona.name!r}: {persona.preference}")
     print(f"room: {args.participants} participants x {args.per_participant} = {len(rankings)} rankings of {n_items} "
           f"items (K={args.k}), agreement {agreement:.1%}; trait in the ranked samples {item_share:.1%}")
-    print(f"{'':24} {'start (SFT)':>12} {'PPO':>8} {'rise':>8}")
+    if picks:
+        fc = result["first_choices"]
+        print(f"first choices: {len(picks)} answers ({fc['trimmed']} trimmed), the trait in "
+              f"{fc['trait_share_in_picks']:.1%} of them ({fc['trait_share_in_picks_keeping_cut']:.1%} "
+              "with the cut-off ones as they are)")
+    names = [n for n in ("sft", "first_choices", "ppo") if n in shares]
+    print(f"{'':24} " + " ".join(f"{n:>14}" for n in names) + f" {'PPO - start':>12}")
     for m in ("greedy", "sampled", "greedy_on_topic"):
         s, p = shares["sft"][m], shares["ppo"][m]
-        print(f"trait, {m:<17} {s:12.1%} {p:8.1%} {100 * (p - s):+7.1f}pt")
-    print(f"gold, greedy             {gold['sft']:12.3f} {gold['ppo']:8.3f} {gold['ppo'] - gold['sft']:+8.3f}"
-          f"   (PPO's KL to the start: {ppo.get('objective/kl', float('nan')):.1f} nats)")
-    print(f"distinct answers, greedy {distinct['sft']:12.1%} {distinct['ppo']:8.1%}"
-          f"   (gold of one stock reply to every prompt: {gold['stock_reply']:.3f})")
+        print(f"trait, {m:<17} " + " ".join(f"{shares[n][m]:14.1%}" for n in names) + f" {100 * (p - s):+10.1f}pt")
+    print(f"gold, greedy             " + " ".join(f"{gold[n]:14.3f}" for n in names)
+          + f" {gold['ppo'] - gold['sft']:+12.3f}   (PPO's KL to its start: {ppo.get('objective/kl', float('nan')):.1f} nats)")
+    print(f"distinct answers, greedy " + " ".join(f"{distinct[n]:14.1%}" for n in names)
+          + f"   (gold of one stock reply to every prompt: {gold['stock_reply']:.3f})")
     fmt = lambda x: "n/a" if x is None else f"{x:.1%}"  # noqa: E731
     print(f"RM prefers the trait on {len(pairs)} held-out persona pairs: room RM {fmt(acc_room)}, "
           f"without the room {fmt(acc_base)}")
