@@ -205,9 +205,10 @@ def _packed_linear_works(dtype: torch.dtype = torch.bfloat16) -> bool:
     layout on every call; at decoding sizes (a few rows per step) that costs as much as the
     product itself. Packing once per call of the sampler removes it."""
     if dtype not in _PACKED_OK:
-        try:
-            w = torch.randn(64, 32).to(dtype)
-            x = torch.randn(3, 5, 32).to(dtype)
+        try:  # a private generator: the probe must not move the global RNG (PPO's sampling draws from it)
+            g = torch.Generator().manual_seed(0)
+            w = torch.randn(64, 32, generator=g).to(dtype)
+            x = torch.randn(3, 5, 32, generator=g).to(dtype)
             packed = torch.ops.mkldnn._reorder_linear_weight(w, None)
             out = torch.ops.mkldnn._linear_pointwise(x, packed, None, "none", [], "")
             ref = torch.nn.functional.linear(x, w)

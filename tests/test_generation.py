@@ -90,6 +90,20 @@ def test_seed_makes_sampling_reproducible_and_leaves_global_rng_alone(tiny):
     assert torch.equal(before, after)  # seeded generation ran in a forked RNG
 
 
+def test_the_packed_kernel_probe_leaves_the_global_rng_alone(monkeypatch):
+    """The first sampling call of a process probes oneDNN's packed linear; were the probe to draw
+    from the global RNG, a PPO run's episodes would depend on whether anything sampled before it
+    in the same process (they did: the same PPO gave other figures after an eval)."""
+    monkeypatch.setattr(generation, "_PACKED_OK", {})  # as in a fresh process
+    torch.manual_seed(5)
+    expected = torch.rand(3)
+    torch.manual_seed(5)
+    generation._packed_linear_works(torch.bfloat16)
+    generation._packed_linear_works(torch.float32)
+    assert set(generation._PACKED_OK) == {torch.bfloat16, torch.float32}
+    assert torch.equal(torch.rand(3), expected)
+
+
 def test_stops_at_eos_when_the_model_emits_it(tiny):
     _, tok = load_model("tiny", dtype="float32")
     model = force_next_token(load_model("tiny", dtype="float32")[0], tok.eos_token_id)
