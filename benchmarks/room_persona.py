@@ -319,9 +319,9 @@ def main() -> None:
     for m in ("greedy", "sampled", "greedy_on_topic"):
         s, p = shares["sft"][m], shares["ppo"][m]
         print(f"trait, {m:<17} " + " ".join(f"{shares[n][m]:14.1%}" for n in names) + f" {100 * (p - s):+10.1f}pt")
-    print(f"gold, greedy             " + " ".join(f"{gold[n]:14.3f}" for n in names)
+    print("gold, greedy             " + " ".join(f"{gold[n]:14.3f}" for n in names)
           + f" {gold['ppo'] - gold['sft']:+12.3f}   (PPO's KL to its start: {ppo.get('objective/kl', float('nan')):.1f} nats)")
-    print(f"distinct answers, greedy " + " ".join(f"{distinct[n]:14.1%}" for n in names)
+    print("distinct answers, greedy " + " ".join(f"{distinct[n]:14.1%}" for n in names)
           + f"   (gold of one stock reply to every prompt: {gold['stock_reply']:.3f})")
     fmt = lambda x: "n/a" if x is None else f"{x:.1%}"  # noqa: E731
     print(f"RM prefers the trait on {len(pairs)} held-out persona pairs: room RM {fmt(acc_room)}, "

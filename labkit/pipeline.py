@@ -484,7 +484,8 @@ def train_stages(run: Run, store, upto: str = "ppo") -> dict:
             reward = dict(reward_fn=labelers.gold_reward(load_prompts("ppo"), scale=labelers.bradley_terry_scale()))
         else:  # several RMs: PPO's reward is their mean
             reward = dict(reward_model=rms if len(rms) > 1 else rms[0])
-        # later rounds start from the last policy; the KL penalty keeps pointing at SFT (§3.1)
+        # later rounds start from the last policy; the KL penalty keeps pointing at SFT (§3.1), or with
+        # first_choices at round 1's fine-tune on them (SFT on more demonstrations)
         start = policy
         if cfg.first_choices:  # the room's first choices taught to the policy; PPO starts there
             name = f"first_choices_r{k}"
