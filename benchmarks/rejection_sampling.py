@@ -52,10 +52,15 @@ def best_picks(samples: list[dict], scores: list[float], keep_cut: bool = False)
         best = max(whole, key=r.__getitem__)
         picks.append({"prompt_id": s["prompt_id"], "prompt": s["prompt"], "response": s["responses"][best],
                       "truncated": s["truncated"][best], "score": r[best], "score_mean": statistics.mean(r)})
+    return require(picks), {"n_prompts": len(samples), "kept": len(picks), "dropped_all_cut": dropped}
+
+
+def require(picks: list[dict]) -> list[dict]:
+    """``picks``, or a stop with what to do when none is left."""
     if not picks:
         raise SystemExit("every answer of every prompt was cut off at the length limit; nothing to fine-tune on "
                          "(--keep-cut keeps cut answers, e.g. for the tiny preset)")
-    return picks, {"n_prompts": len(samples), "kept": len(picks), "dropped_all_cut": dropped}
+    return picks
 
 
 def pick_figures(samples: list[dict], picks: list[dict], split: str) -> dict:
@@ -83,14 +88,10 @@ def room_picks(run_dir: Path, keep_cut: bool = False) -> tuple[list[dict], dict]
 
     cut = cut_answers(run_dir)
     store = FeedbackStore(run_dir / "feedback.sqlite")
-    kway = store.to_kway()
+    pooled = consensus(store.to_kway())
     store.close()
-    picks = [{**p, "truncated": (p["prompt_id"], p["response"]) in cut}
-             for p in first_choices(kway, cut, "keep" if keep_cut else "skip")]
-    pooled = consensus(kway)
-    if not picks:
-        raise SystemExit("every answer of every prompt was cut off at the length limit; nothing to fine-tune on "
-                         "(--keep-cut keeps cut answers, e.g. for the tiny preset)")
+    picks = require([{**p, "truncated": (p["prompt_id"], p["response"]) in cut}
+                     for p in first_choices(pooled, cut, "keep" if keep_cut else "skip")])
     samples = [{**r, "truncated": [(r["prompt_id"], y) in cut for y in r["responses"]]} for r in pooled]
     return picks, {"n_prompts": len(pooled), "kept": len(picks), "dropped_all_cut": len(pooled) - len(picks),
                    **pick_figures(samples, picks, "rm")}

@@ -220,7 +220,8 @@ def main() -> None:
         t0 = time.perf_counter()
         # answers cut at --sample-tokens, as --first-choices-cut says (--quick keeps them: the tiny model never stops)
         cut = {(it["prompt_id"], y) for it in items for y, t in zip(it["responses"], it["truncated"]) if t}
-        picks = first_choices(store.to_kway(), cut, "keep" if args.quick else args.first_choices_cut)
+        kway = store.to_kway()
+        picks = first_choices(kway, cut, "keep" if args.quick else args.first_choices_cut)
         if not picks:
             raise SystemExit(f"every ranked answer was cut off at {args.sample_tokens} tokens: raise --sample-tokens")
         tuned = train_sft(SFTConfig(model=args.model, demonstrations=picks, out_dir=str(work / "first_choices"),
@@ -295,7 +296,7 @@ def main() -> None:
             "picks": len(picks), "trimmed": sum(p["trimmed"] for p in picks),
             "trait_share_in_picks": labelers.trait_share(persona, [p["response"] for p in picks]),
             "trait_share_in_picks_keeping_cut": labelers.trait_share(
-                persona, [p["response"] for p in first_choices(store.to_kway(), cut, "keep")]),
+                persona, [p["response"] for p in first_choices(kway, cut, "keep")]),
             "trait_share_rise_points": {m: 100 * (shares["first_choices"][m] - shares["sft"][m])
                                         for m in ("greedy", "sampled", "greedy_on_topic")}},
         "gold_greedy": gold,

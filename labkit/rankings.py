@@ -164,11 +164,12 @@ def first_choices(rankings: list[dict], cut: set[tuple[str, str]] = frozenset(),
     picks = []
     for r in consensus(rankings):
         key = r.get("prompt_id") or r["prompt"]
-        rank = tier_of(r["tiers"])
-        for i in sorted(range(len(r["responses"])), key=lambda i: (rank[i], i)):
-            y, trimmed = r["responses"][i], (key, r["responses"][i]) in cut and policy == "trim"
-            if (key, y) in cut and policy == "skip":
+        for i in (i for tier in r["tiers"] for i in sorted(tier)):  # best first, the lower index among equals
+            y = r["responses"][i]
+            was_cut = (key, y) in cut
+            if was_cut and policy == "skip":
                 continue
+            trimmed = was_cut and policy == "trim"
             y = whole_sentences(y) if trimmed else y
             if y.strip():
                 picks.append({"prompt_id": r.get("prompt_id"), "prompt": r["prompt"], "response": y,

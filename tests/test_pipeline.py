@@ -92,7 +92,7 @@ def test_first_choices_fine_tune_before_ppo_and_are_judged_against_sft(tmp_path,
     out = tmp_path / "run"
     kw = dict(out_dir=str(out), first_choices=True, first_choices_sft=dict(max_steps=2), eval_limit=6,
               ppo=dict(steps=1))
-    # the tiny model never stops within 16 tokens: without keep_cut nothing is left to teach
+    # the tiny model never stops within 16 tokens: skipping cut-off answers leaves nothing to teach
     with pytest.raises(RuntimeError, match="every ranked answer was cut off at 16 tokens"):
         run(RunConfig.from_preset("tiny", **kw))
     taught, original = [], labkit.sft.train_sft
