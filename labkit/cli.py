@@ -82,8 +82,9 @@ def main(argv: list[str] | None = None) -> int:
                        help="keep the stages' resume checkpoints (weights + optimizer state) after the run")
     p_run.add_argument("--ptx-coef", type=float, default=None,
                        help="PPO-ptx: weight of the language-modelling loss in PPO (default: the preset's, 0 = off)")
-    p_run.add_argument("--ptx-source", choices=["demonstrations", "base_answers"], default=None,
-                       help="PPO-ptx texts: the SFT demonstrations (default) or the starting model's own answers")
+    p_run.add_argument("--ptx-source", choices=["demonstrations", "base_answers", "first_choices"], default=None,
+                       help="PPO-ptx texts: the SFT demonstrations (default), the starting model's own answers, or "
+                            "the room's first choices (with --first-choices)")
     p_doc = sub.add_parser("doctor", help="versions, device, RAM, widgets and per-notebook time estimates")
     p_doc.add_argument("--model", default="smollm2-135m", help="model to time (default: the bundled one)")
     p_doc.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")

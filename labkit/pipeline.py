@@ -62,8 +62,9 @@ class RunConfig:
     n_samples: int = 6                  # sample responses shown in the report
     outside_judge: str | None = "labkit"  # IFEval-style outside judge (labkit.ifeval): "labkit" (embedded set),
                                         # "google/IFEval" (online, via datasets), a JSONL path, or None = off
-    ptx_source: str = "demonstrations"  # PPO-ptx texts when ppo.ptx_coef > 0: "demonstrations" (the SFT split's)
-                                        # or "base_answers" (the starting model's answers to the diverse sft prompts)
+    ptx_source: str = "demonstrations"  # PPO-ptx texts when ppo.ptx_coef > 0: "demonstrations" (the SFT split's),
+                                        # "base_answers" (the starting model's answers to the diverse sft prompts)
+                                        # or "first_choices" (the room's pooled first choices; needs first_choices)
     ppo_without_ptx: bool = False       # also train and evaluate PPO with ptx_coef = 0 (the alignment-tax ablation)
     first_choices: bool = False         # after each round's rankings, fine-tune the policy on the answers the pooled
                                         # ranking puts first (rankings.first_choices) and start PPO there; that model
@@ -108,6 +109,8 @@ class RunConfig:
             raise ValueError(f"first_choices_cut must be one of {CUT_POLICIES}, got {self.first_choices_cut!r}")
         if self.ptx_source not in PTX_SOURCES:
             raise ValueError(f"ptx_source must be one of {PTX_SOURCES}, got {self.ptx_source!r}")
+        if self.ptx_source == "first_choices" and not self.first_choices:
+            raise ValueError("ptx_source='first_choices' needs first_choices=True (labkit run --first-choices)")
 
     @classmethod
     def from_preset(cls, name: str, out_dir: str | None = None, model: str | None = None, **kw) -> "RunConfig":
@@ -126,7 +129,7 @@ class RunConfig:
         return cls(preset=name, **values)
 
 
-PTX_SOURCES = ("demonstrations", "base_answers")
+PTX_SOURCES = ("demonstrations", "base_answers", "first_choices")
 # The first-choices fine-tune: 2 epochs at lr 1e-4 over the ~190 picks of the cpu preset take
 # about 2.5 min on 2 cores (benchmarks/rejection_sampling.py --picks room).
 FIRST_CHOICES_SFT = dict(epochs=2.0, learning_rate=1e-4)
@@ -486,15 +489,16 @@ def train_stages(run: Run, store, upto: str = "ppo") -> dict:
             reward = dict(reward_model=rms if len(rms) > 1 else rms[0])
         # later rounds start from the last policy; the KL penalty keeps pointing at SFT (§3.1), or with
         # first_choices at round 1's fine-tune on them (SFT on more demonstrations)
-        start = policy
+        start, extra = policy, {}
+        ptx_picks = cfg.ppo.get("ptx_coef", 0) > 0 and cfg.ptx_source == "first_choices" and not run.done(f"ppo_r{k}")
         if cfg.first_choices:  # the room's first choices taught to the policy; PPO starts there
             name = f"first_choices_r{k}"
-            start = folders[name] = stage(
-                name, train_sft, SFTConfig, kind="first_choices_sft", model=policy,
-                demonstrations=None if run.done(name) else first_choice_demonstrations(run, store),
-                **{**FIRST_CHOICES_SFT, **cfg.first_choices_sft})
+            picks = first_choice_demonstrations(run, store) if ptx_picks or not run.done(name) else None
+            start = folders[name] = stage(name, train_sft, SFTConfig, kind="first_choices_sft", model=policy,
+                                          demonstrations=picks, **{**FIRST_CHOICES_SFT, **cfg.first_choices_sft})
             reference = folders["first_choices_r1"]
-        extra = {}
+            if ptx_picks:  # PPO-ptx on the same picks: PPO keeps what the fine-tune taught
+                extra["ptx_texts"] = picks
         if cfg.ppo.get("ptx_coef", 0) > 0 and cfg.ptx_source == "base_answers":
             extra["ptx_texts"] = ptx_texts_stage(run) or None  # None (no answer had text): the demonstrations
             if extra["ptx_texts"] is None:

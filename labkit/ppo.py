@@ -308,7 +308,8 @@ class PPOConfig:
     value_warmup_epochs: int = 4  # passes over each warm-up step's episodes
     vf_coef: float = 0.1  # weight of the value loss
     ptx_coef: float = 0.0  # PPO-ptx: weight of the LM loss on ptx_texts (InstructGPT: 27.8)
-    ptx_texts: list[str] | None = field(default=None, repr=False)  # LM texts; None: the SFT demonstrations
+    ptx_texts: list[str | dict] | None = field(default=None, repr=False)  # LM texts, or demonstration records
+    #   ({"prompt", "response"}: formatted as the policy sees them, EOS appended); None: the SFT demonstrations
     ptx_max_length: int = 256  # ptx texts are cut to this many tokens
     # variants
     share_backbone: bool = False  # value head on the policy's backbone instead of a separate model
@@ -767,12 +768,15 @@ def _ptx_micro_batches(texts: list[str], config: PPOConfig, tokenizer, step: int
     return out
 
 
-def _default_ptx_texts(tokenizer) -> list[str]:
-    """The SFT demonstrations as the model sees them: formatted prompt + response + EOS."""
-    from labkit.data import load_demonstrations
+def _ptx_texts(tokenizer, texts: list[str | dict] | None) -> list[str]:
+    """PPO-ptx texts as the model sees them: a string as it is, a demonstration record as formatted
+    prompt + response + EOS; None: the SFT demonstrations."""
+    if texts is None:
+        from labkit.data import load_demonstrations
 
-    return [format_prompt(tokenizer, d["prompt"]) + d["response"] + tokenizer.eos_token
-            for d in load_demonstrations()]
+        texts = load_demonstrations()
+    return [t if isinstance(t, str) else format_prompt(tokenizer, t["prompt"]) + t["response"] + tokenizer.eos_token
+            for t in texts]
 
 
 # ----------------------------------------------------------------------------- checkpoints
@@ -949,9 +953,7 @@ def _set_up(config: PPOConfig) -> _Run:
         from labkit.data import load_prompts
 
         records = load_prompts("ppo")
-    ptx_texts = config.ptx_texts
-    if config.ptx_coef > 0 and ptx_texts is None:
-        ptx_texts = _default_ptx_texts(tokenizer)
+    ptx_texts = _ptx_texts(tokenizer, config.ptx_texts) if config.ptx_coef > 0 else config.ptx_texts
     gold = None
     if config.gold_every:
         from labkit.labelers import GoldLabeler

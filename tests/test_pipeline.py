@@ -1,4 +1,5 @@
 import json
+import shutil
 import subprocess
 import sys
 
@@ -6,6 +7,7 @@ import pytest
 
 from labkit import cli, evaluate
 from labkit.pipeline import PRESETS, RunConfig, run
+from labkit.stage import history_rows
 
 
 def test_info_reports_dtype_cache_and_dataset_counts():
@@ -117,6 +119,23 @@ def test_first_choices_fine_tune_before_ppo_and_are_judged_against_sft(tmp_path,
     assert comps["kl_to_sft/first_choices_r1"] > 0 and comps["kl_to_sft"] > 0
     assert "outside/first_choices_r1_minus_sft" in metrics["outside_judge"]["paired"]
     assert "first_choices_r1: " in (out / "report.html").read_text()  # its KL, beside PPO's
+
+    # PPO-ptx on the same picks: PPO trained again (the fine-tune is kept), its LM term on the picks
+    shutil.rmtree(out / "ppo_r1")
+    state = json.loads((out / "state.json").read_text())
+    del state["stages"]["ppo_r1"]
+    (out / "state.json").write_text(json.dumps(state))
+    import labkit.ppo
+
+    trained, original_ppo = [], labkit.ppo.train_ppo
+    monkeypatch.setattr(labkit.ppo, "train_ppo", lambda config: trained.append(config) or original_ppo(config))
+    run(RunConfig.from_preset("tiny", first_choices_cut="keep", ptx_source="first_choices",
+                              **{**kw, "ppo": dict(steps=1, ptx_coef=0.5)}))
+    assert len(taught) == 1 and len(trained) == 1  # the fine-tune was not redone
+    assert trained[0].ptx_coef == 0.5 and trained[0].ptx_texts == taught[0].demonstrations
+    assert history_rows(out / "ppo_r1")[0]["loss/ptx"] > 0
+    with pytest.raises(ValueError, match="ptx_source='first_choices' needs first_choices=True"):
+        RunConfig(ptx_source="first_choices")
     with pytest.raises(ValueError, match="RunConfig.first_choices_sft has unknown key"):
         RunConfig(first_choices_sft=dict(epoch=1))
     with pytest.raises(ValueError, match="first_choices_cut must be one of"):
@@ -139,8 +158,6 @@ def test_ensure_builds_what_earlier_notebooks_leave_and_reuses_it(tmp_path):
     assert again["rm"] == built["rm"] and len(again["store"].rankings()) == n_rankings
 
     # a run folder handed on (copied, the original gone) uses its own models, not the recorded paths
-    import shutil
-
     moved = tmp_path.parent / (tmp_path.name + "_handed_on")
     shutil.copytree(tmp_path, moved)
     shutil.rmtree(tmp_path / "sft")

@@ -332,6 +332,18 @@ def test_shared_backbone_and_ptx(peaked_tiny, tmp_path):
     assert h[0]["val/mean"] == 0.0  # a scripted reward starts the value head at zero
 
 
+def test_ptx_texts_format_demonstration_records_as_the_policy_sees_them():
+    from labkit.models import format_prompt, load_tokenizer
+
+    tok = load_tokenizer()
+    record = {"prompt": "Name a colour.", "response": "Blue.", "prompt_id": "x1", "n_annotators": 5}
+    texts = ppo._ptx_texts(tok, ["already a text", record])
+    assert texts[0] == "already a text"
+    assert texts[1] == format_prompt(tok, "Name a colour.") + "Blue." + tok.eos_token
+    assert texts[1].startswith("<|im_start|>") and texts[1].endswith("Blue.<|im_end|>")
+    assert len(ppo._ptx_texts(tok, None)) > 100  # None: the SFT demonstrations
+
+
 def test_win_reward_scores_each_prompts_greedy_reference_answer_once(peaked_tiny, tmp_path):
     """win_reward: the reference's answers are the SFT model's greedy answers, scored once per
     prompt by the same reward; every step logs the chance of beating them."""
