@@ -124,10 +124,13 @@ def main(argv: list[str] | None = None) -> int:
         if args.ptx_coef is not None and args.ptx_coef < 0:
             parser.error("--ptx-coef must be >= 0")
         ppo = None if args.ptx_coef is None else {"ptx_coef": args.ptx_coef}  # merged into the preset's
-        cfg = RunConfig.from_preset(args.preset, out_dir=args.out, rounds=args.rounds, model=args.model, fresh=args.fresh,
-                                    keep_checkpoints=args.keep_checkpoints, ptx_source=args.ptx_source, ppo=ppo,
-                                    rm_ensemble=args.rm_ensemble, ppo_reward=args.ppo_reward,
-                                    first_choices=args.first_choices or None)
+        try:
+            cfg = RunConfig.from_preset(args.preset, out_dir=args.out, rounds=args.rounds, model=args.model,
+                                        fresh=args.fresh, keep_checkpoints=args.keep_checkpoints,
+                                        ptx_source=args.ptx_source, ppo=ppo, rm_ensemble=args.rm_ensemble,
+                                        ppo_reward=args.ppo_reward, first_choices=args.first_choices or None)
+        except ValueError as e:  # settings that do not go together: say which, no traceback
+            parser.error(str(e))
         try:
             metrics = run(cfg)
         except RuntimeError as e:  # a stage stopped (interrupted or non-finite): its own message

@@ -239,6 +239,13 @@ def test_labkit_run_turns_ptx_on_from_the_command_line(tmp_path, monkeypatch, ca
     with pytest.raises(SystemExit):
         cli.main(["run", "--preset", "tiny", "--out", out, "--ptx-coef", "-1"])
     assert "--ptx-coef must be >= 0" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        cli.main(["run", "--preset", "tiny", "--out", out, "--ptx-coef", "1", "--ptx-source", "first_choices"])
+    assert "ptx_source='first_choices' needs first_choices=True" in capsys.readouterr().err
+    assert len(seen) == 2  # nothing ran
+    assert cli.main(["run", "--preset", "tiny", "--out", out, "--first-choices", "--ptx-coef", "1",
+                     "--ptx-source", "first_choices"]) == 0
+    assert seen[2].first_choices and seen[2].ptx_source == "first_choices" and seen[2].ppo["ptx_coef"] == 1.0
 
 
 def count_calls(monkeypatch, owner, name: str) -> list[int]:
