@@ -490,7 +490,8 @@ def train_stages(run: Run, store, upto: str = "ppo") -> dict:
         # later rounds start from the last policy; the KL penalty keeps pointing at SFT (§3.1), or with
         # first_choices at round 1's fine-tune on them (SFT on more demonstrations)
         start, extra = policy, {}
-        ptx_picks = cfg.ppo.get("ptx_coef", 0) > 0 and cfg.ptx_source == "first_choices" and not run.done(f"ppo_r{k}")
+        ptx = cfg.ppo.get("ptx_coef", 0) > 0
+        ptx_picks = ptx and cfg.ptx_source == "first_choices" and not run.done(f"ppo_r{k}")
         if cfg.first_choices:  # the room's first choices taught to the policy; PPO starts there
             name = f"first_choices_r{k}"
             picks = first_choice_demonstrations(run, store) if ptx_picks or not run.done(name) else None
@@ -499,7 +500,7 @@ def train_stages(run: Run, store, upto: str = "ppo") -> dict:
             reference = folders["first_choices_r1"]
             if ptx_picks:  # PPO-ptx on the same picks: PPO keeps what the fine-tune taught
                 extra["ptx_texts"] = picks
-        if cfg.ppo.get("ptx_coef", 0) > 0 and cfg.ptx_source == "base_answers":
+        if ptx and cfg.ptx_source == "base_answers":
             extra["ptx_texts"] = ptx_texts_stage(run) or None  # None (no answer had text): the demonstrations
             if extra["ptx_texts"] is None:
                 print("labkit run: the starting model gave no non-empty answer for PPO-ptx; using the demonstrations")

@@ -953,7 +953,7 @@ def _set_up(config: PPOConfig) -> _Run:
         from labkit.data import load_prompts
 
         records = load_prompts("ppo")
-    ptx_texts = _ptx_texts(tokenizer, config.ptx_texts) if config.ptx_coef > 0 else config.ptx_texts
+    ptx_texts = _ptx_texts(tokenizer, config.ptx_texts) if config.ptx_coef > 0 else None  # read only with ptx on
     gold = None
     if config.gold_every:
         from labkit.labelers import GoldLabeler
