@@ -85,6 +85,9 @@ def main(argv: list[str] | None = None) -> int:
     p_run.add_argument("--ptx-source", choices=["demonstrations", "base_answers", "first_choices"], default=None,
                        help="PPO-ptx texts: the SFT demonstrations (default), the starting model's own answers, or "
                             "the room's first choices (with --first-choices)")
+    p_run.add_argument("--ptx-response-only", action="store_true",
+                       help="PPO-ptx on demonstration records (--ptx-source demonstrations or first_choices): the LM "
+                            "loss on the responses only, as the SFT stage's, not on the prompts too")
     p_doc = sub.add_parser("doctor", help="versions, device, RAM, widgets and per-notebook time estimates")
     p_doc.add_argument("--model", default="smollm2-135m", help="model to time (default: the bundled one)")
     p_doc.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
@@ -123,7 +126,8 @@ def main(argv: list[str] | None = None) -> int:
 
         if args.ptx_coef is not None and args.ptx_coef < 0:
             parser.error("--ptx-coef must be >= 0")
-        ppo = None if args.ptx_coef is None else {"ptx_coef": args.ptx_coef}  # merged into the preset's
+        ppo = {**({} if args.ptx_coef is None else {"ptx_coef": args.ptx_coef}),
+               **({"ptx_prompt_loss": False} if args.ptx_response_only else {})} or None  # merged into the preset's
         try:
             cfg = RunConfig.from_preset(args.preset, out_dir=args.out, rounds=args.rounds, model=args.model,
                                         fresh=args.fresh, keep_checkpoints=args.keep_checkpoints,

@@ -311,6 +311,10 @@ class PPOConfig:
     ptx_texts: list[str | dict] | None = field(default=None, repr=False)  # LM texts, or demonstration records
     #   ({"prompt", "response"}: formatted as the policy sees them, EOS appended); None: the SFT demonstrations
     ptx_max_length: int = 256  # ptx texts are cut to this many tokens
+    ptx_batch_size: int | None = None  # ptx texts beside each micro-batch of episodes; None = micro_batch_size
+    # False: a demonstration record's LM loss covers its response and EOS only, as the SFT stage's
+    # (completion_only_loss); plain strings are LM texts and keep the loss on every token
+    ptx_prompt_loss: bool = True
     # variants
     share_backbone: bool = False  # value head on the policy's backbone instead of a separate model
     use_lora: bool = False  # train LoRA adapters; the reference is the same model, adapters off
@@ -346,6 +350,8 @@ class PPOConfig:
             raise ValueError(f"value_warmup_steps must lie in [0, steps={self.steps}) and value_warmup_epochs be >= 1")
         if self.rollout_batch_size is not None and self.rollout_batch_size < 1:
             raise ValueError("rollout_batch_size must be >= 1 (or None: the whole batch at once)")
+        if self.ptx_batch_size is not None and self.ptx_batch_size < 1:
+            raise ValueError("ptx_batch_size must be >= 1 (or None: micro_batch_size)")
         if self.ema_decay is not None and not 0 < self.ema_decay < 1:
             raise ValueError("ema_decay must lie in (0, 1)")
         if self.use_lora and self.reference not in (None, self.model):
@@ -714,11 +720,11 @@ def ppo_update(ddp_model, model: PolicyAndValue, optimizer, accelerator, batch: 
                 accelerator.backward(loss * (mask.sum() / n_tokens))  # this micro-batch's share of the tokens
                 ptx_loss = torch.zeros((), device=device)
                 if config.ptx_coef > 0 and not value_only:  # PPO-ptx (InstructGPT eq. 2): a separate forward/backward
-                    ids, am = (x.to(device) for x in ptx_batches[ptx_i % len(ptx_batches)])
+                    ids, am, in_loss = (x.to(device) for x in ptx_batches[ptx_i % len(ptx_batches)])
                     ptx_i += 1
                     with autocast(device, enabled=config.bf16):
                         ptx_logits = ddp_model(ids, am, None)  # (b, T, V)
-                    ptx_loss = masked_mean(-logprobs_from_logits(ptx_logits[:, :-1], ids[:, 1:]), am[:, 1:])
+                    ptx_loss = masked_mean(-logprobs_from_logits(ptx_logits[:, :-1], ids[:, 1:]), in_loss[:, 1:])
                     _check_finite(accelerator, ptx_loss, "PPO-ptx loss")
                     accelerator.backward(config.ptx_coef * ptx_loss / n_micro)
                 for k, v in zip(stats, (pg_loss, vf_loss, ptx_loss, pg_clipfrac, approxkl, vf_clipfrac)):
@@ -752,30 +758,42 @@ def _update_ema(ema: dict, policy: nn.Module, decay: float) -> None:
             ema[name].mul_(decay).add_(p.detach(), alpha=1.0 - decay)
 
 
-def _ptx_micro_batches(texts: list[str], config: PPOConfig, tokenizer, step: int) -> list:
-    """Right-padded (input_ids, attention_mask) micro-batches of ptx texts for one step."""
+def _ptx_micro_batches(texts: list[tuple[str, str]], config: PPOConfig, tokenizer, step: int) -> list:
+    """Right-padded (input_ids, attention_mask, loss_mask) micro-batches of ptx texts for one step.
+
+    A text is (prompt, completion), tokenized apart as generation sees them; ``loss_mask`` covers
+    every real token, or only the completion's with ``ptx_prompt_loss=False``."""
     n = config.batch_size // config.micro_batch_size * config.ppo_epochs
+    size = config.ptx_batch_size or config.micro_batch_size
     rng = np.random.default_rng([config.seed, 7, step])
-    chosen = [texts[i] for i in rng.integers(0, len(texts), n * config.micro_batch_size)]
+    chosen = [texts[i] for i in rng.integers(0, len(texts), n * size)]
     out = []
-    saved_side = tokenizer.padding_side
-    tokenizer.padding_side, tokenizer.truncation_side = "right", "right"
-    for s in range(0, len(chosen), config.micro_batch_size):
-        enc = tokenizer(chosen[s:s + config.micro_batch_size], return_tensors="pt", padding=True,
-                        truncation=True, max_length=config.ptx_max_length, add_special_tokens=False)
-        out.append((enc.input_ids, enc.attention_mask))
-    tokenizer.padding_side = saved_side
+    for s in range(0, len(chosen), size):
+        rows, masks = [], []
+        for prompt, completion in chosen[s:s + size]:
+            p_ids = tokenizer(prompt, add_special_tokens=False)["input_ids"] if prompt else []
+            c_ids = tokenizer(completion, add_special_tokens=False)["input_ids"]
+            ids = (p_ids + c_ids)[:config.ptx_max_length]  # cut on the right
+            in_loss = [int(config.ptx_prompt_loss)] * len(p_ids) + [1] * len(c_ids)
+            rows.append(ids)
+            masks.append(in_loss[:len(ids)])
+        width = max(len(r) for r in rows)
+        pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+        ids = torch.tensor([r + [pad] * (width - len(r)) for r in rows])
+        am = torch.tensor([[1] * len(r) + [0] * (width - len(r)) for r in rows])
+        loss_mask = torch.tensor([m + [0] * (width - len(m)) for m in masks])
+        out.append((ids, am, loss_mask))
     return out
 
 
-def _ptx_texts(tokenizer, texts: list[str | dict] | None) -> list[str]:
-    """PPO-ptx texts as the model sees them: a string as it is, a demonstration record as formatted
-    prompt + response + EOS; None: the SFT demonstrations."""
+def _ptx_texts(tokenizer, texts: list[str | dict] | None) -> list[tuple[str, str]]:
+    """PPO-ptx texts as the model sees them, as (prompt, completion): a string is ("", string), a
+    demonstration record (formatted prompt, response + EOS); None: the SFT demonstrations."""
     if texts is None:
         from labkit.data import load_demonstrations
 
         texts = load_demonstrations()
-    return [t if isinstance(t, str) else format_prompt(tokenizer, t["prompt"]) + t["response"] + tokenizer.eos_token
+    return [("", t) if isinstance(t, str) else (format_prompt(tokenizer, t["prompt"]), t["response"] + tokenizer.eos_token)
             for t in texts]
 
 
@@ -909,7 +927,7 @@ class _Run:
     kl_ctl: FixedKLController | AdaptiveKLController
     ema: dict | None  # EMA of the policy weights, when config.ema_decay is set
     records: list  # PPO prompt records (or strings)
-    ptx_texts: list[str] | None  # PPO-ptx language-modelling texts
+    ptx_texts: list[tuple[str, str]] | None  # PPO-ptx language-modelling texts as (prompt, completion)
     gold: object  # GoldLabeler for objective/gold, or None
     ref_answers: dict = field(default_factory=dict)  # win_reward: prompt -> (reference's greedy answer, its score)
 

@@ -246,6 +246,10 @@ def test_labkit_run_turns_ptx_on_from_the_command_line(tmp_path, monkeypatch, ca
     assert cli.main(["run", "--preset", "tiny", "--out", out, "--first-choices", "--ptx-coef", "1",
                      "--ptx-source", "first_choices"]) == 0
     assert seen[2].first_choices and seen[2].ptx_source == "first_choices" and seen[2].ppo["ptx_coef"] == 1.0
+    assert "ptx_prompt_loss" not in seen[2].ppo  # PPOConfig's default: the loss on prompt and response
+    assert cli.main(["run", "--preset", "tiny", "--out", out, "--first-choices", "--ptx-coef", "1",
+                     "--ptx-source", "first_choices", "--ptx-response-only"]) == 0
+    assert seen[3].ppo["ptx_prompt_loss"] is False and seen[3].ppo["ptx_coef"] == 1.0
 
 
 def count_calls(monkeypatch, owner, name: str) -> list[int]:

@@ -338,10 +338,41 @@ def test_ptx_texts_format_demonstration_records_as_the_policy_sees_them():
     tok = load_tokenizer()
     record = {"prompt": "Name a colour.", "response": "Blue.", "prompt_id": "x1", "n_annotators": 5}
     texts = ppo._ptx_texts(tok, ["already a text", record])
-    assert texts[0] == "already a text"
-    assert texts[1] == format_prompt(tok, "Name a colour.") + "Blue." + tok.eos_token
-    assert texts[1].startswith("<|im_start|>") and texts[1].endswith("Blue.<|im_end|>")
+    assert texts[0] == ("", "already a text")
+    assert texts[1] == (format_prompt(tok, "Name a colour."), "Blue." + tok.eos_token)
+    assert texts[1][0].startswith("<|im_start|>") and texts[1][1].endswith("Blue.<|im_end|>")
     assert len(ppo._ptx_texts(tok, None)) > 100  # None: the SFT demonstrations
+
+
+@pytest.mark.parametrize("prompt_loss", [True, False])
+def test_ptx_batches_put_the_prompt_in_the_loss_only_when_asked(prompt_loss):
+    """ptx_prompt_loss=False: a record's loss covers its response and EOS, as the SFT stage's does;
+    a plain string is all completion either way. Ids are the prompt's then the response's, as
+    generation sees them, right-padded."""
+    from labkit.models import format_prompt, load_tokenizer
+
+    tok = load_tokenizer()
+    record = {"prompt": "Name a colour.", "response": "Blue."}
+    texts = ppo._ptx_texts(tok, [record, "Just some text."])
+    config = ppo.PPOConfig(reward_fn=lambda prompts, responses: [0.0] * len(responses), batch_size=2,
+                           mini_batch_size=2, micro_batch_size=2, ppo_epochs=1, ptx_prompt_loss=prompt_loss)
+    (ids, am, in_loss), = ppo._ptx_micro_batches(texts * 50, config, tok, step=0)
+    n_prompt = len(tok(format_prompt(tok, "Name a colour."), add_special_tokens=False)["input_ids"])
+    n_response = len(tok("Blue." + tok.eos_token, add_special_tokens=False)["input_ids"])
+    n_text = len(tok("Just some text.", add_special_tokens=False)["input_ids"])
+    for row in range(2):
+        n = int(am[row].sum())
+        assert am[row, :n].all() and not am[row, n:].any()  # right padding
+        assert not in_loss[row, n:].any()
+        if n == n_prompt + n_response:  # the record
+            assert tok.decode(ids[row, n_prompt:n]) == "Blue." + tok.eos_token
+            assert int(in_loss[row, :n_prompt].sum()) == (n_prompt if prompt_loss else 0)
+            assert in_loss[row, n_prompt:n].all()
+        else:
+            assert n == n_text and in_loss[row, :n].all()
+    config.ptx_batch_size = 1  # fewer texts beside each micro-batch of episodes: the cheaper LM term
+    batches = ppo._ptx_micro_batches(texts * 50, config, tok, step=0)
+    assert len(batches) == 1 and batches[0][0].shape[0] == 1
 
 
 def test_win_reward_scores_each_prompts_greedy_reference_answer_once(peaked_tiny, tmp_path):
