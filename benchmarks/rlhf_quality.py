@@ -321,6 +321,7 @@ def main_ablate(args) -> None:
                                               epochs=v.get("epochs", 1), learning_rate=v.get("lr", 5e-5),
                                               batch_size=v.get("batch_size", 8),
                                               micro_batch_size=v.get("micro_batch_size"),
+                                              train_layers=v.get("train_layers"),
                                               dashboard=False, progress=False, gold=False))
         rm, tok = load_reward_model(out / "model")
         with torch.no_grad():
@@ -361,7 +362,8 @@ def main() -> None:
     ap.add_argument("--variant", action="append", default=[],
                     help='ablate-rm: NAME:{"k": 8, "tie_scale": 1.0, "lr": 5e-5, "epochs": 1, "noise": null, '
                          '"labels": "one|all|consensus", "micro_batch_size": null, '
-                         '"batch_size": 8, "prompts": null (a random subset of the training prompts)}')
+                         '"batch_size": 8, "prompts": null (a random subset of the training prompts), '
+                         '"train_layers": null (decoder blocks trained, from the top)}')
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--seed", type=int, default=0)
     args = ap.parse_args()

@@ -457,6 +457,10 @@ class RewardConfig:
     warmup_steps: int = 0  # linear warm-up steps before the cosine
     weight_decay: float = 0.0  # AdamW weight decay
     max_grad_norm: float = 1.0  # gradient clipping (global L2 norm); 0 disables
+    # Decoder blocks trained, counted from the top, with the final norm and the head; the rest
+    # (embeddings included) stay as the SFT model has them, and the backward pass stops there.
+    # None: every parameter trains.
+    train_layers: int | None = None
     max_length: int = 512  # tokens per (prompt, response); longer ones lose the start of the prompt
     # Compute each prompt once for its K responses: one packed row, block attention mask (see pack()).
     # Same loss and gradients as K separate sequences; the RM stage is compute-bound and a
@@ -491,6 +495,23 @@ class RewardConfig:
             raise ValueError("precision must be 'auto' or 'fp32'")
         if self.max_steps is not None and self.max_steps < 1:
             raise ValueError("max_steps must be >= 1 or None")
+        if self.train_layers is not None and self.train_layers < 0:
+            raise ValueError("train_layers must be >= 0 (the head alone) or None (everything)")
+
+
+def freeze_below(rm: RewardModel, n: int) -> None:
+    """Train only the top ``n`` decoder blocks, the final norm and the head of ``rm``."""
+    if not (hasattr(rm.backbone, "layers") and hasattr(rm.backbone, "norm")):
+        raise ValueError(f"train_layers needs a decoder laid out as embed_tokens, layers, norm (Llama and its "
+                         f"kin); {type(rm.backbone).__name__} is not")
+    blocks = rm.backbone.layers
+    if n > len(blocks):
+        raise ValueError(f"train_layers={n} but the model has {len(blocks)} decoder blocks")
+    rm.backbone.requires_grad_(False)
+    for block in blocks[len(blocks) - n:]:
+        block.requires_grad_(True)
+    rm.backbone.norm.requires_grad_(True)
+    rm.head.requires_grad_(True)
 
 
 def _tokenize(tokenizer, records: list[dict], max_length: int) -> tuple[list[dict], int]:
@@ -584,7 +605,10 @@ def train_reward_model(config: RewardConfig) -> dict:
     # 3. Optimiser and schedule.
     # Fused AdamW: one kernel per step instead of several per tensor (the HF Trainer's default too).
     fused = device.type in ("cpu", "cuda")
-    optimizer = torch.optim.AdamW(rm.parameters(), lr=config.learning_rate, weight_decay=config.weight_decay, fused=fused)
+    if config.train_layers is not None:
+        freeze_below(rm, config.train_layers)
+    optimizer = torch.optim.AdamW([p for p in rm.parameters() if p.requires_grad], lr=config.learning_rate,
+                                  weight_decay=config.weight_decay, fused=fused)
     steps_per_epoch = math.ceil(len(items) / config.batch_size)
     total_steps = config.epochs * steps_per_epoch
     if config.max_steps is not None:

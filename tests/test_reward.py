@@ -389,6 +389,26 @@ def test_tiny_rm_learns_an_easy_preference(tmp_path):
         assert (tmp_path / "rm" / name).exists()
 
 
+def test_train_layers_trains_the_top_blocks_and_leaves_the_rest_as_the_sft_model_has_them(tmp_path):
+    from labkit.models import load_model
+
+    start, _ = load_model("tiny", dtype="float32", device="cpu", seed=0)
+    n_blocks = len(start.get_decoder().layers)
+    assert n_blocks >= 2
+    result = train_reward_model(RewardConfig(model="tiny", rankings=keyword_rankings(32), out_dir=str(tmp_path / "rm"),
+                                             learning_rate=1e-3, batch_size=8, train_layers=1, seed=0,
+                                             dashboard=False, progress=False, gold=False))
+    rm, _ = load_reward_model(result["model_dir"], dtype="float32", device="cpu")
+    before = start.get_decoder().state_dict()
+    top = f"layers.{n_blocks - 1}."
+    for name, value in rm.backbone.state_dict().items():
+        moved = not torch.equal(value, before[name])
+        assert moved == (name.startswith(top) or name.startswith("norm.")), name
+    with pytest.raises(ValueError, match="decoder blocks"):
+        train_reward_model(RewardConfig(model="tiny", rankings=keyword_rankings(8), out_dir=str(tmp_path / "rm2"),
+                                        train_layers=n_blocks + 1, dashboard=False, progress=False, gold=False))
+
+
 def test_held_out_gold_agreement_uses_prompt_records(tmp_path):
     data = pytest.importorskip("labkit.data")
     from labkit.labelers import GoldLabeler
@@ -455,6 +475,8 @@ def test_config_checks():
         RewardConfig(batch_size=4, micro_batch_size=8)
     with pytest.raises(ValueError):
         RewardConfig(precision="fp8")
+    with pytest.raises(ValueError, match="train_layers"):
+        RewardConfig(train_layers=-1)
 
 
 def test_sources_pairs_jsonl_and_feedback_store(tmp_path):
