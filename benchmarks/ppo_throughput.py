@@ -17,6 +17,9 @@ process (so each process's peak RSS is its own):
 (d) ``labkit_shared``: labkit PPO with ``share_backbone=True`` (value head on the policy's own
     backbone, initialised from the RM head), which trains one model like RLOO: the equal-work
     comparison for (c).
+(e) ``labkit_ptx``: (a) with PPO-ptx (``ptx_coef=1``, the SFT demonstrations, one micro-batch of
+    them beside each micro-batch of episodes): what the LM term adds to a step, timed in turn
+    with (a) (``--methods labkit,labkit_ptx``).
 
 Equal settings: model, prompts (the embedded ``ppo`` split, chat-formatted), episodes per step
 (``--batch-size``), one optimizer step per batch, micro-batch size, rollout batch (episodes per
@@ -159,12 +162,12 @@ def worker_labkit(spec: dict) -> dict:
     from labkit import ppo
     from labkit.stage import history_rows
 
-    trained_tokens = []
+    forwards = []  # (is_ptx, tokens) of each update-phase forward
     original_forward = ppo.PolicyAndValue.forward
 
     def counting_forward(self, input_ids, attention_mask, n_response):
         if torch.is_grad_enabled():  # an update-phase forward (rollout forwards run under no_grad)
-            trained_tokens.append(int(attention_mask.sum()))
+            forwards.append((n_response is None, int(attention_mask.sum())))  # None: a PPO-ptx forward
         return original_forward(self, input_ids, attention_mask, n_response)
 
     ppo.PolicyAndValue.forward = counting_forward
@@ -177,15 +180,20 @@ def worker_labkit(spec: dict) -> dict:
                            temperature=0.7, learning_rate=1e-5, kl_coef=0.05, missing_eos_penalty=1.0,
                            bf16=spec["dtype"] == "bf16", gold_every=0, sample_every=0, save_every=0,
                            dashboard=False, progress=False, max_prompt_length=1024, share_backbone=shared,
-                           rollout_batch_size=spec["rollout_batch_size"])
-    per_step = spec["batch_size"] // spec["micro_batch_size"] * spec["ppo_epochs"]
+                           rollout_batch_size=spec["rollout_batch_size"], ptx_coef=spec.get("ptx_coef", 0.0))
+    per_step = spec["batch_size"] // spec["micro_batch_size"] * spec["ppo_epochs"]  # episode forwards a step
     result = ppo.train_ppo(config)
     hist = history_rows(result["out_dir"])[spec["warmup"]:]
-    tokens = [sum(trained_tokens[i * per_step:(i + 1) * per_step]) for i in range(steps)][spec["warmup"]:]
+    tokens, ptx_tokens, seen = [0] * steps, [0] * steps, 0
+    for is_ptx, n in forwards:  # a ptx forward follows the micro-batch of episodes it goes with
+        seen += not is_ptx
+        step = (seen - 1) // per_step
+        (ptx_tokens if is_ptx else tokens)[step] += n
     return {"step_s": [h["time/step_s"] for h in hist], "train_s": [h["time/train_s"] for h in hist],
             "generate_s": [h["time/generate_s"] for h in hist],
             "response_tokens": [h["response/length"] * spec["batch_size"] for h in hist],
-            "trained_tokens": tokens, "trained_params": spec["params"] * (1 if shared else 2)}
+            "trained_tokens": tokens[spec["warmup"]:], "ptx_tokens": ptx_tokens[spec["warmup"]:],
+            "trained_params": spec["params"] * (1 if shared else 2), "params": spec["params"]}
 
 
 def worker_rloo(spec: dict) -> dict:
@@ -379,7 +387,7 @@ def run_worker(python: str, script: list[str], spec: dict, work: Path, name: str
     return {**info, **json.loads(out_path.read_text())}
 
 
-POOLED = ("step_s", "train_s", "generate_s", "rollout_s", "response_tokens", "trained_tokens")
+POOLED = ("step_s", "train_s", "generate_s", "rollout_s", "response_tokens", "trained_tokens", "ptx_tokens")
 
 
 def pool(runs: list[dict]) -> dict:
@@ -388,7 +396,7 @@ def pool(runs: list[dict]) -> dict:
     if not ok:
         return runs[-1]
     out = {k: [x for r in ok for x in r[k]] for k in POOLED if k in ok[0]}
-    out.update({"trained_params": ok[0]["trained_params"], "peak_rss_mib": max(r["peak_rss_mib"] for r in ok),
+    out.update({"trained_params": ok[0]["trained_params"], "params": ok[0].get("params"), "peak_rss_mib": max(r["peak_rss_mib"] for r in ok),
                 "repeats": runs})
     for k in ("versions", "mixed_precision"):
         if k in ok[0]:
@@ -405,6 +413,8 @@ def summarise(run: dict, batch_size: int, peak_bf16: float) -> dict:
     step = statistics.median(run["step_s"])
     train = statistics.median(run["train_s"])
     flops = 6 * run["trained_params"] * sum(run["trained_tokens"]) / n  # per step
+    if run.get("ptx_tokens"):  # PPO-ptx texts go through the policy only
+        flops += 6 * run["params"] * sum(run["ptx_tokens"]) / n
     return {**run, "episodes_per_s": batch_size / step, "tokens_per_s": sum(run["response_tokens"]) / n / step,
             "step_s_median": step, "train_s_median": train, "rollout_s_median": step - train,
             "train_flops_per_step": flops, "train_flops_per_episode": flops / batch_size,
@@ -487,7 +497,7 @@ def main(argv: list[str] | None = None) -> dict:
         for method in methods:
             for dtype in args.dtypes.split(","):
                 spec = dict(base, dtype=dtype, out_dir=str(work / f"{method}_{dtype}_{rep}"),
-                            share_backbone=method == "labkit_shared")
+                            share_backbone=method == "labkit_shared", ptx_coef=1.0 if method == "labkit_ptx" else 0.0)
                 name = f"{method}_{dtype}_{rep}"
                 print(f"running {name} ...", flush=True)
                 if method == "trl19_ppo":
@@ -541,7 +551,8 @@ def main(argv: list[str] | None = None) -> dict:
                                        "steps of all repeats, warm-up dropped",
                      "tokens_per_s": "generated response tokens (to the first EOS, inclusive) / step time",
                      "train_flops": "6 x trained params x trained tokens (policy + value model; RLOO: policy); "
-                                    "trained tokens = non-padding prompt+response tokens in grad-carrying forwards",
+                                    "trained tokens = non-padding prompt+response tokens in grad-carrying forwards; "
+                                    "PPO-ptx: + 6 x policy params x ptx text tokens",
                      "mfu_train_bf16_peak": "train_flops / median update-phase time / measured bf16 matmul peak",
                      "peak_rss_mib": "ru_maxrss of the trainer's own process"},
         "runs": [{k: v for k, v in r.items()} for r in rows], "best_ratios": ratios,
@@ -561,7 +572,8 @@ def worker_main(method: str, spec_path: str, out_path: str) -> None:
 
     spec = json.loads(Path(spec_path).read_text())
     torch.set_num_threads(spec["threads"])
-    run = {"labkit": worker_labkit, "labkit_shared": worker_labkit, "trl116_rloo": worker_rloo}[method](spec)
+    run = {"labkit": worker_labkit, "labkit_shared": worker_labkit, "labkit_ptx": worker_labkit,
+           "trl116_rloo": worker_rloo}[method](spec)
     run["peak_rss_mib"] = peak_rss_mib()
     if method == "trl116_rloo":
         import trl
